@@ -1,0 +1,71 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Each error says the rule, the offending value and what to do about it. They subclass the
+builtin that fits (``ValueError``, ``FileNotFoundError``, ...) so callers who catch builtins keep
+working, and the CLI prints them as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class HarvestError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+
+class SpecError(HarvestError, ValueError):
+    """The job spec is malformed or asks for something impossible."""
+
+
+class ModelError(HarvestError, ValueError):
+    """The model or checkpoint cannot be used as asked."""
+
+
+class CheckpointNotFoundError(ModelError, FileNotFoundError):
+    """No checkpoint at the given path (and no hub name that could be fetched)."""
+
+
+class HookNameError(SpecError, KeyError):
+    """A hook pattern matched no hook point of this model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreError(HarvestError, RuntimeError):
+    """The store cannot be created, opened or resumed as asked."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """A store is already at the path and neither --resume nor --overwrite was given."""
+
+
+class FingerprintMismatchError(StoreError):
+    """--resume against a store written by a different spec, model or layout."""
+
+
+class NonFiniteActivationError(HarvestError, FloatingPointError):
+    """NaN or inf in captured activations with ``on_nonfinite: fail``."""
+
+
+class StageError(HarvestError, RuntimeError):
+    """A pipeline stage failed for a reason that retrying will not fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(section: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Reject unknown keys in a spec section, naming the closest valid key."""
+    allowed = sorted(allowed)
+    for key in given:
+        if key not in allowed:
+            raise SpecError(
+                f"unknown key {key!r} in {section}{did_you_mean(key, allowed)}; "
+                f"valid keys: {', '.join(allowed)}"
+            )

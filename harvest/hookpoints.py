@@ -1,0 +1,151 @@
+"""Hook points as data: TransformerLens names, their dimensions, and the pattern language.
+
+Short names (``resid_post``, ``z``, ``pattern``, ``post`` ...) are normalised here, once, at the
+spec boundary; everything downstream sees canonical names such as
+``blocks.3.hook_resid_post``. Patterns: ``blocks.*.hook_z``, ``blocks.{0..3}.mlp.hook_post``
+(inclusive), ``blocks.{1,5,9}.ln1.hook_normalized``, or a bare short name for every layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .architectures import Architecture
+from .errors import HookNameError, did_you_mean
+
+#: block-level templates -> trailing dims of one stored row (the leading axis is added below)
+BLOCK_DIMS: dict[str, tuple[str, ...]] = {
+    "hook_resid_pre": ("d_model",),
+    "hook_resid_post": ("d_model",),
+    "ln1.hook_normalized": ("d_model",),
+    "ln2.hook_normalized": ("d_model",),
+    "attn.hook_z": ("head", "d_head"),
+    "attn.hook_result": ("head", "d_model"),
+    "attn.hook_pattern": ("head", "query", "key"),
+    "hook_attn_out": ("d_model",),
+    "hook_mlp_out": ("d_model",),
+    "mlp.hook_post": ("neuron",),
+}
+MODEL_DIMS: dict[str, tuple[str, ...]] = {
+    "hook_embed": ("d_model",),
+    "ln_final.hook_normalized": ("d_model",),
+}
+#: per-sequence hooks: one stored row per sequence, not per token
+SEQUENCE_AXIS = {"attn.hook_pattern"}
+
+ALIASES: dict[str, str] = {
+    "embed": "hook_embed",
+    "resid_pre": "hook_resid_pre",
+    "resid_post": "hook_resid_post",
+    "ln1": "ln1.hook_normalized",
+    "ln2": "ln2.hook_normalized",
+    "normalized": "ln1.hook_normalized",
+    "z": "attn.hook_z",
+    "result": "attn.hook_result",
+    "pattern": "attn.hook_pattern",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "post": "mlp.hook_post",
+    "ln_final": "ln_final.hook_normalized",
+}
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A concrete hook point of one model: its store array and where it is read."""
+
+    name: str  #: canonical name and store array name, e.g. ``blocks.3.attn.hook_z``
+    template: str  #: ``attn.hook_z`` (block hooks) or the full name (model-level hooks)
+    layer: int | None  #: block index; ``None`` for hook_embed, ``-1`` sorts ln_final last
+    dims: tuple[str, ...]  #: all dims including the leading ``token`` / ``sequence`` axis
+
+    @property
+    def axis(self) -> str:
+        return self.dims[0]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position in the forward pass, used to assign hooks to pipeline stages."""
+        if self.template == "hook_embed":
+            return (-1, 0)
+        if self.template == "ln_final.hook_normalized":
+            return (1 << 30, 0)
+        return (self.layer, 0)
+
+
+def _hook_point(template: str, layer: int | None) -> HookPoint:
+    if layer is None:
+        return HookPoint(template, template, None, ("token", *MODEL_DIMS[template]))
+    axis = "sequence" if template in SEQUENCE_AXIS else "token"
+    return HookPoint(f"blocks.{layer}.{template}", template, layer, (axis, *BLOCK_DIMS[template]))
+
+
+def available_templates(arch: Architecture) -> list[str]:
+    return list(MODEL_DIMS) + [t for t in BLOCK_DIMS if t in arch.hooks]
+
+
+def describe_valid(arch: Architecture, n_layers: int) -> str:
+    blocks = [f"blocks.{{0..{n_layers - 1}}}.{t}" for t in BLOCK_DIMS if t in arch.hooks]
+    short = ", ".join(sorted(ALIASES))
+    return f"{', '.join(list(MODEL_DIMS) + blocks)}; short names: {short}"
+
+
+def _normalise_suffix(suffix: str) -> str:
+    return ALIASES.get(suffix, suffix)
+
+
+def _parse_layers(spec: str, n_layers: int, pattern: str) -> list[int]:
+    if spec == "*":
+        return list(range(n_layers))
+    if spec.isdigit():
+        layers = [int(spec)]
+    elif m := re.fullmatch(r"\{(\d+)\.\.(\d+)\}", spec):
+        lo, hi = int(m[1]), int(m[2])
+        if lo > hi:
+            raise HookNameError(f"hook pattern {pattern!r}: range {{{lo}..{hi}}} is empty; write {{{hi}..{lo}}}?")
+        layers = list(range(lo, hi + 1))
+    elif m := re.fullmatch(r"\{(\d+(?:,\d+)*)\}", spec):
+        layers = [int(x) for x in m[1].split(",")]
+    else:
+        raise HookNameError(
+            f"hook pattern {pattern!r}: cannot read the layer part {spec!r}; "
+            "use a number, '*', '{a..b}' (inclusive) or '{a,b,c}'"
+        )
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise HookNameError(
+            f"hook pattern {pattern!r}: layer {bad[0]} does not exist; this model has "
+            f"{n_layers} layers (0..{n_layers - 1})"
+        )
+    return layers
+
+
+def expand(patterns: list[str], arch: Architecture, n_layers: int, layers: list[int] | None = None) -> list[HookPoint]:
+    """Resolve hook patterns to concrete hook points, in forward order, without duplicates.
+
+    ``layers`` (from ``capture.layers``) restricts bare short names and ``*`` patterns.
+    """
+    templates = available_templates(arch)
+    points: dict[str, HookPoint] = {}
+    for pattern in patterns:
+        pattern = pattern.strip()
+        m = re.fullmatch(r"blocks\.([^.]+)\.(.+)", pattern)
+        if m:
+            layer_spec, suffix = m[1], _normalise_suffix(m[2])
+            found = _parse_layers(layer_spec, n_layers, pattern)
+            if layer_spec == "*" and layers is not None:
+                found = [x for x in found if x in layers]
+        else:
+            suffix = _normalise_suffix(pattern)
+            found = [None] if suffix in MODEL_DIMS else list(layers if layers is not None else range(n_layers))
+        if suffix not in templates or (found != [None] and suffix in MODEL_DIMS):
+            raise HookNameError(
+                f"unknown hook point {pattern!r} for {arch.model_type}"
+                f"{did_you_mean(suffix, templates + list(ALIASES))}. "
+                f"Valid: {describe_valid(arch, n_layers)}"
+            )
+        for layer in found:
+            point = _hook_point(suffix, layer)
+            points[point.name] = point
+    return sorted(points.values(), key=lambda p: (p.order, templates.index(p.template)))

@@ -1,0 +1,279 @@
+"""The job spec: typed sections, one validation step, messages that name the offending value.
+
+A spec is YAML with the sections ``model``, ``prompts``, ``capture``, ``run`` and ``store``.
+Relative paths (checkpoint, corpus files) are read relative to ``base_dir`` (the working
+directory by default); the store path is confined to the store root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpecError, check_keys
+
+DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = (None, "int8", "nf4", "fp4")
+COMPRESSORS = ("none", "zstd", "blosc-zstd")
+NONFINITE = ("fail", "flag")
+DEFAULT_STORE_ROOT = "stores"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    #: a local checkpoint directory, or a hub name where the machine has network
+    path: str
+    revision: str | None = None
+    dtype: str = "float32"
+    #: "auto" = cuda when available, else cpu
+    device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    quantization: str | None = None
+    #: hash every weight file into the fingerprint (slow only for huge checkpoints)
+    hash_weights: bool = True
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which positions of each sequence become stored rows."""
+
+    kind: str = "all"  #: all | last | every | sample | source | list
+    every: int = 1
+    offset: int = 0
+    sample: int = 0
+    seed: int = 0
+    explicit: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any) -> Positions:
+        where = "capture.positions"
+        if value in (None, "all"):
+            return cls()
+        if value in ("last", "source"):
+            return cls(kind=value)
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, int) for v in value):
+                raise SpecError(f"{where}: a list must hold integers (negative counts from the end), got {value!r}")
+            return cls(kind="list", explicit=tuple(value))
+        if isinstance(value, dict):
+            if "every" in value:
+                check_keys(where, value, ["every", "offset"])
+                every, offset = value["every"], value.get("offset", 0)
+                if not isinstance(every, int) or every < 1 or not isinstance(offset, int) or offset < 0:
+                    raise SpecError(f"{where}: 'every' must be an integer >= 1 and 'offset' >= 0, got {value!r}")
+                return cls(kind="every", every=every, offset=offset)
+            if "sample" in value:
+                check_keys(where, value, ["sample", "seed"])
+                n, seed = value["sample"], value.get("seed", 0)
+                if not isinstance(n, int) or n < 1 or not isinstance(seed, int):
+                    raise SpecError(f"{where}: 'sample' must be an integer >= 1 and 'seed' an integer, got {value!r}")
+                return cls(kind="sample", sample=n, seed=seed)
+        raise SpecError(
+            f"{where}: cannot read {value!r}; use 'all', 'last', 'source', a list of positions, "
+            "{every: N, offset: K} or {sample: N, seed: S}"
+        )
+
+    def to_yaml(self) -> Any:
+        if self.kind in ("all", "last", "source"):
+            return self.kind
+        if self.kind == "list":
+            return list(self.explicit)
+        if self.kind == "every":
+            return {"every": self.every, "offset": self.offset}
+        return {"sample": self.sample, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    hooks: tuple[str, ...]
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+    positions: Positions = field(default_factory=Positions)
+    #: dtype of stored activations; default: the compute dtype (bfloat16 is stored as float32)
+    dtype: str | None = None
+    on_nonfinite: str = "fail"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    batch_size: int = 8
+    stages: int = 1
+    #: torch threads per stage (None: torch's default)
+    threads: int | None = None
+    #: batches waiting for the writer before compute blocks (bounds memory)
+    write_queue: int = 4
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    path: str
+    root: str = DEFAULT_STORE_ROOT
+    chunk_mib: float = 8.0
+    chunks_per_shard: int = 8
+    compressor: str = "none"
+    level: int = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: ModelSpec
+    prompts: dict[str, Any]
+    capture: CaptureSpec
+    run: RunSpec
+    store: StoreSpec
+    base_dir: Path = Path(".")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved spec, as recorded in the store's provenance."""
+        capture = dataclasses.asdict(self.capture)
+        capture["positions"] = self.capture.positions.to_yaml()
+        for key in ("hooks", "layers", "heads", "neurons"):
+            if capture[key] is not None:
+                capture[key] = list(capture[key])
+        return {
+            "name": self.name,
+            "model": dataclasses.asdict(self.model),
+            "prompts": dict(self.prompts),
+            "capture": capture,
+            "run": dataclasses.asdict(self.run),
+            "store": dataclasses.asdict(self.store),
+        }
+
+    def store_path(self) -> Path:
+        """The store's location, guaranteed to lie inside the store root."""
+        return confine(Path(self.store.root), self.store.path)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def confine(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing anything that resolves outside ``root``."""
+    if "://" in relative:
+        raise SpecError(f"store.path {relative!r}: URLs are not supported yet; give a path under store.root")
+    root = root.expanduser().resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise SpecError(
+            f"store.path {relative!r} resolves to {target}, outside the store root {root}; "
+            "give a path inside the root (no '..', no absolute path elsewhere), or set --store-root"
+        )
+    if target == root:
+        raise SpecError(f"store.path {relative!r} is the store root itself; name a store inside it, e.g. 'job.zarr'")
+    return target
+
+
+def _typed(section: str, raw: dict[str, Any], cls: type, convert: dict[str, Any] | None = None):
+    """Build a frozen dataclass from a YAML mapping, checking keys and simple types."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"section {section!r} must be a mapping of keys to values, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(section, raw, fields)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if convert and key in convert:
+            value = convert[key](value)
+        values[key] = value
+    required = [
+        f.name for f in fields.values()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+    ]
+    if required:
+        raise SpecError(f"section {section!r} is missing required key(s): {', '.join(required)}")
+    return cls(**values)
+
+
+def _int_list(key: str):
+    def convert(value: Any) -> tuple[int, ...] | None:
+        if value is None or value == "all":
+            return None
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
+            raise SpecError(f"capture.{key} must be 'all' or a list of non-negative integers, got {value!r}")
+        return tuple(sorted(set(value)))
+
+    return convert
+
+
+def _choice(section: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise SpecError(f"{section} is {value!r}; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(section: str, value: Any, minimum: float = 1) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        raise SpecError(f"{section} must be a number >= {minimum}, got {value!r}")
+
+
+def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = None) -> JobSpec:
+    """Validate a spec mapping (as loaded from YAML) into a ``JobSpec``."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"a job spec is a YAML mapping with sections model, prompts, capture, run, store; got {type(raw).__name__}")
+    check_keys("the spec", raw, ["name", "model", "prompts", "capture", "run", "store"])
+    for section in ("model", "prompts", "capture", "store"):
+        if section not in raw:
+            raise SpecError(f"the spec has no {section!r} section; see jobs/demo.yaml for a complete example")
+    model = _typed("model", raw["model"], ModelSpec)
+    _choice("model.dtype", model.dtype, DTYPES)
+    _choice("model.quantization", model.quantization, QUANTIZATIONS)
+    if model.device not in ("auto", "cpu") and not model.device.startswith("cuda"):
+        raise SpecError(f"model.device is {model.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+    capture = _typed(
+        "capture", raw["capture"], CaptureSpec,
+        convert={
+            "hooks": lambda v: tuple([v] if isinstance(v, str) else v) if v else (),
+            "layers": _int_list("layers"), "heads": _int_list("heads"), "neurons": _int_list("neurons"),
+            "positions": Positions.parse,
+        },
+    )
+    if not capture.hooks or not all(isinstance(h, str) for h in capture.hooks):
+        raise SpecError("capture.hooks must name at least one hook point, e.g. ['blocks.*.hook_resid_post']")
+    _choice("capture.on_nonfinite", capture.on_nonfinite, NONFINITE)
+    if capture.dtype is not None:
+        _choice("capture.dtype", capture.dtype, ("float32", "float16"))
+    run = _typed("run", raw.get("run") or {}, RunSpec)
+    _positive("run.batch_size", run.batch_size)
+    _positive("run.stages", run.stages)
+    _positive("run.write_queue", run.write_queue)
+    if run.threads is not None:
+        _positive("run.threads", run.threads)
+    store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
+    if store_root is not None and isinstance(store_raw, dict):
+        store_raw["root"] = store_root
+    store = _typed("store", store_raw, StoreSpec)
+    _choice("store.compressor", store.compressor, COMPRESSORS)
+    _positive("store.chunk_mib", store.chunk_mib, 0.0625)
+    _positive("store.chunks_per_shard", store.chunks_per_shard)
+    prompts = raw["prompts"]
+    if not isinstance(prompts, dict) or "source" not in prompts:
+        raise SpecError("section 'prompts' must be a mapping with a 'source' (text, addition or translation)")
+    name = raw.get("name") or Path(store.path).stem
+    spec = JobSpec(name=str(name), model=model, prompts=dict(prompts), capture=capture, run=run, store=store,
+                   base_dir=Path(base_dir))
+    spec.store_path()  # confine early: a bad path fails before anything is loaded
+    return spec
+
+
+def load_spec(path: str | Path, base_dir: Path | str = ".", store_root: str | None = None) -> JobSpec:
+    """Read and validate a YAML job spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"no job spec at {path}; pass the path of a YAML file such as jobs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path} is not valid YAML{where}: {problem}") from None
+    return parse_spec(raw, base_dir=base_dir, store_root=store_root)

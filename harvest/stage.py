@@ -1,0 +1,186 @@
+"""A pipeline stage: a contiguous run of blocks that loads only its own weights.
+
+A single-process harvest is a pipeline of one stage, so this is the only forward code there is.
+The stage recomputes what the full model computes once at its top (rotary embeddings for its
+positions, the causal mask), runs its blocks with capture hooks attached, and returns the hidden
+state for the next stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import Architecture
+from .capture import BatchIndex, Capture, Selection
+from .checkpoint import TORCH_DTYPES, Checkpoint
+from .errors import ModelError
+from .hookpoints import HookPoint
+from .layout import Batch
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which part of the model one stage runs and which hook points it captures."""
+
+    index: int
+    n_stages: int
+    start: int  #: first block (inclusive)
+    stop: int  #: last block (exclusive)
+    embed: bool  #: runs the token embedding
+    final_norm: bool  #: runs the final LayerNorm
+    hooks: tuple[HookPoint, ...]
+
+    def describe(self) -> str:
+        parts = (["embed"] if self.embed else []) + [f"blocks {self.start}..{self.stop - 1}" if self.stop > self.start else "no blocks"]
+        return " + ".join(parts + (["ln_final"] if self.final_norm else []))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def store_dtype_for(compute_dtype: str, requested: str | None) -> str:
+    """Stored dtype: as asked, else the compute dtype; bfloat16 is stored as float32.
+
+    NumPy and Zarr have no bfloat16, and float16 would overflow on exactly the massive
+    activations outlier studies look for; float32 holds every bfloat16 value exactly.
+    """
+    if requested:
+        return requested
+    return "float32" if compute_dtype == "bfloat16" else compute_dtype
+
+
+class StageModel(nn.Module):
+    """The modules of one stage, materialised from the checkpoint; everything else stays unbuilt."""
+
+    def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, dtype: torch.dtype, device: torch.device,
+                 attn_implementation: str):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        arch = ckpt.arch
+        self.arch, self.plan = arch, plan
+        self.config = copy.deepcopy(ckpt.config)
+        self.config.use_cache = False
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=dtype, attn_implementation=attn_implementation)
+        self.config = skeleton.config
+        base = getattr(skeleton, arch.base)
+        self.embed = getattr(base, arch.embed) if plan.embed else None
+        self.blocks = nn.ModuleList(list(getattr(base, arch.blocks))[plan.start:plan.stop])
+        self.final_norm = getattr(base, arch.final_norm) if plan.final_norm else None
+        with torch.device(device):
+            # rotary tables are buffers computed at construction, not weights in the files
+            self.rotary = type(getattr(base, arch.rotary))(self.config)
+        self._load_weights(ckpt, dtype, device)
+        self.eval()
+
+    def file_key(self, name: str) -> str:
+        """The checkpoint tensor name of one of this stage's parameters."""
+        arch = self.arch
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            i, _, tail = rest.partition(".")
+            return f"{arch.base}.{arch.blocks}.{self.plan.start + int(i)}.{tail}"
+        module = {"embed": arch.embed, "final_norm": arch.final_norm}[head]
+        return f"{arch.base}.{module}.{rest}"
+
+    def _load_weights(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        available = ckpt.available_keys()
+        wanted: dict[str, str] = {}
+        missing: list[str] = []
+        for name, _ in self.named_parameters():
+            if name.startswith("rotary."):
+                continue
+            key = self.file_key(name)
+            found = ckpt.resolve_key(key, available)
+            if found is None:
+                missing.append(key)
+            else:
+                wanted[name] = found
+        if missing:
+            raise ModelError(
+                f"checkpoint {ckpt.directory} lacks {len(missing)} tensor(s) that stage {self.plan.index} "
+                f"({self.plan.describe()}) needs, e.g. {', '.join(missing[:3])}; the files are incomplete "
+                "or belong to a different config"
+            )
+        tensors = ckpt.load_tensors(wanted.values())
+        for name, key in wanted.items():
+            set_module_tensor_to_device(self, name, device, value=tensors.pop(key), dtype=dtype)
+        still_meta = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
+        if still_meta:
+            # a meta-weight layer fed a real tensor returns garbage, not an error
+            raise ModelError(f"stage {self.plan.index}: parameters left unloaded: {', '.join(still_meta[:5])}")
+
+    def module_for(self, point: HookPoint) -> nn.Module:
+        if point.template == "hook_embed":
+            return self.embed
+        if point.template == "ln_final.hook_normalized":
+            return self.final_norm
+        path, _ = self.arch.hooks[point.template]
+        block = self.blocks[point.layer - self.plan.start]
+        return block.get_submodule(path) if path else block
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        h = self.embed(input_ids) if self.embed is not None else hidden
+        position_ids = torch.arange(h.shape[1], device=h.device)[None, :]
+        if len(self.blocks):
+            position_embeddings = self.rotary(h, position_ids)
+            mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
+                                      position_ids=position_ids)
+            for block in self.blocks:
+                h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        return h
+
+
+class Stage:
+    """A stage model plus its capture hooks: ``run(batch, hidden) -> (hidden, captures)``."""
+
+    def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, compute_dtype: str, store_dtype: torch.dtype,
+                 device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None):
+        patterns = any(p.template == "attn.hook_pattern" for p in plan.hooks)
+        self.device = device
+        self.plan = plan
+        self.model = StageModel(ckpt, plan, dtype=TORCH_DTYPES[compute_dtype], device=device,
+                                attn_implementation="eager" if patterns else "sdpa")
+        as_index = lambda xs: None if xs is None else torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        modules = {p.name: self.model.module_for(p) for p in plan.hooks}
+        self.capture = Capture(modules, ckpt.arch, list(plan.hooks), Selection(as_index(heads), as_index(neurons)),
+                               store_dtype, n_heads=ckpt.config.num_attention_heads)
+
+    def run(self, batch: Batch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index = BatchIndex(
+            flat_rows=torch.from_numpy(batch.flat_rows).to(self.device),
+            lengths=torch.from_numpy(batch.lengths).to(self.device),
+            batch=batch.index, width=batch.width,
+        )
+        input_ids = torch.from_numpy(batch.input_ids).to(self.device) if self.plan.embed else None
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        with self.capture.attached(index) as captured:
+            out = self.model(input_ids, hidden)
+        return out, {name: to_host(t) for name, t in captured.items()}
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy into pinned memory; the writer waits for it before reading."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

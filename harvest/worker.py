@@ -1,0 +1,67 @@
+"""A stage and its writer together: the unit that runs in-process or as a Ray actor.
+
+The same class serves a one-stage job in the driver process and each actor of a pipeline
+(``sharding`` wraps it with ``ray.remote``), so there is one capture path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .layout import Batch
+from .stage import Stage, StagePlan
+from .writer import StageStoreInfo, StageWriter
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    compute_dtype: str
+    store_dtype: str
+    device: str
+    heads: tuple[int, ...] | None
+    neurons: tuple[int, ...] | None
+    threads: int | None
+    write_queue: int
+
+
+class StageWorker:
+    """Runs one stage's blocks on each batch and streams its captures to its own arrays."""
+
+    def __init__(self, ckpt: Checkpoint, plan: StagePlan, options: StageOptions, store: StageStoreInfo,
+                 start_batch: int):
+        from .stage import resolve_device
+
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.device = resolve_device(options.device)
+        self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
+                           store_dtype=getattr(torch, options.store_dtype), device=self.device,
+                           heads=options.heads, neurons=options.neurons)
+        self.writer = StageWriter(store, start_batch, max_pending=options.write_queue)
+
+    def ready(self) -> bool:
+        return True
+
+    def process(self, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Forward one batch; captures go to the writer; returns the hidden state for the next stage."""
+        out, captures = self.stage.run(batch, hidden)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        self.writer.submit(batch.index, {"token": batch.rows[0], "sequence": batch.sequences[0]}, captures, ready)
+        return out
+
+    def durable_batches(self) -> int:
+        return self.writer.durable_batches
+
+    def close(self) -> dict[str, int]:
+        """Flush and return the count of non-finite values stored per array (``on_nonfinite: flag``)."""
+        self.writer.close()
+        return dict(self.writer.nonfinite)
+
+    def abort(self) -> None:
+        self.writer.abort()
