@@ -130,7 +130,7 @@ def expand(patterns: list[str], arch: Architecture, n_layers: int, layers: list[
     points: dict[str, HookPoint] = {}
     for pattern in patterns:
         pattern = pattern.strip()
-        m = re.fullmatch(r"blocks\.([^.]+)\.(.+)", pattern)
+        m = re.fullmatch(r"blocks\.(\{[^}]*\}|[^.]+)\.(.+)", pattern)
         if m:
             layer_spec, suffix = m[1], _normalise_suffix(m[2])
             found = _parse_layers(layer_spec, n_layers, pattern)

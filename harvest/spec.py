@@ -149,7 +149,7 @@ class JobSpec:
 
     def store_path(self) -> Path:
         """The store's location, guaranteed to lie inside the store root."""
-        return confine(Path(self.store.root), self.store.path)
+        return confine(self.resolve(self.store.root), self.store.path)
 
     def resolve(self, path: str) -> Path:
         p = Path(os.path.expanduser(path))
@@ -252,7 +252,7 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
         store_raw["root"] = store_root
     store = _typed("store", store_raw, StoreSpec)
     _choice("store.compressor", store.compressor, COMPRESSORS)
-    _positive("store.chunk_mib", store.chunk_mib, 0.0625)
+    _positive("store.chunk_mib", store.chunk_mib, 1 / 1024)
     _positive("store.chunks_per_shard", store.chunks_per_shard)
     prompts = raw["prompts"]
     if not isinstance(prompts, dict) or "source" not in prompts:
