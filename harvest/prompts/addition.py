@@ -111,7 +111,7 @@ class AdditionSource(ConfiguredSource):
         self.seed = self.integer("seed")
         # The grid's corners have the shortest and longest operands: a template whose operands
         # merge with their neighbours fails here, before any model is loaded.
-        corners = [(a, b) for a in self.a_range for b in self.b_range]
+        corners = [(a, b) for a in self.a_range for b in self.b_range]  # (lo, hi) x (lo, hi)
         self._build(corners)
 
     def _operand_range(self, key: str) -> tuple[int, int]:

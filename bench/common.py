@@ -1,0 +1,140 @@
+"""Helpers shared by the benchmarks in ``bench/``: the benchmark model and corpus, fresh-process
+runs, machine/software description, and writing one section of ``bench/RESULTS.md``.
+
+The benchmark model is a GPT-NeoX of Pythia-160m's shape (BENCH.md): random init, fp32, built once
+and cached under ``build/bench/``. Its tokenizer is a byte-level BPE trained on the standard
+library's docstrings (a real 50k vocabulary cannot be trained on that corpus); the config's
+``vocab_size`` is set to 50304 regardless, so the embedding and the LM head have Pythia's size.
+Token ids then only use the first ``len(tokenizer)`` rows, which changes nothing in the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "bench"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+#: Pythia-160m's shape (GPT-NeoX, parallel residual, rotary on a quarter of each head).
+PYTHIA_160M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)
+VOCAB = 50304
+TOKENIZER_VOCAB = 8192
+
+
+def stdlib_corpus(path: Path = BUILD / "corpus" / "docstrings.jsonl") -> Path:
+    """The standard library's docstrings, one JSON document per line (cached)."""
+    if not path.is_file():
+        from harvest.toy import stdlib_docstrings
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for doc in stdlib_docstrings():
+                f.write(json.dumps({"text": doc}) + "\n")
+        tmp.rename(path)
+    return path
+
+
+def pythia160m_checkpoint(out_dir: Path = BUILD / "pythia160m-shape") -> Path:
+    """Build (once) the random-init fp32 benchmark checkpoint; returns its directory."""
+    marker = out_dir / ".complete"
+    if marker.is_file():
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harvest.toy import build_tokenizer, stdlib_docstrings, toy_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(stdlib_docstrings(), out_dir, vocab_size=TOKENIZER_VOCAB)
+    config = toy_config("gpt_neox", vocab_size=VOCAB, **PYTHIA_160M)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out_dir)
+    marker.write_text("ok\n")
+    return out_dir
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_child(argv: list[str], timeout: float = 900, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python argv...`` in a fresh process; it must print one JSON object as its last stdout line."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {argv} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --- describing -----------------------------------------------------------------------------------
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        m = re.search(r"Model name:\s*(.+)", out)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "nproc": str(os.cpu_count()), "memory": mem, "os": platform.platform()}
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torch", "transformers", "accelerate", "zarr", "numcodecs", "numpy", "safetensors", "tokenizers", *extra)
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_section(title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the ``## {title}`` section of RESULTS.md, leaving every other section as is."""
+    header = f"## {title}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
+    block = f"{header}\n\n{body.strip()}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == header), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + block + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    path.write_text(text, encoding="utf-8")
