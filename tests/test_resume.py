@@ -13,6 +13,8 @@ import pytest
 import yaml
 import zarr
 
+from harvest.toy import stdlib_docstrings
+
 pytestmark = pytest.mark.slow
 
 
@@ -41,15 +43,18 @@ def test_sigkill_then_resume_is_byte_identical(arch, make_checkpoint, make_spec,
     ckpt = make_checkpoint(arch, **shape)
     hooks = ["hook_embed", "blocks.*.hook_resid_post", "blocks.{1..2}.attn.hook_z", "blocks.3.attn.hook_pattern",
              "blocks.2.mlp.hook_post"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(stdlib_docstrings(limit=60)):
+        (corpus / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
     raw = make_spec(ckpt, hooks=hooks, raw=True, run={"batch_size": 2, "threads": 1},
-                    prompts={"seq_len": 64, "mode": "packed", "max_sequences": 120},
+                    prompts={"paths": [str(corpus / "*.txt")], "seq_len": 64, "mode": "packed", "max_sequences": 120},
                     store={"chunk_mib": 0.05, "chunks_per_shard": 2})
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     clean_raw = {**raw, "store": {**raw["store"], "path": "clean.zarr"}}
     (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean_raw))
     store = Path(raw["store"]["root"]) / "job.zarr"
-    n_batches = 60
 
     proc = start_run(spec_path, tmp_path)
     deadline = time.monotonic() + 120
@@ -60,6 +65,8 @@ def test_sigkill_then_resume_is_byte_identical(arch, make_checkpoint, make_spec,
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = batches_done(store)
+    n_batches = zarr.open_group(str(store), mode="r").attrs["harvest"]["layout"]["n_batches"]
+    assert n_batches >= 30, "the job should be long enough to be killed midway"
     assert 3 <= killed_at < n_batches, killed_at
     assert zarr.open_group(str(store), mode="r").attrs["harvest"]["status"] == "running"
 
