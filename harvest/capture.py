@@ -41,9 +41,10 @@ class Capture:
     """The hook functions of one stage, bound to its modules."""
 
     def __init__(self, modules: dict[str, nn.Module], arch: Architecture, hooks: list[HookPoint],
-                 selection: Selection, store_dtype: torch.dtype, n_heads: int):
+                 selection: Selection, store_dtype: torch.dtype, n_heads: int, top_k: int = 0):
         self.arch = arch
         self.n_heads = n_heads
+        self.top_k = top_k
         self.hooks = hooks
         self.selection = selection
         self.store_dtype = store_dtype
@@ -127,6 +128,10 @@ class Capture:
                 return torch.einsum("rhd,mhd->rhm", z(x), w).to(dtype)
             return result
 
+        if point.template == "unembed.topk_ids":  # the unembedding ran on the captured rows only
+            return lambda logits: logits.topk(self.top_k, dim=-1).indices.to(torch.int32)
+        if point.template == "unembed.topk_logits":
+            return lambda logits: logits.topk(self.top_k, dim=-1).values.to(dtype)
         if point.template == "mlp.hook_post" and neurons is not None:
             return lambda x: token_rows(x).index_select(1, neurons).to(dtype)
         return lambda x: token_rows(x).to(dtype)

@@ -31,6 +31,12 @@ MODEL_DIMS: dict[str, tuple[str, ...]] = {
     "hook_embed": ("d_model",),
     "ln_final.hook_normalized": ("d_model",),
 }
+#: the model's top-k next-token predictions at each captured row (``capture.top_k``); the LM head
+#: runs on the captured rows only
+TOPK_DIMS: dict[str, tuple[str, ...]] = {
+    "unembed.topk_ids": ("k",),
+    "unembed.topk_logits": ("k",),
+}
 #: per-sequence hooks: one stored row per sequence, not per token
 SEQUENCE_AXIS = {"attn.hook_pattern"}
 
@@ -59,6 +65,7 @@ class HookPoint:
     template: str  #: ``attn.hook_z`` (block hooks) or the full name (model-level hooks)
     layer: int | None  #: block index; ``None`` for hook_embed, ``-1`` sorts ln_final last
     dims: tuple[str, ...]  #: all dims including the leading ``token`` / ``sequence`` axis
+    dtype: str | None = None  #: stored dtype when not the activation dtype (token ids)
 
     @property
     def axis(self) -> str:
@@ -71,6 +78,8 @@ class HookPoint:
             return (-1, 0)
         if self.template == "ln_final.hook_normalized":
             return (1 << 30, 0)
+        if self.template in TOPK_DIMS:
+            return (1 << 30, 1)
         return (self.layer, 0)
 
 
@@ -79,6 +88,11 @@ def _hook_point(template: str, layer: int | None) -> HookPoint:
         return HookPoint(template, template, None, ("token", *MODEL_DIMS[template]))
     axis = "sequence" if template in SEQUENCE_AXIS else "token"
     return HookPoint(f"blocks.{layer}.{template}", template, layer, (axis, *BLOCK_DIMS[template]))
+
+
+def topk_points() -> list[HookPoint]:
+    return [HookPoint(name, name, None, ("token", *dims), "int32" if name.endswith("ids") else None)
+            for name, dims in TOPK_DIMS.items()]
 
 
 def available_templates(arch: Architecture) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .errors import FingerprintMismatchError, HarvestError, SpecError, StoreError, StoreExistsError
-from .hookpoints import HookPoint, expand
+from .hookpoints import HookPoint, expand, topk_points
 from .layout import Layout
 from .prompts import build_source
 from .spec import JobSpec
@@ -60,6 +60,7 @@ class Job:
             "head": len(self.spec.capture.heads) if self.spec.capture.heads else config.num_attention_heads,
             "neuron": len(self.spec.capture.neurons) if self.spec.capture.neurons else self.ckpt.arch.d_mlp(config),
             "query": self.layout.max_len, "key": self.layout.max_len,
+            "k": self.spec.capture.top_k,
         }
         lead = self.layout.n_rows if point.axis == "token" else self.layout.n_sequences
         return (lead, *(sizes[d] for d in point.dims[1:]))
@@ -78,18 +79,25 @@ class Job:
         spec = self.spec
         return StageOptions(compute_dtype=spec.model.dtype, store_dtype=self.store_dtype, device=spec.model.device,
                             heads=spec.capture.heads, neurons=spec.capture.neurons, threads=spec.run.threads,
-                            write_queue=spec.run.write_queue)
+                            write_queue=spec.run.write_queue, top_k=spec.capture.top_k)
 
 
 def single_stage(hooks: list[HookPoint], n_layers: int) -> StagePlan:
     """The whole needed part of the model as one stage: blocks past the last hook are not run."""
     return StagePlan(index=0, n_stages=1, start=0, stop=layers_needed(hooks, n_layers),
-                     embed=True, final_norm=any(p.template == "ln_final.hook_normalized" for p in hooks),
-                     hooks=tuple(hooks))
+                     embed=True, final_norm=needs_final_norm(hooks), hooks=tuple(hooks), unembed=needs_unembed(hooks))
+
+
+def needs_unembed(hooks: list[HookPoint]) -> bool:
+    return any(p.template.startswith("unembed.") for p in hooks)
+
+
+def needs_final_norm(hooks: list[HookPoint]) -> bool:
+    return needs_unembed(hooks) or any(p.template == "ln_final.hook_normalized" for p in hooks)
 
 
 def layers_needed(hooks: list[HookPoint], n_layers: int) -> int:
-    if any(p.template == "ln_final.hook_normalized" for p in hooks):
+    if needs_final_norm(hooks):
         return n_layers
     return max((p.layer + 1 for p in hooks if p.layer is not None), default=0)
 
@@ -102,6 +110,8 @@ def prepare(spec: JobSpec) -> Job:
     config, arch = ckpt.config, ckpt.arch
     hooks = expand(list(spec.capture.hooks), arch, ckpt.n_layers,
                    list(spec.capture.layers) if spec.capture.layers is not None else None)
+    if spec.capture.top_k:
+        hooks += topk_points()
     if spec.capture.layers is not None and spec.capture.layers[-1] >= ckpt.n_layers:
         raise SpecError(f"capture.layers includes {spec.capture.layers[-1]}, but the model has {ckpt.n_layers} layers")
     _check_index("heads", spec.capture.heads, config.num_attention_heads)
@@ -168,7 +178,7 @@ def create_store(job: Job) -> None:
     group.attrs[ATTRS_KEY] = _provenance(job, status="creating")
     for point in job.hooks:
         create_activation_array(
-            group, point.name, job.array_shape(point), point.dims, job.store_dtype,
+            group, point.name, job.array_shape(point), point.dims, point.dtype or job.store_dtype,
             chunk_mib=spec.store.chunk_mib, chunks_per_shard=spec.store.chunks_per_shard,
             compressor=spec.store.compressor, level=spec.store.level,
             attributes={"hook": point.template, "layer": point.layer,

@@ -99,6 +99,8 @@ class CaptureSpec:
     #: dtype of stored activations; default: the compute dtype (bfloat16 is stored as float32)
     dtype: str | None = None
     on_nonfinite: str = "fail"
+    #: keep the model's top-k next-token predictions (ids and logits) at every captured row
+    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,8 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     if not capture.hooks or not all(isinstance(h, str) for h in capture.hooks):
         raise SpecError("capture.hooks must name at least one hook point, e.g. ['blocks.*.hook_resid_post']")
     _choice("capture.on_nonfinite", capture.on_nonfinite, NONFINITE)
+    if not isinstance(capture.top_k, int) or isinstance(capture.top_k, bool) or capture.top_k < 0:
+        raise SpecError(f"capture.top_k must be an integer >= 0 (0: no predictions kept), got {capture.top_k!r}")
     if capture.dtype is not None:
         _choice("capture.dtype", capture.dtype, ("float32", "float16"))
     run = _typed("run", raw.get("run") or {}, RunSpec)

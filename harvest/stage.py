@@ -33,10 +33,11 @@ class StagePlan:
     embed: bool  #: runs the token embedding
     final_norm: bool  #: runs the final LayerNorm
     hooks: tuple[HookPoint, ...]
+    unembed: bool = False  #: runs the LM head, on the captured rows only (``capture.top_k``)
 
     def describe(self) -> str:
         parts = (["embed"] if self.embed else []) + [f"blocks {self.start}..{self.stop - 1}" if self.stop > self.start else "no blocks"]
-        return " + ".join(parts + (["ln_final"] if self.final_norm else []))
+        return " + ".join(parts + (["ln_final"] if self.final_norm else []) + (["unembed"] if self.unembed else []))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,6 +78,7 @@ class StageModel(nn.Module):
         self.embed = getattr(base, arch.embed) if plan.embed else None
         self.blocks = nn.ModuleList(list(getattr(base, arch.blocks))[plan.start:plan.stop])
         self.final_norm = getattr(base, arch.final_norm) if plan.final_norm else None
+        self.unembed = getattr(skeleton, arch.unembed) if plan.unembed else None
         with torch.device(device):
             # rotary tables are buffers computed at construction, not weights in the files
             self.rotary = type(getattr(base, arch.rotary))(self.config)
@@ -87,6 +89,8 @@ class StageModel(nn.Module):
         """The checkpoint tensor name of one of this stage's parameters."""
         arch = self.arch
         head, _, rest = name.partition(".")
+        if head == "unembed":
+            return f"{arch.unembed}.{rest}"
         if head == "blocks":
             i, _, tail = rest.partition(".")
             return f"{arch.base}.{arch.blocks}.{self.plan.start + int(i)}.{tail}"
@@ -104,6 +108,8 @@ class StageModel(nn.Module):
                 continue
             key = self.file_key(name)
             found = ckpt.resolve_key(key, available)
+            if found is None and name.startswith("unembed."):
+                found = self._unembed_in_files(ckpt, name, available)
             if found is None:
                 missing.append(key)
             else:
@@ -122,7 +128,19 @@ class StageModel(nn.Module):
             # a meta-weight layer fed a real tensor returns garbage, not an error
             raise ModelError(f"stage {self.plan.index}: parameters left unloaded: {', '.join(still_meta[:5])}")
 
+    def _unembed_in_files(self, ckpt: Checkpoint, name: str, available: set[str]) -> str | None:
+        """NeoX files call the unembedding ``embed_out``; tied models reuse the embedding."""
+        rest = name.split(".", 1)[1]
+        for alias in self.arch.unembed_file_aliases:
+            if f"{alias}.{rest}" in available:
+                return f"{alias}.{rest}"
+        if getattr(self.config, "tie_word_embeddings", False) and rest == "weight":
+            return ckpt.resolve_key(f"{self.arch.base}.{self.arch.embed}.weight", available)
+        return None
+
     def module_for(self, point: HookPoint) -> nn.Module:
+        if point.template in ("unembed.topk_ids", "unembed.topk_logits"):
+            return self.unembed
         if point.template == "hook_embed":
             return self.embed
         if point.template == "ln_final.hook_normalized":
@@ -132,7 +150,8 @@ class StageModel(nn.Module):
         return block.get_submodule(path) if path else block
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         h = self.embed(input_ids) if self.embed is not None else hidden
@@ -145,6 +164,8 @@ class StageModel(nn.Module):
                 h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
         if self.final_norm is not None:
             h = self.final_norm(h)
+        if self.unembed is not None:  # predictions at the captured rows; hooks read them
+            self.unembed(h.reshape(-1, h.shape[-1]).index_select(0, rows))
         return h
 
 
@@ -152,7 +173,8 @@ class Stage:
     """A stage model plus its capture hooks: ``run(batch, hidden) -> (hidden, captures)``."""
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, compute_dtype: str, store_dtype: torch.dtype,
-                 device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None):
+                 device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None,
+                 top_k: int = 0):
         patterns = any(p.template == "attn.hook_pattern" for p in plan.hooks)
         self.device = device
         self.plan = plan
@@ -161,7 +183,7 @@ class Stage:
         as_index = lambda xs: None if xs is None else torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         modules = {p.name: self.model.module_for(p) for p in plan.hooks}
         self.capture = Capture(modules, ckpt.arch, list(plan.hooks), Selection(as_index(heads), as_index(neurons)),
-                               store_dtype, n_heads=ckpt.config.num_attention_heads)
+                               store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k)
 
     def run(self, batch: Batch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index = BatchIndex(
@@ -173,7 +195,7 @@ class Stage:
         if hidden is not None:
             hidden = hidden.to(self.device)
         with self.capture.attached(index) as captured:
-            out = self.model(input_ids, hidden)
+            out = self.model(input_ids, hidden, index.flat_rows)
         return out, {name: to_host(t) for name, t in captured.items()}
 
 

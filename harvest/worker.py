@@ -25,6 +25,7 @@ class StageOptions:
     neurons: tuple[int, ...] | None
     threads: int | None
     write_queue: int
+    top_k: int = 0
 
 
 class StageWorker:
@@ -39,7 +40,7 @@ class StageWorker:
         self.device = resolve_device(options.device)
         self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
                            store_dtype=getattr(torch, options.store_dtype), device=self.device,
-                           heads=options.heads, neurons=options.neurons)
+                           heads=options.heads, neurons=options.neurons, top_k=options.top_k)
         self.writer = StageWriter(store, start_batch, max_pending=options.write_queue)
 
     def ready(self) -> bool:
