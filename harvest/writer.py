@@ -12,7 +12,6 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ class ArrayWriter:
         self.durable = start  #: rows [.., durable) are on disk
         self._buffer: np.ndarray | None = None
         self._filled = 0  #: rows buffered after ``durable``
-        self.nonfinite = 0
 
     def _shard_end(self) -> int:
         return min((self.durable // self.shard_rows + 1) * self.shard_rows, self.array.shape[0])
@@ -186,6 +184,3 @@ def _explain(exc: BaseException, path: str) -> BaseException:
         )
     return exc
 
-
-def store_path(path: Path | str) -> str:
-    return str(path)
