@@ -28,8 +28,10 @@ test-slow: $(STAMP)    ## the slower end-to-end tests (real process kills, Ray c
 
 test-all: test test-slow
 
-bench: $(STAMP)        ## benchmarks; figures go to bench/RESULTS.md
+bench: $(STAMP)        ## benchmarks (run on a quiet machine); figures go to bench/RESULTS.md
 	$(BIN)/python bench/harvest_overhead.py
+	$(BIN)/python bench/pipeline_scaling.py
+	$(BIN)/python bench/outlier_scan.py
 
 clean:
 	rm -rf build stores .pytest_cache

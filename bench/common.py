@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,94 @@ def pythia160m_checkpoint(out_dir: Path = BUILD / "pythia160m-shape") -> Path:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(seconds of CPU busy on the whole machine incl. VM steal, of this process) since boot / start."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / hz, t.user + t.system
+
+
+class Contention:
+    """CPU used by everything but this process over a window, in cores (other jobs, VM steal, kernel)."""
+
+    def __init__(self):
+        self.start = cpu_seconds()
+        self.t0 = time.perf_counter()
+
+    def foreign_cores(self) -> float:
+        busy, own = cpu_seconds()
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (busy - self.start[0]) - (own - self.start[1])) / wall if wall > 0 else 0.0
+
+
+class ThreadCPU:
+    """CPU seconds per thread of this process, sampled from /proc (threads that exit keep their last sample).
+
+    ``mark()`` takes a baseline; ``totals()`` gives CPU since the baseline grouped by thread name
+    (numbered pool threads such as ``asyncio_3`` are grouped as ``asyncio_*``; threads Python does
+    not know, e.g. torch's intra-op workers, under their OS name).
+    """
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.interval = interval
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._last: dict[int, tuple[str, float]] = {}
+        self._base: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-thread-cpu", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import threading
+
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        names[os.getpid()] = "main"
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / self._hz
+            tid_i = int(tid)
+            name = names.get(tid_i) or self._last.get(tid_i, (None,))[0] or f"{comm} (native)"
+            self._last[tid_i] = (name, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def mark(self) -> None:
+        self._sample()
+        self._base = {tid: cpu for tid, (_, cpu) in self._last.items()}
+
+    def totals(self) -> dict[str, float]:
+        self._sample()
+        self._stop.set()
+        out: dict[str, float] = {}
+        for tid, (name, cpu) in self._last.items():
+            if name == "bench-thread-cpu":
+                continue
+            key = re.sub(r"_\d+$", "_*", re.sub(r"-\d+_\d+$", "-*", name))
+            out[key] = out.get(key, 0.0) + cpu - self._base.get(tid, 0.0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def wait_until_quiet(threshold: float = 0.15, sample: float = 2.0, max_wait: float = 600.0) -> float:
+    """Block until the machine's other load (in cores) is below ``threshold``; returns seconds waited."""
+    t0 = time.perf_counter()
+    while True:
+        c = Contention()
+        time.sleep(sample)
+        if c.foreign_cores() < threshold or time.perf_counter() - t0 > max_wait:
+            return time.perf_counter() - t0 - sample
 
 
 def dir_bytes(path: Path) -> int:

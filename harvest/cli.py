@@ -74,6 +74,29 @@ def _row_bytes(job, point) -> int:
 
 
 @app.command()
+def plan(
+    spec: Path = typer.Argument(..., help="YAML job spec, e.g. jobs/neox-20b-resid.yaml."),
+    store_root: Optional[str] = StoreRoot,
+) -> None:
+    """Stages, memory per stage, store size and file layout of a job, without loading any weights.
+
+    \b
+    Needs only the model's config.json (no weights, no tokenizer: then rows are estimated).
+    Exits with status 2 and the shortfall when a stage does not fit its memory.
+    Examples:
+      harvest plan jobs/neox-20b-resid.yaml
+      harvest plan jobs/gptj-6b-resid.yaml
+    """
+    from sharding.plan import format_plan, plan_job
+
+    from . import load_spec
+
+    job_plan = plan_job(load_spec(spec, store_root=store_root))
+    typer.echo(format_plan(job_plan))
+    job_plan.check()
+
+
+@app.command()
 def inspect(
     store: Path = typer.Argument(..., help="Path of a harvest store (a .zarr directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -93,6 +116,19 @@ def demo(
     from .demo import main as run_demo
 
     run_demo(workdir)
+
+
+# issue 4: analyses over a store (analysis/cli.py)
+from analysis.cli import analyze_app, index_command, query_app  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(query_app, name="query")
+app.command("index")(index_command)
+
+# issue 5: jobs on a Ray cluster (jobs/cli.py)
+from jobs.cli import register as register_jobs  # noqa: E402
+
+register_jobs(app)
 
 
 def main() -> None:

@@ -80,3 +80,19 @@ def main(workdir: Path = Path("build/demo")) -> None:
     ds = xr.open_zarr(str(result.path), consolidated=False)
     var = "blocks.5.hook_resid_post"
     print(f"{var}: dims {ds[var].dims}, shape {ds[var].shape}, mean |x| = {float(abs(ds[var]).mean()):.4f}")
+
+    section("5. outliers and a query (harvest analyze outliers / harvest query dim)")
+    from analysis.outliers import analyze_outliers
+    from analysis.query import format_query, query_dim
+
+    report = analyze_outliers(result.path)
+    print(report.format())
+    if report.outlier_dims:
+        top = max(report.report["outlier_dims"], key=lambda o: o["max_abs"])
+        dim, why = top["dim"], "the top outlier dimension (largest max |x|)"
+    else:
+        dim = int(report.arrays["max_abs"][0].max(axis=0).argmax())
+        why = ("no dimension meets Dettmers' criterion in this random-init model, so the dimension with the "
+               "largest max |x| instead")
+    print(f"\nquery of {why}: harvest query dim {result.path} {dim}")
+    print(format_query(query_dim(result.path, dim, top=5, context=6)))

@@ -69,3 +69,46 @@ def check_keys(section: str, given: Iterable[str], allowed: Iterable[str]) -> No
                 f"unknown key {key!r} in {section}{did_you_mean(key, allowed)}; "
                 f"valid keys: {', '.join(allowed)}"
             )
+
+
+# --- analyses and queries (analysis/) ---------------------------------------------------------------
+
+class AnalysisError(HarvestError, ValueError):
+    """An analysis or a query cannot run as asked: a parameter, a store without what it needs."""
+
+
+class DimensionOutOfRangeError(AnalysisError, IndexError):
+    """A queried dimension is outside the hook point's width."""
+
+
+class HookNotInStoreError(AnalysisError, KeyError):
+    """A queried hook point was not harvested into this store (or not indexed)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IndexNotBuiltError(StoreError, FileNotFoundError):
+    """The store has no per-dimension index yet; the message says how to build it."""
+
+
+# --- jobs on a Ray cluster (jobs/) --------------------------------------------------------------------
+
+class ClusterError(HarvestError, RuntimeError):
+    """A Ray cluster cannot take, run or report a harvest job as asked."""
+
+
+class ClusterUnreachableError(ClusterError, ConnectionError):
+    """No Ray Jobs API answers at the address given (or in $RAY_ADDRESS)."""
+
+
+class ClusterResourcesError(ClusterError):
+    """The cluster has fewer CPUs or GPUs than the job's stages need."""
+
+
+class JobNotFoundError(ClusterError, LookupError):
+    """No job with that id on the cluster."""
+
+
+class StoreNotWritableError(StoreError, PermissionError):
+    """The store location cannot be written from where the job runs (or is not a usable location)."""

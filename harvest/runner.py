@@ -117,7 +117,9 @@ def prepare(spec: JobSpec) -> Job:
     _check_index("heads", spec.capture.heads, config.num_attention_heads)
     _check_index("neurons", spec.capture.neurons, arch.d_mlp(config))
     if spec.model.quantization:
-        raise SpecError("model.quantization needs a pipeline build with bitsandbytes; see `harvest plan --help`")
+        from sharding.quantize import check_quantization
+
+        check_quantization(spec.model.quantization, hooks)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.directory)
     source = build_source(spec.prompts, base_dir=spec.base_dir, tokenizer=tokenizer)
     prompts = list(source.prompts())
@@ -133,7 +135,7 @@ def prepare(spec: JobSpec) -> Job:
     else:
         from sharding.plan import partition_stages
 
-        stages = partition_stages(ckpt, hooks, spec)
+        stages = partition_stages(ckpt, hooks, spec, layout=layout)
     job = Job(spec, ckpt, hooks, layout, source, stages, store_dtype_for(spec.model.dtype, spec.capture.dtype))
     job.fingerprint_fields = _fingerprint_fields(job, tokenizer)
     return job

@@ -111,6 +111,16 @@ class RunSpec:
     threads: int | None = None
     #: batches waiting for the writer before compute blocks (bounds memory)
     write_queue: int = 4
+    #: Ray cluster to run the stages on (None: $RAY_ADDRESS, else an embedded local cluster)
+    address: str | None = None
+    #: micro-batches in the pipeline at once (None: two per stage)
+    max_in_flight: int | None = None
+    #: memory per stage in GiB that the plan must fit: one number, or one per stage (None: detect)
+    memory_gib: float | tuple[float, ...] | None = None
+    #: times a crashed stage actor is restarted before the job fails
+    max_restarts: int = 3
+    #: start the Ray dashboard of an embedded cluster (bound to 127.0.0.1)
+    dashboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,13 @@ class JobSpec:
 
     def store_path(self) -> Path:
         """The store's location, guaranteed to lie inside the store root."""
-        return confine(self.resolve(self.store.root), self.store.path)
+        root = self.store.root.removeprefix("file://")
+        if "://" in root:
+            raise SpecError(
+                f"store.root {self.store.root!r}: object-store URLs are not supported for writing yet; "
+                "mount the bucket (e.g. s3fs, gcsfuse) or use a shared filesystem path"
+            )
+        return confine(self.resolve(root), self.store.path)
 
     def resolve(self, path: str) -> Path:
         p = Path(os.path.expanduser(path))
@@ -217,6 +233,25 @@ def _positive(section: str, value: Any, minimum: float = 1) -> None:
         raise SpecError(f"{section} must be a number >= {minimum}, got {value!r}")
 
 
+def _check_pipeline(run: RunSpec) -> None:
+    if run.max_in_flight is not None:
+        _positive("run.max_in_flight", run.max_in_flight)
+    if not isinstance(run.max_restarts, int) or isinstance(run.max_restarts, bool) or run.max_restarts < 0:
+        raise SpecError(f"run.max_restarts must be an integer >= 0, got {run.max_restarts!r}")
+    if run.address is not None and not isinstance(run.address, str):
+        raise SpecError(f"run.address must be a Ray address such as 'ray://host:10001' or 'auto', got {run.address!r}")
+    if not isinstance(run.dashboard, bool):
+        raise SpecError(f"run.dashboard must be true or false, got {run.dashboard!r}")
+    memory = run.memory_gib
+    if memory is not None:
+        values = memory if isinstance(memory, tuple) else (memory,)
+        for v in values:
+            _positive("run.memory_gib", v, 1 / 1024)
+        if isinstance(memory, tuple) and len(memory) != run.stages:
+            raise SpecError(f"run.memory_gib lists {len(memory)} values but run.stages is {run.stages}; "
+                            "give one number for every stage, or one per stage")
+
+
 def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = None) -> JobSpec:
     """Validate a spec mapping (as loaded from YAML) into a ``JobSpec``."""
     if not isinstance(raw, dict):
@@ -245,12 +280,14 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
         raise SpecError(f"capture.top_k must be an integer >= 0 (0: no predictions kept), got {capture.top_k!r}")
     if capture.dtype is not None:
         _choice("capture.dtype", capture.dtype, ("float32", "float16"))
-    run = _typed("run", raw.get("run") or {}, RunSpec)
+    run = _typed("run", raw.get("run") or {}, RunSpec,
+                 convert={"memory_gib": lambda v: tuple(v) if isinstance(v, list) else v})
     _positive("run.batch_size", run.batch_size)
     _positive("run.stages", run.stages)
     _positive("run.write_queue", run.write_queue)
     if run.threads is not None:
         _positive("run.threads", run.threads)
+    _check_pipeline(run)
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):
         store_raw["root"] = store_root

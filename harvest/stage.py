@@ -82,7 +82,12 @@ class StageModel(nn.Module):
         with torch.device(device):
             # rotary tables are buffers computed at construction, not weights in the files
             self.rotary = type(getattr(base, arch.rotary))(self.config)
-        self._load_weights(ckpt, dtype, device)
+        quantization = ckpt.spec.quantization
+        self._load_weights(ckpt, dtype, torch.device("cpu") if quantization else device)
+        if quantization:  # bitsandbytes swaps the blocks' linear layers, quantising them onto `device`
+            from sharding.quantize import quantize_stage
+
+            quantize_stage(self, quantization, dtype, device)
         self.eval()
 
     def file_key(self, name: str) -> str:

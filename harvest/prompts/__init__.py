@@ -13,6 +13,8 @@ from typing import Any
 from ..errors import SpecError, did_you_mean
 from .addition import AdditionSource
 from .base import MetaField, Prompt, PromptSource, pad_meta
+from .numbers import NumbersSource
+from .repeated import RepeatedTokensSource
 from .text import ConfiguredSource, TextSource
 from .translation import TranslationSource
 
@@ -20,6 +22,8 @@ SOURCES: dict[str, type[ConfiguredSource]] = {
     TextSource.NAME: TextSource,
     AdditionSource.NAME: AdditionSource,
     TranslationSource.NAME: TranslationSource,
+    NumbersSource.NAME: NumbersSource,
+    RepeatedTokensSource.NAME: RepeatedTokensSource,
 }
 
 
@@ -37,6 +41,7 @@ def build_source(cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any
 
 
 __all__ = [
-    "SOURCES", "AdditionSource", "MetaField", "Prompt", "PromptSource", "TextSource", "TranslationSource",
+    "SOURCES", "AdditionSource", "MetaField", "NumbersSource", "Prompt", "PromptSource", "RepeatedTokensSource",
+    "TextSource", "TranslationSource",
     "build_source", "pad_meta",
 ]

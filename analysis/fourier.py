@@ -1,0 +1,588 @@
+"""Fourier features and the helix of numbers; Fourier directions of a + b (Nanda, open problem 2.35).
+
+Follows Kantamneni & Tegmark, "Language Models Use Trigonometry to Do Addition" (arXiv 2502.00873).
+Input: any d_model hook (``hook_resid_post`` by default, plus ``hook_embed`` as layer −1)
+harvested on the ``addition`` source (``meta/a``, ``meta/b``, operand spans, ``meta/eq_pos``)
+and, for the number spectrum, on the ``numbers`` source (``meta/n``, ``meta/n_span``).
+
+1. **Spectrum** (their Fig. 2): the activations h(n) of number tokens n = lo..hi at one hook,
+   centred over n, Fourier-transformed along n; power |ĥ_k|² averaged over dimensions. Period of
+   frequency k: N / k. Numbers come from a ``numbers`` store (the last token of n) or, failing
+   that, from the operand a of an addition store (the last token of a, averaged over prompts with
+   the same a — under the causal mask they are all the same activation).
+2. **Helix fit**: per layer, PCA of the centred h(n) to ``n_components`` (≤ 100, ≤ d_model,
+   ≤ N − 1); features ``[cos(2πn/T), sin(2πn/T) for T in periods] + [n / max n] + [1]`` fitted by
+   rank-tolerant least squares (sin(πn) ≡ 0 for T = 2, so the design is rank deficient and
+   ``lstsq`` with ``rcond`` drops it). R² = 1 − SS_res / SS_tot in PCA space. Baselines: **circle**
+   (the same without the linear term), **poly3** (1, x, x², x³ with x = n / max n), **shuffled**
+   (the helix features of a permuted n, mean over ``n_shuffles`` seeds; with ``periods="auto"``
+   the periods are re-picked on the permuted data too, so selection gets no head start), and
+   **pca** — the variance in the top r principal components where r is the helix's rank (its
+   parameter count less the constant): the best *any* rank-r linear fit can do, a ceiling, not a
+   bar to beat. Each baseline's parameter count is reported beside it.
+3. **Directions of a + b** at the ``=`` position: per layer and candidate period T, the fraction
+   of variance explained by regressing the activations on ``cos/sin(2π(a+b)/T)`` (with an
+   intercept), against the same for a permuted a + b; the regression directions ``W`` (so that
+   ``x ≈ mean + cos·W_cos + sin·W_sin``) and the mean are stored for users to project onto.
+   Computed from sufficient statistics (``GᵀX``, ``Σx``, ``Σ‖x‖²``) accumulated chunk by chunk
+   with Dask, so a large store is never held in memory.
+4. **Accuracy**: top-1 of ``unembed.topk_ids`` (``capture.top_k``) at ``=`` against the first token
+   of ``answer_prefix + str(a + b)`` under the store's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, info, jsonable, layer_arrays,
+                               open_store_group, pyplot, read, require, result_group, rows_at, scheduler,
+                               source_name, write_array)
+
+RESULT_GROUP = "fourier"
+DEFAULT_PERIODS = (2, 5, 10, 100)
+BASELINES = ("circle", "poly3", "pca", "shuffled")
+EMBED_LAYER = -1
+
+
+# --- the maths (NumPy, on small per-layer matrices) --------------------------------------------------
+
+def spectrum(h: np.ndarray) -> np.ndarray:
+    """Power per frequency k = 0..N//2 of activations h (N numbers, d dims): centred, mean over dims."""
+    h = np.asarray(h, dtype=np.float64)
+    coeffs = np.fft.rfft(h - h.mean(axis=0), axis=0)
+    return (np.abs(coeffs) ** 2).mean(axis=1)
+
+
+def top_periods(power: np.ndarray, n: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` strongest frequencies k ≥ 1 as (periods N/k, share of the non-DC power)."""
+    k = np.argsort(power[1:], kind="stable")[::-1][:count] + 1
+    total = power[1:].sum()
+    return n / k, power[k] / total if total > 0 else np.zeros(len(k))
+
+
+def helix_features(values: np.ndarray, periods, linear: bool = True, scale: float | None = None) -> np.ndarray:
+    """``[cos(2πa/T), sin(2πa/T) for T] + [a / max a] + [1]`` (no linear column when ``linear=False``)."""
+    a = np.asarray(values, dtype=np.float64)
+    cols = []
+    for t in periods:
+        cols += [np.cos(2 * np.pi * a / t), np.sin(2 * np.pi * a / t)]
+    if linear:
+        cols.append(a / (scale if scale else max(float(np.abs(a).max()), 1.0)))
+    cols.append(np.ones_like(a))
+    return np.stack(cols, axis=1)
+
+
+def poly_features(values: np.ndarray, degree: int = 3, scale: float | None = None) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64) / (scale if scale else max(float(np.abs(values).max()), 1.0))
+    return np.stack([x ** p for p in range(degree + 1)], axis=1)
+
+
+def r_squared(features: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, int]:
+    """R² of the least-squares fit of centred ``y`` on ``features`` (rank-tolerant), coefficients, rank."""
+    coef, _, rank, _ = np.linalg.lstsq(features, y, rcond=1e-10)
+    resid = y - features @ coef
+    total = float((y ** 2).sum())
+    return (1.0 - float((resid ** 2).sum()) / total if total > 0 else float("nan")), coef, int(rank)
+
+
+def pca(h: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores (N, r), components (r, d), explained variance (all) of the centred activations."""
+    hc = np.asarray(h, dtype=np.float64) - np.asarray(h, dtype=np.float64).mean(axis=0)
+    u, s, vt = np.linalg.svd(hc, full_matrices=False)
+    r = min(n_components, len(s))
+    return u[:, :r] * s[:r], vt[:r], s ** 2
+
+
+@dataclass
+class HelixFit:
+    periods: list[float]
+    r2: dict[str, float]  #: helix and each baseline
+    n_params: dict[str, int]  #: rank of each fit's design (the pca "fit" has r components)
+    directions: np.ndarray  #: (feature, d_model): each helix feature's direction in the activation space
+    n_components: int
+    #: the strongest period's plane: its period and every number's coordinates in it (N, 2)
+    plane_period: float = float("nan")
+    plane: np.ndarray | None = None
+
+
+def helix_fit(values: np.ndarray, h: np.ndarray, periods, *, n_components: int = 100, n_shuffles: int = 20,
+              seed: int = 0, n_auto: int = 4) -> HelixFit:
+    """Fit the helix and its baselines to activations ``h`` (N, d) of numbers ``values``.
+
+    ``periods``: a list, or ``"auto"`` for the ``n_auto`` strongest periods of ``h``'s own spectrum
+    (values must then be a contiguous range in order).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    scores, components, eig = pca(h, n_components)
+    scale = max(float(np.abs(values).max()), 1.0)
+
+    def pick(v: np.ndarray, y: np.ndarray) -> list[float]:
+        if isinstance(periods, str):
+            order = np.argsort(v)
+            return [float(p) for p in top_periods(spectrum(y[order]), len(v), n_auto)[0]]
+        return [float(p) for p in periods]
+
+    chosen = pick(values, scores)
+    helix_x = helix_features(values, chosen, scale=scale)
+    r2, n_params = {}, {}
+    r2["helix"], coef, n_params["helix"] = r_squared(helix_x, scores)
+    r2["circle"], _, n_params["circle"] = r_squared(helix_features(values, chosen, linear=False, scale=scale), scores)
+    r2["poly3"], _, n_params["poly3"] = r_squared(poly_features(values, 3, scale), scores)
+    rank = n_params["helix"] - 1  # the constant explains nothing of centred data
+    r2["pca"] = float(eig[:rank].sum() / eig.sum()) if eig.sum() > 0 else float("nan")
+    n_params["pca"] = rank
+    rng = np.random.default_rng(seed)
+    shuffled = []
+    for _ in range(n_shuffles):
+        perm = rng.permutation(len(values))
+        shuffled_values = values[perm]
+        features = helix_features(shuffled_values, pick(shuffled_values, scores), scale=scale)
+        shuffled.append(r_squared(features, scores)[0])
+    r2["shuffled"] = float(np.mean(shuffled)) if shuffled else float("nan")
+    n_params["shuffled"] = n_params["helix"]
+    directions = coef @ components
+    # the number tokens in the plane of the period contributing most variance to the fit: their
+    # coordinates along that period's cos/sin features, with the other features accounted for
+    contribution = [np.linalg.norm(helix_x[:, 2 * i:2 * i + 2] @ coef[2 * i:2 * i + 2]) for i in range(len(chosen))]
+    j = int(np.argmax(contribution))
+    hc = np.asarray(h, dtype=np.float64) - np.asarray(h, dtype=np.float64).mean(axis=0)
+    plane = (hc @ np.linalg.pinv(directions[:-1], rcond=1e-10))[:, 2 * j:2 * j + 2]
+    return HelixFit(chosen, r2, n_params, directions, scores.shape[1], chosen[j], plane)
+
+
+@dataclass
+class Regression:
+    """Sufficient statistics of activations X (n, d) against features G (n, p), mergeable."""
+
+    n: int
+    sum_x: np.ndarray  # (d,)
+    sum_sq: float
+    sum_g: np.ndarray  # (p,)
+    gtg: np.ndarray  # (p, p)
+    gtx: np.ndarray  # (p, d)
+
+    def fit(self, cols: list[int]) -> tuple[float, np.ndarray]:
+        """Fraction of variance of X explained by features ``cols`` (plus intercept), and their directions."""
+        cols = list(cols)
+        mean_x, mean_g = self.sum_x / self.n, self.sum_g[cols] / self.n
+        gcg = self.gtg[np.ix_(cols, cols)] - self.n * np.outer(mean_g, mean_g)
+        gcx = self.gtx[cols] - self.n * np.outer(mean_g, mean_x)
+        w = np.linalg.pinv(gcg, rcond=1e-10) @ gcx
+        total = self.sum_sq - self.n * float(mean_x @ mean_x)
+        explained = float((w * gcx).sum())
+        if total <= 1e-12 * max(self.sum_sq, 1e-300):  # a constant activation (e.g. the embedding of '=')
+            return float("nan"), np.zeros_like(w)
+        return explained / total, w
+
+
+def period_features(values: np.ndarray, periods) -> np.ndarray:
+    """``[cos, sin](2π v / T)`` for each T, then v itself (the linear reference): (n, 2·len(periods) + 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    cols = []
+    for t in periods:
+        cols += [np.cos(2 * np.pi * v / t), np.sin(2 * np.pi * v / t)]
+    cols.append(v)
+    return np.stack(cols, axis=1)
+
+
+# --- reading the store ---------------------------------------------------------------------------------
+
+def hook_layers(group, hook: str, include_embed: bool) -> dict[int, str]:
+    layers = layer_arrays(group, hook)
+    if include_embed and "hook_embed" in group:
+        layers = {EMBED_LAYER: "hook_embed", **layers}
+    return layers
+
+
+def _number_rows(group, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(rows, number at each row, where they come from) for the number-token activations."""
+    source = source_name(group)
+    meta = group["meta"] if "meta" in group else {}
+    if "n" in meta and "n_span" in meta:
+        values, span = read(group, "meta/n"), read(group, "meta/n_span")
+        where = "numbers: last token of n"
+    elif "a" in meta and "a_span" in meta:
+        values, span = read(group, "meta/a"), read(group, "meta/a_span")
+        where = "addition: last token of operand a, mean over prompts with the same a"
+    else:
+        raise AnalysisError(f"{path} (prompts.source = {source!r}) holds no numbers; harvest the numbers source "
+                            "(or the addition source) for the spectrum and helix")
+    seqs = np.arange(len(values))
+    return rows_at(group, seqs, span[:, 1].astype(np.int64) - 1, f"{path}: number tokens"), values, where
+
+
+def _group_means(group, layers: dict[int, str], rows: np.ndarray, values: np.ndarray):
+    """Per layer, the mean activation of the rows of each distinct value: (values, {layer: (V, d)})."""
+    import dask
+    import dask.array as da
+
+    order = np.argsort(rows, kind="stable")
+    rows, values = rows[order], values[order]
+    distinct, inverse = np.unique(values, return_inverse=True)
+    lazy = {}
+    for layer, name in layers.items():
+        x = dask_array(group, name)[rows]
+        if len(distinct) == len(rows):
+            lazy[layer] = x.astype(np.float64)
+        else:
+            onehot = np.zeros((len(distinct), len(rows)))
+            onehot[inverse, np.arange(len(rows))] = 1.0 / np.bincount(inverse)[inverse]
+            lazy[layer] = da.from_array(onehot, chunks=(len(distinct), x.chunks[0])) @ x.astype(np.float64)
+    computed = dask.compute(lazy)[0]
+    if len(distinct) == len(rows):
+        back = np.argsort(values, kind="stable")
+        computed = {layer: v[back] for layer, v in computed.items()}
+    return distinct, {layer: np.asarray(v) for layer, v in computed.items()}
+
+
+def _regressions(group, layers: dict[int, str], rows: np.ndarray, features: np.ndarray) -> dict[int, Regression]:
+    """Sufficient statistics of the activations at ``rows`` against ``features``, per layer, chunk by chunk."""
+    import dask
+    import dask.array as da
+
+    order = np.argsort(rows, kind="stable")
+    rows, features = rows[order], features[order]
+    lazy = {}
+    for layer, name in layers.items():
+        x = dask_array(group, name)[rows].astype(np.float64)
+        g = da.from_array(features, chunks=(x.chunks[0], features.shape[1]))
+        lazy[layer] = (x.sum(axis=0), (x ** 2).sum(), g.T @ g, g.T @ x)
+    computed = dask.compute(lazy)[0]
+    n, sum_g = len(rows), features.sum(axis=0)
+    return {layer: Regression(n, np.asarray(sx), float(sq), sum_g, np.asarray(gtg), np.asarray(gtx))
+            for layer, (sx, sq, gtg, gtx) in computed.items()}
+
+
+def answer_tokens(group, answers: np.ndarray, answer_prefix: str) -> np.ndarray:
+    """First token id of ``answer_prefix + str(answer)`` under the tokenizer stored in the store."""
+    from transformers import AutoTokenizer
+
+    from harvest.store import read_files
+
+    require("tokenizer" in group, "the store holds no tokenizer/ group to tokenize answers with")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(read_files(group["tokenizer"], Path(tmp)))
+        distinct = np.unique(answers)
+        ids = tokenizer([f"{answer_prefix}{v}" for v in distinct], add_special_tokens=False)["input_ids"]
+    first = {int(v): (i[0] if i else -1) for v, i in zip(distinct, ids)}
+    return np.array([first[int(v)] for v in answers], dtype=np.int64)
+
+
+# --- the analysis --------------------------------------------------------------------------------------
+
+@dataclass
+class Fourier:
+    store: Path
+    layers: np.ndarray
+    params: dict[str, Any]
+    numbers: np.ndarray | None = None
+    power: np.ndarray | None = None  #: (layer, frequency)
+    peaks: list[list[tuple[float, float]]] = field(default_factory=list)  #: per layer [(period, share)]
+    helix: list[HelixFit] = field(default_factory=list)
+    direction_periods: list[float] = field(default_factory=list)
+    fve: np.ndarray | None = None  #: (layer, period)
+    fve_shuffled: np.ndarray | None = None
+    fve_linear: np.ndarray | None = None  #: (layer,)
+    directions: np.ndarray | None = None  #: (layer, period, basis, d_model)
+    means: np.ndarray | None = None  #: (layer, d_model)
+    accuracy: float | None = None
+    correct: np.ndarray | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def layer_name(self, layer: int) -> str:
+        return "embed" if layer == EMBED_LAYER else str(layer)
+
+    def spectrum_table(self, top: int = 5) -> str:
+        rows = [[self.layer_name(layer), *(f"{p:g} ({s:.0%})" for p, s in peaks[:top])]
+                for layer, peaks in zip(self.layers, self.peaks)]
+        return format_table(["layer", *(f"period #{i + 1} (power)" for i in range(top))], rows)
+
+    def helix_table(self) -> str:
+        heads = ["layer", "periods", "helix", *BASELINES, "params"]
+        rows = [[self.layer_name(layer), ",".join(f"{p:g}" for p in fit.periods), fit.r2["helix"],
+                 *(fit.r2[b] for b in BASELINES),
+                 "/".join(str(fit.n_params[k]) for k in ("helix", "circle", "poly3", "pca"))]
+                for layer, fit in zip(self.layers, self.helix)]
+        return format_table(heads, rows)
+
+    def directions_table(self) -> str:
+        heads = ["layer", *(f"T={p:g}" for p in self.direction_periods), "shuffled(max)", "linear a+b"]
+        rows = [[self.layer_name(layer), *self.fve[i], float(np.max(self.fve_shuffled[i])), self.fve_linear[i]]
+                for i, layer in enumerate(self.layers)]
+        return format_table(heads, rows)
+
+    def report(self, top: int = 5) -> str:
+        parts = []
+        if self.power is not None:
+            n = len(self.numbers)
+            parts.append(f"spectrum of number tokens n = {int(self.numbers[0])}..{int(self.numbers[-1])} "
+                         f"(N = {n}; period = N/k):\n" + self.spectrum_table(top))
+            parts.append("helix fit, R² (params: helix/circle/poly3/pca rank; pca is the rank-matched ceiling):\n"
+                         + self.helix_table())
+        if self.fve is not None:
+            parts.append("variance at '=' explained by cos/sin(2π(a+b)/T):\n" + self.directions_table())
+        if self.accuracy is not None:
+            parts.append(f"accuracy (top-1 = first token of a+b): {self.accuracy:.1%} of {len(self.correct)} prompts")
+        elif "accuracy_note" in self.params:
+            parts.append(f"accuracy: {self.params['accuracy_note']}")
+        return "\n\n".join(parts)
+
+    def to_dict(self, top: int = 5) -> dict[str, Any]:
+        out: dict[str, Any] = {"store": self.store, "params": self.params, "figures": self.figures, "layers": []}
+        for i, layer in enumerate(self.layers):
+            entry: dict[str, Any] = {"layer": int(layer), "name": self.layer_name(layer)}
+            if self.power is not None:
+                entry["top_periods"] = [{"period": p, "power_share": s} for p, s in self.peaks[i][:top]]
+                fit = self.helix[i]
+                entry["helix"] = {"periods": fit.periods, "r2": fit.r2, "n_params": fit.n_params}
+            if self.fve is not None:
+                entry["fve"] = dict(zip((f"{p:g}" for p in self.direction_periods), self.fve[i].tolist()))
+                entry["fve_shuffled"] = dict(zip((f"{p:g}" for p in self.direction_periods),
+                                                 self.fve_shuffled[i].tolist()))
+                entry["fve_linear"] = float(self.fve_linear[i])
+            out["layers"].append(entry)
+        if self.accuracy is not None:
+            out["accuracy"] = {"top1": self.accuracy, "n_prompts": int(len(self.correct))}
+        return jsonable(out)
+
+
+def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str = "hook_resid_post",
+            periods: Any = DEFAULT_PERIODS, direction_periods: Any = None, n_components: int = 100,
+            n_shuffles: int = 20, n_auto: int = 4, seed: int = 0, include_embed: bool = True,
+            answer_prefix: str = "", write: bool = True, plot: bool = True,
+            address: str | None = None) -> Fourier:
+    """Spectrum, helix fit, a+b directions and accuracy of a store; results under ``analysis/fourier/``.
+
+    ``store``: an addition store (all four parts) or a numbers store (spectrum and helix only).
+    ``numbers``: a numbers store for the spectrum and helix (default: ``store``'s own numbers —
+    n of a numbers store, operand a of an addition store). ``periods``: helix periods, or
+    ``"auto"`` for each layer's ``n_auto`` strongest spectrum periods. ``direction_periods``:
+    candidate periods for the a+b directions (default: the helix periods, plus every auto-picked one).
+    """
+    store = Path(store)
+    group = open_store_group(store)
+    layers = hook_layers(group, hook, include_embed)
+    require(bool(layers), f"{store} has no blocks.*.{hook} arrays; harvest them (capture.hooks) or pass --hook")
+    periods = _check_periods(periods)
+    params: dict[str, Any] = {"store": str(store), "hook": hook, "layers": list(layers), "periods": periods,
+                              "n_components": n_components, "n_shuffles": n_shuffles, "seed": seed,
+                              "layer_-1": "hook_embed", "harvest_fingerprint": info(group).get("fingerprint")}
+    result = Fourier(store, np.asarray(list(layers)), params)
+
+    with scheduler(address):
+        _numbers_part(result, store, group, layers, numbers, hook, periods, n_components, n_shuffles, seed, n_auto,
+                      include_embed)
+        if source_name(group) == "addition" or ("meta" in group and "eq_pos" in group["meta"]):
+            _addition_part(result, store, group, layers, periods, direction_periods, seed, answer_prefix)
+    if result.power is None and result.fve is None:
+        raise AnalysisError(f"{store} is neither an addition nor a numbers store; nothing to analyse")
+    if write:
+        _write(result)
+    if plot:
+        _plot(result)
+    return result
+
+
+def _check_periods(periods: Any) -> Any:
+    if isinstance(periods, str):
+        require(periods == "auto", f"periods = {periods!r}: give numbers (e.g. 2,5,10,100) or 'auto'")
+        return periods
+    values = [float(p) for p in periods]
+    require(bool(values) and all(p > 0 for p in values), f"periods = {periods!r}: must be positive numbers")
+    return values
+
+
+def _numbers_part(result: Fourier, store: Path, group, layers, numbers, hook, periods, n_components, n_shuffles,
+                  seed, n_auto, include_embed) -> None:
+    num_path = Path(numbers) if numbers is not None else store
+    num_group = open_store_group(num_path) if numbers is not None else group
+    num_layers = hook_layers(num_group, hook, include_embed)
+    missing = [layer for layer in layers if layer not in num_layers]
+    require(not missing, f"{num_path} lacks the hook at layer(s) {missing} that {store} has; harvest the same hooks")
+    try:
+        rows, values, where = _number_rows(num_group, num_path)
+    except AnalysisError:
+        if numbers is not None:
+            raise
+        return  # an addition store without operand rows: directions and accuracy only
+    distinct, means = _group_means(num_group, {layer: num_layers[layer] for layer in layers}, rows, values)
+    require(len(distinct) >= 4 and np.array_equal(distinct, np.arange(distinct[0], distinct[0] + len(distinct))),
+            f"{num_path}: the numbers must form a contiguous range of at least 4 (found {len(distinct)} values "
+            f"from {int(distinct[0])} to {int(distinct[-1])}); harvest the numbers source over a range")
+    result.numbers = distinct
+    result.power = np.stack([spectrum(means[layer]) for layer in layers])
+    result.peaks = [list(zip(*(x.tolist() for x in top_periods(p, len(distinct), 10)))) for p in result.power]
+    result.helix = [helix_fit(distinct, means[layer], periods, n_components=n_components, n_shuffles=n_shuffles,
+                              seed=seed, n_auto=n_auto) for layer in layers]
+    result.params.update(numbers_store=str(num_path), numbers_from=where)
+
+
+def _addition_part(result: Fourier, store: Path, group, layers, periods, direction_periods, seed,
+                   answer_prefix) -> None:
+    a, b = read(group, "meta/a").astype(np.int64), read(group, "meta/b").astype(np.int64)
+    eq = read(group, "meta/eq_pos").astype(np.int64)
+    total = a + b
+    rows = rows_at(group, np.arange(len(a)), eq, f"{store}: the '=' position")
+    if direction_periods is None:
+        candidates = set(DEFAULT_PERIODS) | (set(periods) if not isinstance(periods, str) else set())
+        for fit in result.helix:
+            candidates |= {round(p, 2) for p in fit.periods}
+        direction_periods = sorted(candidates)
+    result.direction_periods = [float(p) for p in direction_periods]
+    shuffled_total = np.random.default_rng(seed).permutation(total)
+    n_p = len(result.direction_periods)
+    features = np.concatenate([period_features(total, result.direction_periods),
+                               period_features(shuffled_total, result.direction_periods)], axis=1)
+    stats = _regressions(group, layers, rows, features)
+    fve = np.zeros((len(layers), n_p))
+    fve_shuffled = np.zeros_like(fve)
+    fve_linear = np.zeros(len(layers))
+    d_model = next(iter(stats.values())).sum_x.shape[0]
+    directions = np.zeros((len(layers), n_p, 2, d_model))
+    means = np.zeros((len(layers), d_model))
+    width = 2 * n_p + 1
+    for i, layer in enumerate(layers):
+        reg = stats[layer]
+        means[i] = reg.sum_x / reg.n
+        for j in range(n_p):
+            fve[i, j], w = reg.fit([2 * j, 2 * j + 1])
+            directions[i, j] = w
+            fve_shuffled[i, j], _ = reg.fit([width + 2 * j, width + 2 * j + 1])
+        fve_linear[i], _ = reg.fit([2 * n_p])
+    result.fve, result.fve_shuffled, result.fve_linear = fve, fve_shuffled, fve_linear
+    result.directions, result.means = directions, means
+    result.params.update(direction_periods=result.direction_periods, n_addition_prompts=int(len(a)),
+                         directions_fit="x ≈ mean + cos(2π(a+b)/T)·W[cos] + sin(2π(a+b)/T)·W[sin] (least squares)")
+    if "unembed.topk_ids" not in group:
+        result.params["accuracy_note"] = "not available: harvest with capture.top_k: 1 (or more) to keep predictions"
+        return
+    top1 = np.asarray(group["unembed.topk_ids"].get_orthogonal_selection((rows, 0)), dtype=np.int64)
+    expected = answer_tokens(group, total, answer_prefix)
+    result.correct = top1 == expected
+    result.accuracy = float(result.correct.mean())
+    result.params.update(answer_prefix=answer_prefix, top1=top1, answer_token=expected)
+
+
+def _write(result: Fourier) -> None:
+    params = {k: v for k, v in result.params.items() if k not in ("top1", "answer_token")}
+    out = result_group(result.store, RESULT_GROUP, {"params": params})
+    write_array(out, "layer", result.layers.astype(np.int64), ("layer",), note="-1 = hook_embed")
+    if result.power is not None:
+        n = len(result.numbers)
+        k = np.arange(result.power.shape[1])
+        write_array(out, "spectrum/number", result.numbers.astype(np.int64), ("number",))
+        write_array(out, "spectrum/frequency", k.astype(np.int64), ("frequency",))
+        with np.errstate(divide="ignore"):
+            write_array(out, "spectrum/period", np.where(k > 0, n / np.maximum(k, 1), np.inf), ("frequency",))
+        write_array(out, "spectrum/power", result.power, ("layer", "frequency"),
+                    description="mean over dims of |rfft over n of the centred activations|^2")
+        peaks = np.array([[p for p, _ in peaks] for peaks in result.peaks])
+        write_array(out, "spectrum/top_periods", peaks, ("layer", "rank"))
+        for name in ("helix", *BASELINES):
+            write_array(out, f"helix/r2_{name}", np.array([f.r2[name] for f in result.helix]), ("layer",),
+                        n_params=[f.n_params[name] for f in result.helix])
+        width = max(len(f.periods) for f in result.helix)
+        write_array(out, "helix/periods", np.array([f.periods + [np.nan] * (width - len(f.periods))
+                                                    for f in result.helix]), ("layer", "period"))
+        if all(f.directions.shape == result.helix[0].directions.shape for f in result.helix):
+            write_array(out, "helix/directions", np.stack([f.directions for f in result.helix]),
+                        ("layer", "feature", "d_model"),
+                        features="cos,sin per period, then n/max n, then 1; rows in PCA space mapped back to d_model")
+    if result.fve is not None:
+        write_array(out, "directions/period", np.asarray(result.direction_periods), ("period",))
+        write_array(out, "directions/fve", result.fve, ("layer", "period"))
+        write_array(out, "directions/fve_shuffled", result.fve_shuffled, ("layer", "period"))
+        write_array(out, "directions/fve_linear", result.fve_linear, ("layer",))
+        write_array(out, "directions/directions", result.directions.astype(np.float32),
+                    ("layer", "period", "basis", "d_model"), basis=["cos", "sin"],
+                    fit=result.params["directions_fit"])
+        write_array(out, "directions/mean", result.means.astype(np.float32), ("layer", "d_model"))
+    if result.accuracy is not None:
+        write_array(out, "accuracy/correct", result.correct.astype(np.int8), ("sequence",), accuracy=result.accuracy)
+        write_array(out, "accuracy/top1", result.params["top1"].astype(np.int64), ("sequence",))
+        write_array(out, "accuracy/answer_token", result.params["answer_token"].astype(np.int64), ("sequence",))
+
+
+# --- plots -------------------------------------------------------------------------------------------------
+
+def _plot(result: Fourier) -> None:
+    if result.power is not None:
+        result.figures["spectrum"] = plot_spectrum(result, figure_path(result.store, "fourier_spectrum"))
+        result.figures["helix"] = plot_helix(result, figure_path(result.store, "fourier_helix"))
+    if result.fve is not None:
+        result.figures["directions"] = plot_directions(result, figure_path(result.store, "fourier_directions"))
+
+
+def plot_spectrum(result: Fourier, path: Path) -> Path:
+    plt = pyplot()
+    n_l, n = len(result.layers), len(result.numbers)
+    cols = min(4, n_l)
+    rows = -(-n_l // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel()[n_l:]:
+        ax.axis("off")
+    for ax, layer, power, peaks in zip(axes.ravel(), result.layers, result.power, result.peaks):
+        share = power[1:] / max(power[1:].sum(), 1e-30)
+        ax.bar(np.arange(1, len(power)), share, width=0.9, color="tab:blue")
+        for period, s in peaks[:3]:
+            ax.annotate(f"T={period:.3g}", (n / period, s), fontsize=7, ha="center", va="bottom")
+        ax.set_title(f"layer {result.layer_name(layer)}", fontsize=9)
+        ax.set_xlabel("frequency k (period N/k)", fontsize=8)
+        ax.set_ylabel("power share", fontsize=8)
+    fig.suptitle(f"Fourier spectrum of number tokens {int(result.numbers[0])}..{int(result.numbers[-1])}: "
+                 f"{result.store.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_helix(result: Fourier, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [result.layer_name(layer) for layer in result.layers]
+    for key, style in [("helix", "o-"), ("circle", "s--"), ("poly3", "^--"), ("shuffled", "x:"), ("pca", "k-")]:
+        axes[0].plot(names, [f.r2[key] for f in result.helix], style, label=key + (" (ceiling)" if key == "pca" else ""))
+    axes[0].set_ylim(min(0.0, min(f.r2["shuffled"] for f in result.helix)), 1.02)
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("R² (PCA space)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("helix fit vs baselines", fontsize=10)
+    best = int(np.argmax([f.r2["helix"] - f.r2["shuffled"] for f in result.helix]))
+    fit = result.helix[best]
+    if fit.plane is not None:
+        sc = axes[1].scatter(fit.plane[:, 0], fit.plane[:, 1], c=result.numbers, cmap="viridis", s=14)
+        fig.colorbar(sc, ax=axes[1], label="n")
+        axes[1].set_title(f"layer {result.layer_name(result.layers[best])}: number tokens in the plane of "
+                          f"T={fit.plane_period:g}", fontsize=10)
+        axes[1].set_xlabel("cos coordinate")
+        axes[1].set_ylabel("sin coordinate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_directions(result: Fourier, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(result.layers) + 2.5), squeeze=False)
+    labels = [f"{p:g}" for p in result.direction_periods]
+    vmax = max(float(np.nanmax(result.fve)), 1e-3)
+    for ax, data, title in [(axes[0, 0], result.fve, "cos/sin(2π(a+b)/T)"),
+                            (axes[0, 1], result.fve_shuffled, "same, a+b shuffled")]:
+        im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=vmax, origin="lower")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45)
+        ax.set_yticks(range(len(result.layers)), [result.layer_name(layer) for layer in result.layers], fontsize=7)
+        ax.set_xlabel("period T")
+        ax.set_ylabel("layer")
+        ax.set_title(f"variance explained at '=': {title}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
