@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from harvest.errors import HarvestError, StoreError
+from harvest.errors import HarvestError
 from harvest.store import ATTRS_KEY, open_group
 
 
@@ -63,12 +63,6 @@ def heads_of(group, n_heads_stored: int) -> np.ndarray:
     """The model head index of each stored head (a subset when ``capture.heads`` was given)."""
     heads = (info(group).get("selection") or {}).get("heads")
     return np.asarray(heads if heads is not None else range(n_heads_stored), dtype=np.int64)
-
-
-def row_lookup(group) -> dict[tuple[int, int], int]:
-    """(sequence, position) -> row on the token axis."""
-    seq, pos = read(group, "seq"), read(group, "pos")
-    return {(int(s), int(p)): i for i, (s, p) in enumerate(zip(seq, pos))}
 
 
 def rows_at(group, sequences: np.ndarray, positions: np.ndarray, what: str) -> np.ndarray:
@@ -189,6 +183,6 @@ def require(condition: bool, message: str) -> None:
         raise AnalysisError(message)
 
 
-__all__ = ["AnalysisError", "StoreError", "dask_array", "figure_path", "format_table", "heads_of", "info",
-           "layer_arrays", "open_store_group", "read", "result_group", "row_lookup", "rows_at", "scheduler",
+__all__ = ["AnalysisError", "dask_array", "figure_path", "format_table", "heads_of", "info", "jsonable",
+           "layer_arrays", "open_store_group", "pyplot", "read", "require", "result_group", "rows_at", "scheduler",
            "source_name", "write_array"]

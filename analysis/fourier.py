@@ -217,27 +217,32 @@ def _number_rows(group, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _group_means(group, layers: dict[int, str], rows: np.ndarray, values: np.ndarray):
-    """Per layer, the mean activation of the rows of each distinct value: (values, {layer: (V, d)})."""
+    """Per layer, the mean activation of the rows of each distinct value: (values, {layer: (V, d)}).
+
+    Sums per value are taken block by block (one Dask task per chunk) and added up, so an addition
+    store of any size is read once and never held whole.
+    """
     import dask
-    import dask.array as da
 
     order = np.argsort(rows, kind="stable")
     rows, values = rows[order], values[order]
     distinct, inverse = np.unique(values, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
+
+    def block_sums(x: np.ndarray, which: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(distinct), x.shape[1]))
+        np.add.at(out, which, np.asarray(x, dtype=np.float64))
+        return out
+
     lazy = {}
     for layer, name in layers.items():
-        x = dask_array(group, name)[rows]
-        if len(distinct) == len(rows):
-            lazy[layer] = x.astype(np.float64)
-        else:
-            onehot = np.zeros((len(distinct), len(rows)))
-            onehot[inverse, np.arange(len(rows))] = 1.0 / np.bincount(inverse)[inverse]
-            lazy[layer] = da.from_array(onehot, chunks=(len(distinct), x.chunks[0])) @ x.astype(np.float64)
+        x = dask_array(group, name)[rows].rechunk({1: -1})
+        starts = np.concatenate([[0], np.cumsum(x.chunks[0])])
+        parts = [dask.delayed(block_sums)(b, inverse[s0:s1])
+                 for b, s0, s1 in zip(x.to_delayed().ravel(), starts[:-1], starts[1:])]
+        lazy[layer] = dask.delayed(sum)(parts)
     computed = dask.compute(lazy)[0]
-    if len(distinct) == len(rows):
-        back = np.argsort(values, kind="stable")
-        computed = {layer: v[back] for layer, v in computed.items()}
-    return distinct, {layer: np.asarray(v) for layer, v in computed.items()}
+    return distinct, {layer: v / counts[:, None] for layer, v in computed.items()}
 
 
 def _regressions(group, layers: dict[int, str], rows: np.ndarray, features: np.ndarray) -> dict[int, Regression]:
@@ -298,20 +303,20 @@ class Fourier:
         return "embed" if layer == EMBED_LAYER else str(layer)
 
     def spectrum_table(self, top: int = 5) -> str:
-        rows = [[self.layer_name(layer), *(f"{p:g} ({s:.0%})" for p, s in peaks[:top])]
+        rows = [[self.layer_name(layer), *(f"{p:.4g} ({s:.0%})" for p, s in peaks[:top])]
                 for layer, peaks in zip(self.layers, self.peaks)]
         return format_table(["layer", *(f"period #{i + 1} (power)" for i in range(top))], rows)
 
     def helix_table(self) -> str:
         heads = ["layer", "periods", "helix", *BASELINES, "params"]
-        rows = [[self.layer_name(layer), ",".join(f"{p:g}" for p in fit.periods), fit.r2["helix"],
+        rows = [[self.layer_name(layer), ",".join(f"{p:.4g}" for p in fit.periods), fit.r2["helix"],
                  *(fit.r2[b] for b in BASELINES),
                  "/".join(str(fit.n_params[k]) for k in ("helix", "circle", "poly3", "pca"))]
                 for layer, fit in zip(self.layers, self.helix)]
         return format_table(heads, rows)
 
     def directions_table(self) -> str:
-        heads = ["layer", *(f"T={p:g}" for p in self.direction_periods), "shuffled(max)", "linear a+b"]
+        heads = ["layer", *(f"T={p:.4g}" for p in self.direction_periods), "shuffled(max)", "linear a+b"]
         rows = [[self.layer_name(layer), *self.fve[i], float(np.max(self.fve_shuffled[i])), self.fve_linear[i]]
                 for i, layer in enumerate(self.layers)]
         return format_table(heads, rows)
@@ -529,13 +534,16 @@ def plot_spectrum(result: Fourier, path: Path) -> Path:
     for ax, layer, power, peaks in zip(axes.ravel(), result.layers, result.power, result.peaks):
         share = power[1:] / max(power[1:].sum(), 1e-30)
         ax.bar(np.arange(1, len(power)), share, width=0.9, color="tab:blue")
-        for period, s in peaks[:3]:
-            ax.annotate(f"T={period:.3g}", (n / period, s), fontsize=7, ha="center", va="bottom")
+        top = max(float(share.max()), 1e-12)
+        for i, (period, s) in enumerate(peaks[:3]):  # staggered so neighbouring peaks stay readable
+            ax.annotate(f"T={period:.3g}", (n / period, s), xytext=(n / period + 2, s + (0.12 - 0.06 * i) * top),
+                        fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})
+        ax.set_ylim(0, 1.3 * top)
         ax.set_title(f"layer {result.layer_name(layer)}", fontsize=9)
         ax.set_xlabel("frequency k (period N/k)", fontsize=8)
         ax.set_ylabel("power share", fontsize=8)
-    fig.suptitle(f"Fourier spectrum of number tokens {int(result.numbers[0])}..{int(result.numbers[-1])}: "
-                 f"{result.store.name}", fontsize=10)
+    fig.suptitle(f"Fourier spectrum of number tokens {int(result.numbers[0])}..{int(result.numbers[-1])} "
+                 f"({Path(result.params['numbers_store']).name}, {result.params['hook']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,6 +28,11 @@ head:
   period L the target is ``k = i − L + 1``); queries with no such key are left out. Attending to
   the earlier occurrence itself (offset 0) is a duplicate-token head, not counted here.
 
+Caveat worth knowing when reading real models: with the default template (``English: …\\nFrench:
+…``) the query for the first target word is the second ``:``, and the token after the first ``:``
+is the first source word — so a plain induction head earns TS_next credit on j = 1 (a quarter of
+its score with four words). The controls show such a head for what it is.
+
 Everything is computed per block of sequences (one Dask task per stored chunk) and reduced on the
 small per-prompt scores, so memory does not grow with the number of prompts.
 """
@@ -146,16 +151,15 @@ def _per_sequence(group, layers: dict[int, str], fn, meta: list[np.ndarray]) -> 
 
 
 def _summary(per_prompt: np.ndarray) -> dict[str, np.ndarray]:
-    """score, baseline, delta, z over prompts from per-prompt (seq, head, 2) values."""
+    """score, baseline, delta, z over prompts from per-prompt (seq, ..., 2) values (NaN-aware)."""
     score, base = per_prompt[..., 0], per_prompt[..., 1]
     delta = score - base
     n = np.sum(np.isfinite(delta), axis=0)
+    mean = _nanmean0(delta)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nanmean(delta, axis=0) if delta.size else np.full(delta.shape[1:], np.nan)
-        sd = np.nanstd(delta, axis=0, ddof=1) if delta.shape[0] > 1 else np.full(delta.shape[1:], np.nan)
-        z = mean / np.maximum(sd, 1e-9) * np.sqrt(n)
-    z = np.where(n > 1, z, np.nan)
-    return {"": np.nanmean(score, axis=0), "_baseline": np.nanmean(base, axis=0), "_delta": mean, "_z": z}
+        var = np.nansum((delta - mean) ** 2, axis=0) / np.maximum(n - 1, 1)
+        z = mean / np.maximum(np.sqrt(var), 1e-9) * np.sqrt(n)
+    return {"": _nanmean0(score), "_baseline": _nanmean0(base), "_delta": mean, "_z": np.where(n > 1, z, np.nan)}
 
 
 @dataclass
@@ -263,7 +267,7 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
         for suffix, value in _summary(stacked).items():
             scores[name + suffix] = value
         per_prompt[name + "_delta"] = stacked[..., 0] - stacked[..., 1]
-    scores["prev_token"] = np.stack([np.nanmean(prev[layer][..., 0], axis=0) for layer in layers])
+    scores["prev_token"] = np.stack([_nanmean0(prev[layer][..., 0]) for layer in layers])
     scores["prefix_matching"] = np.stack([_nanmean0(prefix[layer][..., 1]) for layer in layers])
 
     params = {

@@ -285,9 +285,17 @@ def table(results: list[dict], variants: list[str], threads: list[int]) -> str:
     return "\n".join(rows)
 
 
+COMPUTE_THREADS = ("main",)  # plus torch's intra-op workers, which Python does not name ("... (native)")
+
+
+def writer_side_cpu(r: dict) -> float:
+    """CPU seconds, in the timed window, of every thread but the forward's (writer, zarr's I/O loop and pool)."""
+    return sum(v for k, v in r.get("thread_cpu", {}).items() if k not in COMPUTE_THREADS and not k.endswith("(native)"))
+
+
 def detail_table(results: list[dict], variants: list[str], threads: list[int]) -> str:
-    rows = ["| variant | threads | runs tok/s | compute-only tok/s | drain after last batch (s) | other load (cores) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| variant | threads | tok/s per run | compute-only tok/s | drain (s) | CPU s per 1k tok: all / writer side "
+            "| other load (cores) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         for t in threads:
             rs = [r for r in results if r["variant"] == v and r["threads"] == t]
@@ -296,9 +304,53 @@ def detail_table(results: list[dict], variants: list[str], threads: list[int]) -
             runs = ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs)
             comp = common.median([r["timed_tokens"] / r["compute_seconds"] for r in rs])
             drain = common.median([r["drain_seconds"] for r in rs])
+            cpu_all = common.median([sum(r["thread_cpu"].values()) * 1000 / r["timed_tokens"] for r in rs])
+            cpu_w = common.median([writer_side_cpu(r) * 1000 / r["timed_tokens"] for r in rs])
             load = ", ".join(f"{r['foreign_cores']:.2f}" for r in rs)
-            rows.append(f"| {v} | {t} | {runs} | {comp:.0f} | {drain:.2f} | {load} |")
+            rows.append(f"| {v} | {t} | {runs} | {comp:.0f} | {drain:.2f} | {cpu_all:.2f} / {cpu_w:.2f} | {load} |")
     return "\n".join(rows)
+
+
+NOTES = """
+Harvest timing: `harvest.runner.run` (the library call behind `harvest run`) with `StageWorker.process` wrapped to
+record batch end times; timed from the end of warm-up batch 2 to the return of `run()` — 12 batches of compute
+plus the writer's drain (rest of the queue, final shard flush, manifest) — so every write of all 14 batches falls
+inside the window (slightly pessimistic: the writer buffers a whole shard, so nothing is written during warm-up).
+Other variants: end of batch 2 → end of batch 14, their saves synchronous inside the loop. TransformerLens 4
+switches the model to eager attention (it must expose patterns); that is part of its cost. The stored size of the
+harvest arrays includes the zero-filled tail of the last chunk (2730-row chunks, 28672 rows: +4.7%) and crc32c;
+on a long job it tends to the logical size. "Writer side" CPU = every thread but the forward's (the stage writer,
+zarr's I/O loop and its codec pool), from /proc per-thread times over the timed window.
+"""
+
+
+def render(meta: dict, results: list[dict], contended: list[dict]) -> str:
+    variants, threads = meta["variants"], meta["threads"]
+    vers, mach = meta["versions"], meta["machine"]
+    skipped = meta.get("skipped") or []
+    return f"""
+Command: `.venv/bin/python {meta['command']}` (started {meta['started']}, {meta['minutes']:.0f} min in all).
+Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['memory']} RAM, {mach['os']}, no GPU.
+Software: {', '.join(f'{k} {v}' for k, v in vers.items())}.
+
+Model: GPT-NeoX of Pythia-160m's shape (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 50304, rotary 0.25,
+parallel residual), random init, fp32, sdpa. Batches of {BATCH} × {SEQ} tokens (stdlib docstrings, packed), {WARMUP}
+warm-up + {TIMED} timed batches, each variant in a fresh process, median of {meta['reps']} repetitions (run order:
+repetition, then thread count, then variant). Ratio = tok/s ÷ bare forward incl. LM head at the same thread count.
+Peak RSS = `ru_maxrss` of the child (max over thread counts). Bytes/token = bytes on disk of the activation
+arrays (or files) ÷ tokens; in brackets the uncompressed size and the compression ratio where they differ.
+This machine is shared with other jobs: before each run the driver waits (up to {meta['max_wait']:.0f} s) until the rest
+of the machine uses < {QUIET} cores, measures what other processes used during the timed window, and re-runs a
+disturbed measurement up to {meta['retries']} time(s), keeping the least disturbed attempt. † = a median over runs of
+which at least one was still disturbed (other load > {QUIET} cores; {len(contended)} disturbed attempts discarded).
+{"Skipped: " + "; ".join(skipped) + "." if skipped else ""}
+
+{table(results, variants, threads)}
+
+{NOTES.strip()}
+
+{detail_table(results, variants, threads)}
+"""
 
 
 def main() -> None:
@@ -308,16 +360,24 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    ap.add_argument("--retries", type=int, default=2,
-                    help="re-runs of a measurement during which other processes used > %.2f cores" % 0.15)
-    ap.add_argument("--max-wait", type=float, default=300,
-                    help="seconds to wait for the machine to go quiet before each run (then run anyway)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help=f"re-runs of a measurement during which other processes used > {QUIET} cores (default 1)")
+    ap.add_argument("--max-wait", type=float, default=120,
+                    help="seconds to wait for the machine to go quiet before each run, then run anyway (default 120)")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
-    ap.add_argument("--json", type=Path, default=common.BUILD / "harvest_overhead.json", help="raw results")
+    ap.add_argument("--json", type=Path, default=common.BUILD / "harvest_overhead.json",
+                    help="raw results, saved after every run (default build/bench/harvest_overhead.json)")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --json and do the rest")
+    ap.add_argument("--render", action="store_true", help="only re-render RESULTS.md from --json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.render:
+        saved = json.loads(args.json.read_text())
+        common.write_section(SECTION, render(saved["meta"], saved["results"], saved["contended"]))
+        print(f"wrote section '{SECTION}' of {common.RESULTS}")
+        return
     ckpt, corpus = setup()
     if args.child:
         print(json.dumps(child(args.child, args.child_threads, ckpt, corpus)))
@@ -337,11 +397,31 @@ def main() -> None:
         skipped.append("tl_cache_save (transformer-lens not installed)")
     started = dt.datetime.now()
     results: list[dict] = []
-    contended: list[dict] = []  # runs discarded because other processes used the CPU
+    contended: list[dict] = []  # disturbed attempts that were re-run
+    spent = 0.0
+    if args.resume and args.json.is_file():
+        saved = json.loads(args.json.read_text())
+        results, contended = saved["results"], saved["contended"]
+        started = dt.datetime.fromisoformat(saved["meta"]["started"])
+        spent = saved["meta"]["minutes"]
+    done = {(r["rep"], r["threads"], r["variant"]) for r in results}
+    t_start = time.perf_counter()
+    meta = {"command": "bench/harvest_overhead.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--resume"),
+            "started": started.isoformat(timespec="minutes"), "reps": reps, "threads": threads,
+            "variants": variants, "skipped": skipped, "retries": args.retries, "max_wait": args.max_wait,
+            "machine": common.machine(), "versions": common.versions(("transformer-lens",))}
+
+    def save() -> None:
+        meta["minutes"] = spent + (time.perf_counter() - t_start) / 60
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "contended": contended}, indent=1))
+
     # repetition-major order: slow drift of the machine spreads over every variant alike
     for rep in range(reps):
         for t in threads:
             for v in variants:
+                if (rep, t, v) in done:
+                    continue
                 attempts = []
                 for attempt in range(args.retries + 1):
                     waited = common.wait_until_quiet(QUIET, max_wait=args.max_wait)
@@ -360,49 +440,15 @@ def main() -> None:
                 best = min(attempts, key=lambda a: a["foreign_cores"])  # the least disturbed attempt counts
                 results.append(best)
                 contended.extend(a for a in attempts if a is not best)
-    minutes = (dt.datetime.now() - started).total_seconds() / 60
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"results": results, "contended": contended}, indent=1))
-    main_table = table(results, variants, threads)
-    details = detail_table(results, variants, threads)
+                save()
+    save()
     print()
-    print(main_table)
+    print(table(results, variants, threads))
     print()
-    print(details)
+    print(detail_table(results, variants, threads))
     if args.quick or args.no_write:
         return
-    cmd = "bench/harvest_overhead.py" + "".join(f" {a}" for a in sys.argv[1:])
-    mach = common.machine()
-    vers = common.versions(("transformer-lens",))
-    body = f"""
-Command: `.venv/bin/python {cmd}` ({started:%Y-%m-%d %H:%M}, {minutes:.0f} min in all).
-Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['memory']} RAM, {mach['os']}, no GPU.
-Software: {', '.join(f'{k} {v}' for k, v in vers.items())}.
-
-Model: GPT-NeoX of Pythia-160m's shape (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 50304, rotary 0.25,
-parallel residual), random init, fp32, sdpa. Batches of {BATCH} × {SEQ} tokens (stdlib docstrings, packed), {WARMUP}
-warm-up + {TIMED} timed batches, each variant in a fresh process, median of {reps} repetitions (run order:
-repetition, then thread count, then variant). Ratio = tok/s ÷ bare forward incl. LM head at the same thread count.
-Peak RSS = `ru_maxrss` of the child (max over thread counts). Bytes/token = bytes on disk of the activation
-arrays (or files) ÷ tokens; in brackets the uncompressed size and the compression ratio where they differ.
-This machine is shared: before each run the driver waits (up to {args.max_wait:.0f} s) until the rest of the machine
-uses < {QUIET} cores, measures what other processes used during the timed window, and re-runs a disturbed
-measurement up to {args.retries} times, keeping the least disturbed attempt. † = a median that includes a run during
-which other processes still used > {QUIET} cores ({len(contended)} disturbed attempts were discarded).
-{"Skipped: " + "; ".join(skipped) + "." if skipped else ""}
-
-{main_table}
-
-Harvest timing: `harvest.runner.run` (the library call behind `harvest run`) with `StageWorker.process` wrapped to
-record batch end times; timed from the end of warm-up batch 2 to the return of `run()` — 12 batches of
-compute plus the writer's drain (remaining queue, final shard flush, manifest) — so every write of all 14
-batches falls inside the window (slightly pessimistic). Other variants: end of batch 2 → end of batch 14, their
-saves synchronous inside the loop. TransformerLens switches the model to eager attention (it needs patterns
-hookable); that is part of its cost. Per-run figures and the split into compute and drain:
-
-{details}
-"""
-    common.write_section(SECTION, body)
+    common.write_section(SECTION, render(meta, results, contended))
     print(f"\nwrote section '{SECTION}' of {common.RESULTS}")
 
 

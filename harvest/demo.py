@@ -96,3 +96,16 @@ def main(workdir: Path = Path("build/demo")) -> None:
                "largest max |x| instead")
     print(f"\nquery of {why}: harvest query dim {result.path} {dim}")
     print(format_query(query_dim(result.path, dim, top=5, context=6)))
+
+    section("6. model organisms: translation heads and the Fourier features of addition")
+    try:
+        import organisms  # noqa: F401
+    except ImportError:  # an install that predates the organisms package: it lives beside harvest/
+        import sys
+
+        sys.path.insert(0, str(REPO))
+    from organisms.demo import show
+
+    t0 = time.perf_counter()
+    show(workdir.parent / "organisms")  # trained once (a few CPU-minutes), cached under build/organisms
+    print(f"organisms step: {time.perf_counter() - t0:.1f} s")

@@ -9,6 +9,7 @@ state for the next stage.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,7 @@ class StageModel(nn.Module):
         available = ckpt.available_keys()
         wanted: dict[str, str] = {}
         missing: list[str] = []
-        for name, _ in self.named_parameters():
+        for name, _ in self.named_parameters(remove_duplicate=False):  # tied weights load twice
             if name.startswith("rotary."):
                 continue
             key = self.file_key(name)
@@ -125,9 +126,12 @@ class StageModel(nn.Module):
                 f"({self.plan.describe()}) needs, e.g. {', '.join(missing[:3])}; the files are incomplete "
                 "or belong to a different config"
             )
-        tensors = ckpt.load_tensors(wanted.values())
+        tensors = ckpt.load_tensors(set(wanted.values()))
+        uses = Counter(wanted.values())  # tied weights: one file tensor, two parameters
         for name, key in wanted.items():
-            set_module_tensor_to_device(self, name, device, value=tensors.pop(key), dtype=dtype)
+            uses[key] -= 1
+            value = tensors[key] if uses[key] else tensors.pop(key)  # free each file tensor once used
+            set_module_tensor_to_device(self, name, device, value=value, dtype=dtype)
         still_meta = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
         if still_meta:
             # a meta-weight layer fed a real tensor returns garbage, not an error

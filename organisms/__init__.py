@@ -61,9 +61,11 @@ def harvest_organism(name: str, workdir: str | Path = DEFAULT_WORKDIR, *, stores
                      overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
     """Harvest the organism's stores with ``harvest.runner.run``.
 
-    Stores go to ``stores`` (default ``workdir/stores/{name}``). A complete store whose fingerprint
-    matches the job (same weights, prompts, capture) is reused.
+    Stores go to ``stores`` (default ``workdir/stores/{name}``), each beside its spec as YAML. A
+    complete store whose fingerprint matches the job (same weights, prompts, capture) is reused.
     """
+    import yaml
+
     from harvest.runner import prepare, run
     from harvest.spec import parse_spec
     from harvest.store import ATTRS_KEY, open_group
@@ -72,7 +74,10 @@ def harvest_organism(name: str, workdir: str | Path = DEFAULT_WORKDIR, *, stores
     model_dir = ensure_organism(name, workdir)
     stores = Path(stores) if stores is not None else Path(workdir) / "stores" / name
     paths = {}
+    stores.mkdir(parents=True, exist_ok=True)
     for key, raw in module.specs(model_dir, stores).items():
+        # the spec as a file too: `harvest run {stores}/{key}.yaml --overwrite` redoes the same job
+        (stores / f"{key}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         spec = parse_spec(raw, base_dir=Path.cwd())
         path = spec.store_path()
         if overwrite or not _up_to_date(path, prepare(spec).fingerprint, open_group, ATTRS_KEY):

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .common import TrainConfig, fresh_dir, neox_model, save, train, word_tokenizer
+from .common import TrainConfig, fresh_dir, neox_model, save, torch_threads, train, word_tokenizer
 
 TEMPLATE = "{a} + {b} ="
 MAX_OPERAND = 99
@@ -26,7 +26,9 @@ TRAIN_SHARE = 0.8
 SEED = 0
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
              max_position_embeddings=16, rotary_pct=0.5, tie_word_embeddings=True)
-TRAIN = TrainConfig(steps=2000, batch_size=256, lr=3e-3, weight_decay=1.0, warmup=100, eval_every=100,
+#: measured (1 thread): lr 3e-3 reached 75 % held-out accuracy in 2000 steps, lr 1e-2 96 %; 1500
+#: steps at lr 1e-2 gave 70 %, at 2e-2 85 %. Tied embeddings: inputs share the readout's structure.
+TRAIN = TrainConfig(steps=2000, batch_size=256, lr=1e-2, weight_decay=1.0, warmup=100, eval_every=100,
                     seed=SEED, stop_at=None)
 
 
@@ -72,9 +74,12 @@ def metrics(model, task: Task) -> dict[str, float]:
 
 def build(out_dir: Path, *, trained: bool = True, log=print) -> Path:
     """Train (or, with ``trained=False``, only initialise) the organism and save it to ``out_dir``."""
-    import torch
+    with torch_threads(TRAIN.threads):
+        return _build(Path(out_dir), trained, log)
 
-    out_dir = fresh_dir(Path(out_dir))
+
+def _build(out_dir: Path, trained: bool, log) -> Path:
+    out_dir = fresh_dir(out_dir)
     tokenizer = word_tokenizer(["+", "=", *(str(n) for n in range(N_NUMBERS))], out_dir)
     task = Task(tokenizer)
     model = neox_model(len(tokenizer), SEED, **MODEL)
@@ -84,7 +89,6 @@ def build(out_dir: Path, *, trained: bool = True, log=print) -> Path:
         cfg = TRAIN
         curve = train(model, lambda gen: task.batch(gen, cfg.batch_size), lambda m: metrics(m, task), cfg, log)
         record["train"] = {"config": vars(cfg), "curve": curve.as_dict()}
-    torch.set_num_threads(TRAIN.threads)
     record["accuracy"] = metrics(model, task)
     return save(model, out_dir, record)
 
@@ -93,7 +97,7 @@ def specs(model_dir: Path, stores: Path, prefix: str = "") -> dict[str, dict[str
     """Job specs: every a + b prompt (residual stream at a, b and '=', top-5 predictions) and bare numbers."""
     model_dir = Path(model_dir).absolute()
     common = {"model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-              "run": {"batch_size": 500, "threads": 2}}
+              "run": {"batch_size": 500, "threads": 1}}
     store = {"root": str(Path(stores).absolute())}
     hooks = ["hook_embed", "blocks.*.hook_resid_post"]
     return {

@@ -35,7 +35,7 @@ def show(workdir: str | Path = Path("build/organisms"), log=print) -> dict:
     for name in ("addition", "addition-untrained"):
         rec = record(name, workdir)
         stores = harvest_organism(name, workdir)
-        res = fourier.analyze(stores["addition"], numbers=stores["numbers"], periods="auto", n_shuffles=10)
+        res = fourier.analyze(stores["addition"], numbers=stores["numbers"], periods="auto", n_auto=6, n_shuffles=10)
         results[name] = res
         acc = rec["accuracy"]
         log(f"\n{name}: held-out accuracy {acc['test_accuracy']:.1%} (train {acc['train_accuracy']:.1%}); "

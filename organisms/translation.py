@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .common import TrainConfig, fresh_dir, neox_model, save, train, word_tokenizer
+from .common import TrainConfig, fresh_dir, neox_model, save, torch_threads, train, word_tokenizer
 
 PAIR = "src-tgt"
 LANGUAGE_NAMES = {"src": "Source", "tgt": "Target"}
@@ -153,9 +153,12 @@ def write_assets(out_dir: Path, pairs: list[tuple[str, str]]) -> None:
 
 def build(out_dir: Path, *, trained: bool = True, log=print) -> Path:
     """Train (or, with ``trained=False``, only initialise) the organism and save it to ``out_dir``."""
-    import torch
+    with torch_threads(TRAIN.threads):
+        return _build(Path(out_dir), trained, log)
 
-    out_dir = fresh_dir(Path(out_dir))
+
+def _build(out_dir: Path, trained: bool, log) -> Path:
+    out_dir = fresh_dir(out_dir)
     pairs = word_pairs()
     words = [LANGUAGE_NAMES["src"], LANGUAGE_NAMES["tgt"], ":", *(s for s, _ in pairs), *(t for _, t in pairs)]
     tokenizer = word_tokenizer(words, out_dir)
@@ -169,7 +172,6 @@ def build(out_dir: Path, *, trained: bool = True, log=print) -> Path:
         curve = train(model, lambda gen: task.batch(gen, cfg.batch_size, repeat_share=REPEAT_SHARE),
                       lambda m: metrics(m, task), cfg, log)
         record["train"] = {"config": vars(cfg), "curve": curve.as_dict()}
-    torch.set_num_threads(TRAIN.threads)
     record["accuracy"] = metrics(model, task)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     record["ablation"] = {f"{layer}.{head}": metrics(model, task, [(layer, head)])
@@ -185,7 +187,7 @@ def specs(model_dir: Path, stores: Path, n_prompts: int = 200) -> dict[str, dict
     common = {
         "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
         "capture": {"hooks": ["blocks.*.attn.hook_pattern"], "positions": "last"},
-        "run": {"batch_size": 64, "threads": 2},
+        "run": {"batch_size": 64, "threads": 1},
     }
     store = {"root": str(Path(stores).absolute())}
     return {

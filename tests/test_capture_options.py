@@ -80,3 +80,16 @@ def test_translation_source_end_to_end(neox_ckpt, make_spec):
     g = open_(run(parse_spec(spec), progress=False))
     assert g["blocks.1.attn.hook_pattern"].shape[0] == 12
     assert g["meta/src_span"].shape == (12, 3, 2) and set(g["meta/pair"][...]) == {0, 1, 2}
+
+
+def test_tied_embeddings_load_for_the_unembedding(make_checkpoint, make_spec):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_checkpoint("gpt_neox", tie_word_embeddings=True)
+    g = open_(run(make_spec(ckpt, hooks=["blocks.0.hook_resid_post"], capture={"top_k": 3, "positions": "last"}),
+                  progress=False))
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.tensor(g["input_ids"][0, : g["seq_length"][0]])[None].long()
+    with torch.no_grad():
+        top = model(ids, use_cache=False).logits[0, -1].topk(3)
+    np.testing.assert_array_equal(g["unembed.topk_ids"][0], top.indices.numpy())

@@ -87,8 +87,8 @@ def addition(workdir, tmp_path_factory):
     for name in ("addition", "addition-untrained"):
         ensure_organism(name, workdir)
         stores = harvest_organism(name, workdir, stores=tmp_path_factory.mktemp(name), overwrite=True)
-        out[name] = (fourier.analyze(stores["addition"], numbers=stores["numbers"], periods="auto", n_shuffles=10),
-                     record(name, workdir))
+        out[name] = (fourier.analyze(stores["addition"], numbers=stores["numbers"], periods="auto", n_auto=6,
+                                     n_shuffles=10), record(name, workdir))
     return out
 
 
@@ -113,12 +113,37 @@ def test_addition_organism_learned_to_add(addition):
 
 
 def test_trained_adder_has_periodic_structure_the_untrained_one_lacks(addition):
+    """Measured on this machine: top-4 share 0.61-0.63 vs 0.09-0.10; helix − shuffled 0.60 vs 0.00."""
     trained, _ = addition["addition"]
     untrained, _ = addition["addition-untrained"]
-    assert concentration(trained).max() > 0.5, trained.report()
-    assert concentration(untrained).max() < 0.3, untrained.report()
-    assert helix_gain(trained).max() > 0.5, trained.report()
-    assert helix_gain(untrained).max() < 0.25, untrained.report()
-    best = int(np.argmax(helix_gain(trained)))
-    fit = trained.helix[best]
-    assert fit.r2["helix"] > fit.r2["poly3"] and fit.r2["helix"] > fit.r2["circle"]
+    assert concentration(trained).min() > 0.4, trained.report()
+    assert concentration(untrained).max() < 0.2, untrained.report()
+    assert helix_gain(trained).min() > 0.4, trained.report()
+    assert helix_gain(untrained).max() < 0.1, untrained.report()
+    for fit in trained.helix:
+        assert fit.r2["helix"] > fit.r2["poly3"] + 0.4 and fit.r2["helix"] > fit.r2["circle"]
+    # a + b is read out along Fourier directions at '=': far above the shuffled control
+    assert np.nanmax(trained.fve) > 0.15 and np.nanmax(trained.fve_shuffled) < 0.01
+    assert np.nanmax(untrained.fve) < 0.01
+
+
+def test_the_spec_beside_each_store_reproduces_it_through_the_cli(workdir, tmp_path):
+    """``harvest run`` on the YAML written beside an organism store gives the same bytes."""
+    import subprocess
+    import sys
+
+    import yaml
+    import zarr
+
+    paths = harvest_organism("addition", workdir, stores=tmp_path / "lib", overwrite=True)
+    raw = yaml.safe_load((tmp_path / "lib" / "numbers.yaml").read_text())
+    raw["store"]["root"] = str(tmp_path / "cli")
+    spec = tmp_path / "numbers.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "harvest", "run", str(spec), "--quiet"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lib = zarr.open_group(str(paths["numbers"]), mode="r")
+    cli = zarr.open_group(str(tmp_path / "cli" / "numbers.zarr"), mode="r")
+    for name in ("hook_embed", "blocks.1.hook_resid_post", "meta/n"):
+        np.testing.assert_array_equal(lib[name][...], cli[name][...])
