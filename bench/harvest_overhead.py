@@ -368,6 +368,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=common.BUILD / "harvest_overhead.json",
                     help="raw results, saved after every run (default build/bench/harvest_overhead.json)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --json and do the rest")
+    ap.add_argument("--redo-contended", action="store_true",
+                    help="with --resume: measure again the cells whose kept run was disturbed")
     ap.add_argument("--render", action="store_true", help="only re-render RESULTS.md from --json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
@@ -402,6 +404,9 @@ def main() -> None:
     if args.resume and args.json.is_file():
         saved = json.loads(args.json.read_text())
         results, contended = saved["results"], saved["contended"]
+        if args.redo_contended:
+            contended += [r for r in results if r["contended"]]
+            results = [r for r in results if not r["contended"]]
         started = dt.datetime.fromisoformat(saved["meta"]["started"])
         spent = saved["meta"]["minutes"]
     done = {(r["rep"], r["threads"], r["variant"]) for r in results}

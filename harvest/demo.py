@@ -65,8 +65,9 @@ def main(workdir: Path = Path("build/demo")) -> None:
     print(f"checkpoint {model} ({', '.join(sorted(p.name for p in model.iterdir()))})")
     print(f"           ready in {time.perf_counter() - t0:.1f} s")
 
-    section("2. harvest jobs/demo.yaml (one stage, in process)")
     spec = demo_spec(workdir)
+    stages = "one stage, in process" if spec.run.stages == 1 else f"{spec.run.stages} pipeline stages as Ray actors"
+    section(f"2. harvest jobs/demo.yaml ({stages})")
     result = run(spec, overwrite=True)
     print(f"harvested {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)")
 
