@@ -9,7 +9,10 @@ caches it), batches of 8 x 256 tokens, 2 warm-up batches then 12 timed ones, har
 
 - ``1x1``: one stage in-process, 1 torch thread (``harvest run`` with ``run.stages: 1, threads: 1``);
 - ``1x2``: one stage in-process, 2 torch threads;
-- ``2x1``: two Ray stage actors of 1 thread each (``run.stages: 2, threads: 1``), embedded local Ray.
+- ``2x1``: two Ray stage actors of 1 thread each (``run.stages: 2, threads: 1``), embedded local Ray;
+- ``pair``: two independent ``1x1`` processes at once, their tok/s added: what two single-thread
+  workers can get out of this machine's two cores (memory bandwidth and clock shared), the ceiling
+  for ``2x1``.
 
 Timed window: from the moment batch 2 leaves the (last) stage to the return of the run, which includes
 the writers draining and flushing every shard, so all 14 batches' writes land inside it. Ray start-up,
@@ -57,7 +60,7 @@ def spec_for(variant: str, ckpt: Path, corpus: Path):
                     "max_sequences": BATCH * N_BATCHES},
         "capture": {"hooks": ["blocks.*.hook_resid_post"]},
         "run": {"batch_size": BATCH, "threads": threads, "stages": stages},
-        "store": {"root": str(OUT), "path": f"{variant}.zarr"},
+        "store": {"root": str(OUT), "path": f"{variant}{os.environ.get('PIPELINE_BENCH_TAG', '')}.zarr"},
     }
     return parse_spec(raw, base_dir=common.ROOT)
 
@@ -131,12 +134,14 @@ def child_variant(variant: str, ckpt: Path, corpus: Path) -> dict:
 
         ray.init(num_cpus=max(2, stages * threads), include_dashboard=False, log_to_driver=False)
         try:
-            run_pipeline(job, start, False, on_batch=on_batch)
+            run_pipeline(job, start, False, on_batch=on_batch)  # ends when every writer has closed
+            end = time.perf_counter()
         finally:
-            ray.shutdown()
+            ray.shutdown()  # not timed: the driver would exit here
         t_ready = None  # actors start inside run_pipeline: start-up is counted up to batch 0's end
         partition = [s.describe() for s in job.stages]
-    end = time.perf_counter()
+    if stages == 1:
+        end = time.perf_counter()
     foreign = getattr(window, "final", None)
     foreign = window.foreign_cores() if foreign is None else foreign
     assert len(marks) == N_BATCHES, marks
@@ -240,7 +245,10 @@ def main() -> None:
     me = str(Path(__file__).resolve())
     env = {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     for rep in range(reps):
-        for v in VARIANTS:
+        for v in [*VARIANTS, "pair"]:
+            if v == "pair":
+                runs.append(run_pair(me, env, rep))
+                continue
             for attempt in range(args.retries + 1):
                 waited = common.wait_until_quiet(QUIET, max_wait=600)
                 t = time.perf_counter()
@@ -263,6 +271,32 @@ def main() -> None:
     report(data, args)
 
 
+def run_pair(me: str, env: dict, rep: int) -> dict:
+    """Two ``1x1`` children at once; other load = machine busy CPU minus what the two used."""
+    import subprocess
+
+    common.wait_until_quiet(QUIET, max_wait=600)
+    busy0, _ = common.cpu_seconds()
+    kids0 = os.times()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, me, "--child", "1x1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=common.ROOT, env={**os.environ, **env, "PIPELINE_BENCH_TAG": f"-{i}"})
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    wall = time.perf_counter() - t0
+    busy1, _ = common.cpu_seconds()
+    kids1 = os.times()
+    children = (kids1.children_user + kids1.children_system) - (kids0.children_user + kids0.children_system)
+    foreign = max(0.0, (busy1 - busy0) - children) / wall
+    res = [json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]) for out, _ in outs]
+    r = {"variant": "pair", "rep": rep, "attempt": 0, "tokens_per_s": sum(x["tokens_per_s"] for x in res),
+         "compute_tokens_per_s": sum(x["compute_tokens_per_s"] for x in res), "foreign_cores": foreign,
+         "clean": foreign <= QUIET, "wall": wall, "each": [x["tokens_per_s"] for x in res]}
+    print(f"rep {rep} pair: {r['tokens_per_s']:6.1f} tok/s together ({', '.join(f'{x:.0f}' for x in r['each'])})  "
+          f"other load {foreign:.2f} cores{'' if r['clean'] else ' (CONTENDED)'}", flush=True)
+    return r
+
+
 def report(data: dict, args) -> None:
     """Tables from the runs: medians over the runs no other process disturbed (all runs if none was clean)."""
     runs = data["runs"]
@@ -272,16 +306,17 @@ def report(data: dict, args) -> None:
         mine = [r for r in runs if r["variant"] == v]
         return [r for r in mine if r["clean"]] or mine
 
-    tps = {v: common.median([r["tokens_per_s"] for r in chosen(v)]) for v in VARIANTS}
-    ctps = {v: common.median([r["compute_tokens_per_s"] for r in chosen(v)]) for v in VARIANTS}
+    names = [*VARIANTS, *(["pair"] if any(r["variant"] == "pair" for r in runs) else [])]
+    tps = {v: common.median([r["tokens_per_s"] for r in chosen(v)]) for v in names}
+    ctps = {v: common.median([r["compute_tokens_per_s"] for r in chosen(v)]) for v in names}
     listed = {v: ", ".join(f"{r['tokens_per_s']:.0f}" + ("" if r["clean"] else f"* ({r['foreign_cores']:.1f})")
-                           for r in runs if r["variant"] == v) for v in VARIANTS}
+                           for r in runs if r["variant"] == v) for v in names}
     base, two = tps["1x1"], tps["1x2"]
     rows = ["| variant | tok/s | vs 1×1 | vs 1×2 | compute only: tok/s, vs 1×1 | every run (* = disturbed, other cores) |",
             "| --- | --- | --- | --- | --- | --- |"]
     labels = {"1x1": "1 stage × 1 thread (in-process)", "1x2": "1 stage × 2 threads (in-process)",
-              "2x1": "2 Ray stages × 1 thread"}
-    for v in VARIANTS:
+              "2x1": "2 Ray stages × 1 thread", "pair": "ceiling: two independent 1×1 processes at once, added"}
+    for v in names:
         rows.append(f"| {labels[v]} | {tps[v]:.0f} | {tps[v] / base:.2f}× | {tps[v] / two:.2f}× | "
                     f"{ctps[v]:.0f}, {ctps[v] / ctps['1x1']:.2f}× | {listed[v]} |")
     table = "\n".join(rows)
@@ -298,7 +333,11 @@ def report(data: dict, args) -> None:
                     f"| {size * seq_s * 1e3:.0f} ms | {frac:.1%} |")
     otable = "\n".join(orow)
     summary = (f"2×1 = {tps['2x1'] / base:.2f}× of 1×1 (goal ≥ 1.8×) and {tps['2x1'] / two:.2f}× of 1×2 (goal ≥ 0.95×); "
-               f"this machine's own two-thread scaling (1×2 / 1×1) is {two / base:.2f}×.")
+               f"this machine's own two-thread scaling (1×2 / 1×1) is {two / base:.2f}×")
+    if "pair" in tps:
+        summary += (f", and two independent single-thread runs at once reach {tps['pair'] / base:.2f}× together, so "
+                    f"2×1 gets {tps['2x1'] / tps['pair']:.0%} of what two single-thread workers can get here")
+    summary += "."
     print("\n" + table + "\n\n" + otable + "\n\n" + summary)
     if args.quick or args.no_write:
         return
