@@ -128,7 +128,8 @@ class StoreSpec:
     path: str
     root: str = DEFAULT_STORE_ROOT
     chunk_mib: float = 8.0
-    chunks_per_shard: int = 8
+    #: one buffer of chunk_mib * chunks_per_shard per array while writing (memory); fewer files when larger
+    chunks_per_shard: int = 2
     compressor: str = "none"
     level: int = 1
 
