@@ -53,9 +53,10 @@ PROCESS_BYTES = 470 * MIB
 #: CPU only: what glibc's allocator keeps per token of a micro-batch beyond the live tensors (fitted
 #: on GPT-NeoX shapes with d_model 512..2048, 512..4096 tokens per micro-batch)
 CPU_BYTES_PER_TOKEN = 48 * 1024
-#: micro-batches of captures alive at once: the one being captured, one being written, one queued
-#: (the writer's queue holds up to run.write_queue when the disk is slower than compute)
-CAPTURES_IN_FLIGHT = 3
+#: micro-batches of captures alive at once besides the writer's queue: the one being captured and the
+#: one being written; the queue holds up to run.write_queue more when the writer lags (a slow disk, or
+#: a busy CPU), so the peak counts them all
+CAPTURES_OUTSIDE_QUEUE = 2
 #: a CUDA context and the kernels torch loads into it
 CUDA_CONTEXT_BYTES = 600 * MIB
 #: copying, checking and writing one stored byte, in forward FLOP-equivalents (from BENCH.md: an
@@ -343,7 +344,7 @@ class _Costs:
         if self.device == "cpu":
             activations += tokens * CPU_BYTES_PER_TOKEN
         per_batch = int(self.capture_bytes[units].sum())
-        queued = per_batch * min(CAPTURES_IN_FLIGHT, self.spec.run.write_queue + 2)
+        queued = per_batch * (self.spec.run.write_queue + CAPTURES_OUTSIDE_QUEUE)
         capture = queued + int(self.shard_bytes[units].sum()) + int(self.max_shard[units].max(initial=0))
         if self.device == "cuda":
             activations += per_batch  # captures are selected on the device before the copy to host
