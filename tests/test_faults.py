@@ -83,6 +83,7 @@ def test_killed_stage_restarts_and_the_store_is_identical(how, stage, make_spec,
     assert store_differences(reference, job_path) == []
 
 
+@pytest.mark.timeout(300)  # an endless retry would hang: the timeout fails it
 def test_a_stage_that_keeps_dying_stops_the_job(make_spec, neox_ckpt, ray_session):
     ray = ray_session
     spec = fault_spec(make_spec, neox_ckpt, "dies.zarr", max_restarts=1)
@@ -90,13 +91,11 @@ def test_a_stage_that_keeps_dying_stops_the_job(make_spec, neox_ckpt, ray_sessio
     def kill_every_time(k, pipeline):
         ray.kill(pipeline.actors[1], no_restart=False)
 
-    t0 = time.monotonic()
     # either Ray gives up on it (run.max_restarts) or the driver sees it die again before any new batch
     # got through (a crash that repeats): both stop the job with the stage named
     with pytest.raises(StageError, match=r"stage 1 \(blocks 2\.\.3 \+ ln_final\) died (and could not be restarted "
                                          r"\(run.max_restarts: 1\)|again after its restart before any batch)"):
         run_with(spec, kill_every_time)
-    assert time.monotonic() - t0 < 120
 
 
 def _edited_checkpoint(src: Path, dst: Path, edit) -> Path:
@@ -112,17 +111,16 @@ def _edited_checkpoint(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+@pytest.mark.timeout(300)  # a permanent failure retried forever would hang: the timeout fails it
 def test_nonfinite_activations_in_a_stage_stop_the_job_with_their_message(make_spec, neox_ckpt, ray_session, tmp_path):
     def poison(t):
         t["gpt_neox.layers.3.mlp.dense_4h_to_h.bias"][5] = float("nan")
 
     ckpt = _edited_checkpoint(neox_ckpt, tmp_path / "nan", poison)
     spec = fault_spec(make_spec, ckpt, "nan.zarr")
-    t0 = time.monotonic()
     with pytest.raises(NonFiniteActivationError, match=r"NaN/inf value\(s\) in blocks\.3\.hook_resid_post, batch 0\. "
                                                        r"Nothing of this batch is marked written"):
         run(spec, progress=False)
-    assert time.monotonic() - t0 < 120, "a permanent failure is not retried"
 
 
 def test_bad_weights_stop_the_job_with_the_reason(make_spec, neox_ckpt, ray_session, tmp_path):
