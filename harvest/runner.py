@@ -79,7 +79,8 @@ class Job:
         spec = self.spec
         return StageOptions(compute_dtype=spec.model.dtype, store_dtype=self.store_dtype, device=spec.model.device,
                             heads=spec.capture.heads, neurons=spec.capture.neurons, threads=spec.run.threads,
-                            write_queue=spec.run.write_queue, top_k=spec.capture.top_k)
+                            write_queue=spec.run.write_queue, top_k=spec.capture.top_k,
+                            write_threads=spec.run.write_threads)
 
 
 def single_stage(hooks: list[HookPoint], n_layers: int) -> StagePlan:

@@ -111,6 +111,8 @@ class RunSpec:
     threads: int | None = None
     #: batches waiting for the writer before compute blocks (bounds memory)
     write_queue: int = 4
+    #: threads per stage writing its arrays at once (None: 1 on CPU, whose cores compute; up to 8 on a GPU)
+    write_threads: int | None = None
     #: Ray cluster to run the stages on (None: $RAY_ADDRESS, else an embedded local cluster)
     address: str | None = None
     #: micro-batches in the pipeline at once (None: two per stage)
@@ -288,6 +290,10 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     _positive("run.write_queue", run.write_queue)
     if run.threads is not None:
         _positive("run.threads", run.threads)
+    if run.write_threads is not None and (not isinstance(run.write_threads, int) or isinstance(run.write_threads, bool)
+                                          or run.write_threads < 1):
+        raise SpecError(f"run.write_threads must be an integer >= 1 (or null: 1 on CPU, up to 8 on a GPU), "
+                        f"got {run.write_threads!r}")
     _check_pipeline(run)
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):

@@ -179,7 +179,7 @@ class StageModel(nn.Module):
 
 
 class Stage:
-    """A stage model plus its capture hooks: ``run(batch, hidden) -> (hidden, captures)``."""
+    """A stage model plus its capture hooks: ``run(batch, hidden) -> (hidden, captures on the device)``."""
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, compute_dtype: str, store_dtype: torch.dtype,
                  device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None,
@@ -205,13 +205,4 @@ class Stage:
             hidden = hidden.to(self.device)
         with self.capture.attached(index) as captured:
             out = self.model(input_ids, hidden, index.flat_rows)
-        return out, {name: to_host(t) for name, t in captured.items()}
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start a device-to-host copy into pinned memory; the writer waits for it before reading."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+        return out, captured

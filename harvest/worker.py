@@ -13,7 +13,8 @@ import torch
 from .checkpoint import Checkpoint
 from .layout import Batch
 from .stage import Stage, StagePlan
-from .writer import StageStoreInfo, StageWriter
+from .transfer import HostTransfer
+from .writer import StageStoreInfo, StageWriter, write_threads_for
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class StageOptions:
     threads: int | None
     write_queue: int
     top_k: int = 0
+    write_threads: int | None = None
 
 
 class StageWorker:
@@ -41,19 +43,18 @@ class StageWorker:
         self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
                            store_dtype=getattr(torch, options.store_dtype), device=self.device,
                            heads=options.heads, neurons=options.neurons, top_k=options.top_k)
-        self.writer = StageWriter(store, start_batch, max_pending=options.write_queue)
+        self.transfer = HostTransfer(self.device)
+        self.writer = StageWriter(store, start_batch, max_pending=options.write_queue,
+                                  threads=write_threads_for(options.write_threads, self.device.type, len(store.arrays)))
 
     def ready(self) -> bool:
         return True
 
     def process(self, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
         """Forward one batch; captures go to the writer; returns the hidden state for the next stage."""
-        out, captures = self.stage.run(batch, hidden)
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        self.writer.submit(batch.index, {"token": batch.rows[0], "sequence": batch.sequences[0]}, captures, ready)
+        out, captured = self.stage.run(batch, hidden)
+        self.writer.submit(batch.index, {"token": batch.rows[0], "sequence": batch.sequences[0]},
+                           self.transfer.start(captured))
         return out
 
     def durable_batches(self) -> int:

@@ -14,7 +14,8 @@ A stage's memory, in bytes (``e`` = bytes per element of the compute dtype)::
                  B x heads x seq^2 attention weights when the stage captures patterns (eager
                  attention), plus on CPU ~48 KiB per token that the allocator keeps
     capture      one shard buffer per array the stage writes (its writer fills a whole shard before
-                 writing it), one shard's encoding copy, and three micro-batches of captures
+                 writing it), one shard's encoding copy per write thread, and three micro-batches
+                 of captures
     process      a process after importing torch, transformers and zarr (and Ray in an actor)
     loading      while loading: the stage's tensors as mapped from the files, plus converted or
                  quantised copies when the file dtype differs or the weights are quantised
@@ -43,6 +44,7 @@ from harvest.hookpoints import HookPoint, expand
 from harvest.spec import JobSpec
 from harvest.stage import StagePlan, store_dtype_for
 from harvest.store import chunk_layout
+from harvest.writer import write_threads_for
 
 MIB, GIB = 2**20, 2**30
 #: resident memory of a process that imported torch, transformers and zarr, built a model skeleton and
@@ -320,6 +322,7 @@ class _Costs:
     capture_bytes: np.ndarray  #: per unit (0 = embed, 1..n = blocks, n+1 = final): bytes per batch
     shard_bytes: np.ndarray  #: per unit: sum of shard buffers
     max_shard: np.ndarray  #: per unit: largest shard
+    n_arrays: np.ndarray  #: per unit: arrays written
     stored_per_token: np.ndarray  #: per unit: stored bytes per token (capture work)
     eager: np.ndarray  #: per unit: captures attention patterns
 
@@ -345,7 +348,9 @@ class _Costs:
             activations += tokens * CPU_BYTES_PER_TOKEN
         per_batch = int(self.capture_bytes[units].sum())
         queued = per_batch * (self.spec.run.write_queue + CAPTURES_OUTSIDE_QUEUE)
-        capture = queued + int(self.shard_bytes[units].sum()) + int(self.max_shard[units].max(initial=0))
+        writing = write_threads_for(self.spec.run.write_threads, self.device, int(self.n_arrays[units].sum()))
+        encoding = writing * int(self.max_shard[units].max(initial=0))  # shards being encoded at once
+        capture = queued + int(self.shard_bytes[units].sum()) + encoding
         if self.device == "cuda":
             activations += per_batch  # captures are selected on the device before the copy to host
         process = PROCESS_BYTES
@@ -377,6 +382,7 @@ def _costs(shape: ModelShape, spec: JobSpec, work: Workload, arrays: list[ArrayP
     capture = np.zeros(n_units, dtype=np.int64)
     shard = np.zeros(n_units, dtype=np.int64)
     biggest = np.zeros(n_units, dtype=np.int64)
+    count = np.zeros(n_units, dtype=np.int64)
     stored = np.zeros(n_units)
     eager = np.zeros(n_units, dtype=bool)
     for a in arrays:
@@ -385,12 +391,13 @@ def _costs(shape: ModelShape, spec: JobSpec, work: Workload, arrays: list[ArrayP
         capture[u] += a.batch_bytes(work)
         shard[u] += a.shard_bytes
         biggest[u] = max(biggest[u], a.shard_bytes)
+        count[u] += 1
         stored[u] += a.nbytes / max(work.n_rows, 1)
         eager[u] |= p.template == "attn.hook_pattern"
     # per token: 2 FLOPs per weight, plus attention over on average half the sequence (QK and AV)
     block_flops = 2.0 * shape.block_params + 2.0 * work.max_len * shape.d_model
     return _Costs(shape, spec, work, device, n_blocks, e, block_weights, shape.block_params * e,
-                  shape.block_params * file_e, block_flops, capture, shard, biggest, stored, eager)
+                  shape.block_params * file_e, block_flops, capture, shard, biggest, count, stored, eager)
 
 
 # --- the partition ------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ def inf_checkpoint(neox_ckpt, tmp_path):
     return ckpt
 
 
-def test_nonfinite_fails_by_default_and_marks_nothing(inf_checkpoint, make_spec):
-    spec = make_spec(inf_checkpoint, hooks=["blocks.{0..2}.hook_resid_post"])
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_nonfinite_fails_by_default_and_marks_nothing(inf_checkpoint, make_spec, write_threads):
+    spec = make_spec(inf_checkpoint, hooks=["blocks.{0..2}.hook_resid_post"], run={"write_threads": write_threads})
     with pytest.raises(NonFiniteActivationError, match=r"NaN/inf value\(s\) in blocks.1.hook_resid_post, batch 0"):
         run(spec, progress=False)
     g = zarr.open_group(str(spec.store_path()), mode="r")
@@ -143,8 +144,10 @@ def test_nonfinite_fails_by_default_and_marks_nothing(inf_checkpoint, make_spec)
     assert g.attrs["harvest"]["status"] == "running"
 
 
-def test_nonfinite_flag_stores_and_records(inf_checkpoint, make_spec):
-    spec = make_spec(inf_checkpoint, hooks=["blocks.{0..2}.hook_resid_post"], capture={"on_nonfinite": "flag"})
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_nonfinite_flag_stores_and_records(inf_checkpoint, make_spec, write_threads):
+    spec = make_spec(inf_checkpoint, hooks=["blocks.{0..2}.hook_resid_post"], capture={"on_nonfinite": "flag"},
+                     run={"write_threads": write_threads})
     result = run(spec, progress=False)
     assert result.nonfinite["blocks.1.hook_resid_post"] > 0 and "blocks.0.hook_resid_post" not in result.nonfinite
     g = zarr.open_group(str(result.path), mode="r")

@@ -126,3 +126,29 @@ def test_layer_norm_weights_are_copied(neox_ckpt, make_spec):
     weights = load_file(neox_ckpt / "model.safetensors")
     np.testing.assert_array_equal(g["model/ln2.w"][2], weights["gpt_neox.layers.2.post_attention_layernorm.weight"])
     np.testing.assert_array_equal(g["model/ln_final.b"][...], weights["gpt_neox.final_layer_norm.bias"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["gpt_neox", "gptj"])
+def test_cuda_harvest_matches_transformers_on_the_gpu(arch, make_checkpoint, make_spec):
+    """The GPU path (side-stream copies to pinned memory, NaN/inf counted on the device, a pool of
+    write threads) against HF's own forward on the same GPU, sequence by sequence."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_checkpoint(arch)
+    hooks = ["resid_post", "post", "pattern"]
+    result = run(make_spec(ckpt, hooks=hooks, model={"device": "cuda"}), progress=False)
+    g = zarr.open_group(str(result.path), mode="r")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").cuda().eval()
+    for s, n in enumerate(g["seq_length"][...]):
+        ids = g["input_ids"][s, :n].tolist()
+        with torch.no_grad():
+            out = model(torch.tensor([ids], device="cuda"), output_hidden_states=True, output_attentions=True,
+                        use_cache=False)
+        r = rows_of(g, s)
+        for layer in range(len(out.attentions) - 1):  # the last hidden state is after ln_final
+            np.testing.assert_allclose(g[f"blocks.{layer}.hook_resid_post"][r], out.hidden_states[layer + 1][0].cpu(),
+                                       atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(g[f"blocks.{layer}.attn.hook_pattern"][s, :, :n, :n],
+                                       out.attentions[layer][0].cpu(), atol=1e-5)
+    assert g.attrs["harvest"]["status"] == "complete"
