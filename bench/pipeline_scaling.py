@@ -42,6 +42,19 @@ import common  # noqa: E402
 
 BATCH, SEQ, WARMUP, TIMED = 8, 256, 2, 12
 N_BATCHES = WARMUP + TIMED
+#: what the profiles of these runs showed (2026-11-25 and -26, py-spy and /proc per-thread CPU)
+WHY = """
+Why 2×1 stays under 1.8× here. Neither the hardware nor Ray is the limit: two bare forwards in two processes scale
+2.0× on these two cores, and Ray costs 0.4–2% of a stage's compute (table below). The pipeline does the same work
+per token as one stage (1.26–1.30 vs 1.19 CPU s per 1k tokens), but in the 1×1 run the writer (shard copies, zarr's
+encoding, the kernel's copy into the page cache) runs on the second core, which is otherwise idle, while in 2×1 both
+cores compute and each stage's writer takes its CPU from a stage: the two stages together ask for about 2.2 cores
+of work on 2. The pair ceiling pays the same price, which is why it is the fair reference: 2×1 reaches 95–96% of it.
+Writing every chunk (zarr's empty-chunk check off: it cost a third of the writer's CPU) raised 2×1 from 1.61× to
+1.73× of 1×1 on a quieter hour of this machine (2026-11-25, 22:00; pair 1.83×). Figures move ±5% with the host's
+other tenants: today's run found the machine about 11% slower than yesterday's (bare forward 504 vs 564 tok/s).
+"""
+
 SECTION = "Pipeline scaling (issue 3)"
 OUT = common.BUILD / "pipeline"
 QUIET = 0.15
@@ -344,8 +357,8 @@ def report(data: dict, args) -> None:
     pipe = chosen("2x1")
     mach = common.machine()
     body = f"""
-Command: `.venv/bin/python {data['command']}` ({data['started']}, {data['minutes']:.0f} min in all, most of it waiting
-for other sessions' jobs to leave the CPU).
+Command: `.venv/bin/python {data['command']}` ({data['started']}, {data['minutes']:.0f} min in all, waits for a
+quiet machine included).
 Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['memory']} RAM, no GPU; Ray {common.versions(('ray',))['ray']}.
 
 Model: GPT-NeoX of Pythia-160m's shape, random init, fp32, sdpa; harvest of every layer's `resid_post`
@@ -361,6 +374,8 @@ actor processes); disturbed runs are listed with a * and the cores others used, 
 {table}
 
 {summary}
+
+{WHY.strip()}
 
 Ray's cost per micro-batch, measured apart with two no-op actors wired like the pipeline (status + hidden state
 per call, hidden states as numpy arrays in the object store, the reference passed straight to the next actor,
