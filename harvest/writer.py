@@ -20,6 +20,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,8 @@ class StageWriter:
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
         group = zarr.open_group(info.path, mode="r+")
+        for name, _ in info.arrays:
+            remove_unfinished_writes(Path(info.path) / name)
         self.manifest = group[manifest_name(info.stage)]
         self._loops = EventLoops(ThreadPoolExecutor(threads, thread_name_prefix=f"stage{info.stage}-io"))
         self.writers = {
@@ -265,6 +268,22 @@ class StageWriter:
         if frontier > self.marked:
             self.manifest[self.marked:frontier] = 1
             self.marked = frontier
+
+
+def remove_unfinished_writes(array_dir: Path) -> int:
+    """Delete the temporary files of shard writes that never finished; returns how many.
+
+    zarr writes a shard to ``<key>.<uuid>.partial`` and renames it into place, so a process killed
+    mid-write leaves that file behind. It holds nothing the manifest counts (the shard is rewritten on
+    resume), but a store must hold only what it says it does. Called when a stage's writer starts, before
+    any write of its own: only this stage writes these arrays.
+    """
+    if not array_dir.is_dir():  # a store that is not on the local file system
+        return 0
+    stale = list(array_dir.rglob("*.partial"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _explain(exc: BaseException, path: str) -> BaseException:

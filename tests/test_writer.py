@@ -65,3 +65,20 @@ def test_host_transfer_copies_off_the_gpu_and_counts_nonfinite_on_it():
     assert host.device.type == "cpu" and host.is_pinned()
     assert np.isinf(host.numpy()[3, 5]) and np.isnan(host.numpy()[7, 1])
     assert np.array_equal(batch.tensors["ids"].numpy(), np.arange(10))
+
+
+def test_a_restarted_writer_removes_shard_writes_that_never_finished(neox_ckpt, make_spec):
+    """A stage killed mid-write leaves zarr's ``<key>.<uuid>.partial``; its next writer deletes it."""
+    from harvest.runner import prepare
+    from harvest.writer import StageWriter
+
+    spec = make_spec(neox_ckpt, store={"path": "killed.zarr"})
+    result = run(spec, progress=False)
+    reference = run(make_spec(neox_ckpt, store={"path": "clean.zarr"}), progress=False)
+    stray = result.path / "blocks.1.hook_resid_post" / "c" / "0" / "0.54d5816595c4407081d907a3a42e4359.partial"
+    stray.write_bytes(b"half a shard")
+    job = prepare(spec)
+    writer = StageWriter(job.stage_info(job.stages[0]), job.layout.n_batches)
+    writer.close()
+    assert not stray.exists()
+    assert store_differences(reference.path, result.path) == []
