@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+# A node that never joins or a job that never writes would hang the loops below: the timeout fails them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
@@ -65,9 +66,7 @@ class LocalCluster:
         self._ray_start([f"--address=127.0.0.1:{self.gcs_port}"])
         from ray.util.state import list_nodes
 
-        deadline = time.monotonic() + 60
-        while len(list_nodes(address=self.url, filters=[("state", "=", "ALIVE")])) < 2:
-            assert time.monotonic() < deadline, "the second node did not join"
+        while len(list_nodes(address=self.url, filters=[("state", "=", "ALIVE")])) < 2:  # the second node joins
             time.sleep(0.5)
         return self
 
@@ -207,9 +206,7 @@ def test_stopped_job_is_resumable(cluster, neox_ckpt, make_spec, tmp_path):
     spec_file = write_spec(tmp_path, "long", raw)
     job = submit(spec_file, cluster.url, progress_every=0.5)
     store = Path(job.store)
-    deadline = time.monotonic() + 180
     while True:  # stop once a few batches are durable
-        assert time.monotonic() < deadline, "the job wrote nothing"
         p = read_progress(store) if (store / "zarr.json").is_file() else None
         if p is not None and p.batches_done >= 3:
             break

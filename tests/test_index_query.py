@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -124,8 +123,10 @@ def test_query_errors_are_clear(indexed, tmp_path):
     assert issubclass(IndexNotBuiltError, HarvestError) and issubclass(DimensionOutOfRangeError, IndexError)
 
 
-def test_query_reads_only_the_index_and_is_fast(indexed):
-    """With every activation array moved away the query still answers: it never reads the data."""
+def test_query_reads_only_the_index(indexed):
+    """With every activation array moved away the query still answers: it never reads the data.
+
+    Its latency is measured by bench/outlier_scan.py, not asserted here."""
     path, truth = indexed
     query_dim(path, truth["A"])  # warm the imports
     aside = path.parent / "aside"
@@ -134,9 +135,7 @@ def test_query_reads_only_the_index_and_is_fast(indexed):
     for p in moved:
         shutil.move(str(p), aside / p.name)
     try:
-        t0 = time.perf_counter()
         q = query_dim(path, truth["A"], top=10)
-        assert time.perf_counter() - t0 < 1.0
         assert len(q["examples"]["items"]) == 10
     finally:
         for p in moved:

@@ -36,6 +36,7 @@ def start_run(spec_path: Path, cwd: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("arch", ["gpt_neox", "gptj"])
 def test_sigkill_then_resume_is_byte_identical(arch, make_checkpoint, make_spec, tmp_path):
     shape = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768) \
@@ -57,10 +58,8 @@ def test_sigkill_then_resume_is_byte_identical(arch, make_checkpoint, make_spec,
     store = Path(raw["store"]["root"]) / "job.zarr"
 
     proc = start_run(spec_path, tmp_path)
-    deadline = time.monotonic() + 120
-    while batches_done(store) < 3:
+    while batches_done(store) < 3:  # a run that never writes hangs here: the test's timeout fails it
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
-        assert time.monotonic() < deadline, "no batch was written in 120 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
