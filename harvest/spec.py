@@ -231,6 +231,11 @@ def _choice(section: str, value: Any, allowed: tuple) -> None:
         raise SpecError(f"{section} is {value!r}; choose one of {', '.join(map(str, allowed))}")
 
 
+def _integer(key: str, value: Any, minimum: int, note: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SpecError(f"{key} must be an integer >= {minimum}{f' ({note})' if note else ''}, got {value!r}")
+
+
 def _positive(section: str, value: Any, minimum: float = 1) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
         raise SpecError(f"{section} must be a number >= {minimum}, got {value!r}")
@@ -239,8 +244,7 @@ def _positive(section: str, value: Any, minimum: float = 1) -> None:
 def _check_pipeline(run: RunSpec) -> None:
     if run.max_in_flight is not None:
         _positive("run.max_in_flight", run.max_in_flight)
-    if not isinstance(run.max_restarts, int) or isinstance(run.max_restarts, bool) or run.max_restarts < 0:
-        raise SpecError(f"run.max_restarts must be an integer >= 0, got {run.max_restarts!r}")
+    _integer("run.max_restarts", run.max_restarts, 0)
     if run.address is not None and not isinstance(run.address, str):
         raise SpecError(f"run.address must be a Ray address such as 'ray://host:10001' or 'auto', got {run.address!r}")
     if not isinstance(run.dashboard, bool):
@@ -279,8 +283,7 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     if not capture.hooks or not all(isinstance(h, str) for h in capture.hooks):
         raise SpecError("capture.hooks must name at least one hook point, e.g. ['blocks.*.hook_resid_post']")
     _choice("capture.on_nonfinite", capture.on_nonfinite, NONFINITE)
-    if not isinstance(capture.top_k, int) or isinstance(capture.top_k, bool) or capture.top_k < 0:
-        raise SpecError(f"capture.top_k must be an integer >= 0 (0: no predictions kept), got {capture.top_k!r}")
+    _integer("capture.top_k", capture.top_k, 0, "0: no predictions kept")
     if capture.dtype is not None:
         _choice("capture.dtype", capture.dtype, ("float32", "float16"))
     run = _typed("run", raw.get("run") or {}, RunSpec,
@@ -290,10 +293,8 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     _positive("run.write_queue", run.write_queue)
     if run.threads is not None:
         _positive("run.threads", run.threads)
-    if run.write_threads is not None and (not isinstance(run.write_threads, int) or isinstance(run.write_threads, bool)
-                                          or run.write_threads < 1):
-        raise SpecError(f"run.write_threads must be an integer >= 1 (or null: 1 on CPU, up to 8 on a GPU), "
-                        f"got {run.write_threads!r}")
+    if run.write_threads is not None:
+        _integer("run.write_threads", run.write_threads, 1, "or null: 1 on CPU, up to 8 on a GPU")
     _check_pipeline(run)
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):

@@ -76,12 +76,9 @@ class EventLoops:
 
 
 class ArrayWriter:
-    """Appends rows to one array in order and writes whole shards.
+    """Appends rows to one array in order and writes whole shards (on the calling thread's loop)."""
 
-    ``loops``: where the shard writes run (None: zarr's own synchronous API).
-    """
-
-    def __init__(self, array: zarr.Array, start: int, loops: EventLoops | None = None):
+    def __init__(self, array: zarr.Array, start: int, loops: EventLoops):
         # zarr's default drops a chunk that equals the fill value, which costs two extra passes over
         # every chunk (a fill-value array, then a bytewise comparison) at shard and at chunk level:
         # about a third of the writer's CPU, taken from compute on a busy stage. Activations are never
@@ -122,10 +119,7 @@ class ArrayWriter:
     def flush(self) -> None:
         if self._filled:
             end = self.durable + self._filled
-            if self.loops is None:
-                self.array[self.durable:end] = self._buffer[: self._filled]
-            else:
-                self.loops.run(self.array._async_array.setitem(slice(self.durable, end), self._buffer[: self._filled]))
+            self.loops.run(self.array._async_array.setitem(slice(self.durable, end), self._buffer[: self._filled]))
             self.durable, self._filled = end, 0
 
 
@@ -168,8 +162,8 @@ class StageWriter:
         self._thread = threading.Thread(target=self._loop, name=f"stage{info.stage}-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: int, rows: dict[str, int], captures: HostBatch | dict[str, Any]) -> None:
-        """Queue one batch's captures (host tensors or arrays). ``rows``: axis -> first row."""
+    def submit(self, batch: int, rows: dict[str, int], captures: HostBatch) -> None:
+        """Queue one batch's captures. ``rows``: axis -> first row."""
         self.raise_if_failed()
         if batch != self.next_batch:
             raise StoreError(f"stage {self.info.stage}: batch {batch} submitted, expected {self.next_batch}")
@@ -207,14 +201,11 @@ class StageWriter:
         try:
             while (item := self._queue.get()) is not None and self._error is None:
                 batch, rows, captures = item
-                if not isinstance(captures, HostBatch):
-                    captures = HostBatch(captures)
                 counts = captures.wait()  # device-to-host copies of this batch have landed
 
                 def write(name: str) -> None:
                     writer, axis = self.writers[name]
-                    data = captures.tensors[name]
-                    data = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
+                    data = captures.tensors[name].numpy()
                     self._check_finite(name, batch, data, None if counts is None else counts.get(name, 0))
                     writer.append(rows[axis], data)
 
