@@ -1,6 +1,6 @@
 """The ``harvest`` command: argument parsing over library calls, one-line errors.
 
-Every command maps to a library function (``harvest.run``, ``harvest.inspect.summarize`` ...);
+Every command maps to a library function (``harvest.run``, ``harvest.summary.summarize`` ...);
 nothing here computes anything itself.
 """
 
@@ -44,7 +44,7 @@ def run(
       harvest run my.yaml --dry-run            # check the spec, hooks and rows first
     """
     from . import load_spec
-    from .inspect import format_summary, human, summarize
+    from .summary import format_summary, human, summarize
     from .runner import prepare
     from .runner import run as run_job
 
@@ -102,7 +102,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Arrays, shapes, chunking, bytes on disk, progress and provenance of a store."""
-    from .inspect import format_summary, summarize
+    from .summary import format_summary, summarize
 
     summary = summarize(store)
     typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))

@@ -54,7 +54,7 @@ def section(title: str) -> None:
 
 
 def main(workdir: Path = Path("build/demo")) -> None:
-    from .inspect import format_summary, summarize
+    from .summary import format_summary, summarize
     from .runner import run
 
     workdir = Path(workdir)

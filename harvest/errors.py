@@ -46,6 +46,10 @@ class FingerprintMismatchError(StoreError):
     """--resume against a store written by a different spec, model or layout."""
 
 
+class PlanDoesNotFitError(SpecError):
+    """The stages of a job do not fit the memory they are given (``harvest plan`` shows the figures)."""
+
+
 class NonFiniteActivationError(HarvestError, FloatingPointError):
     """NaN or inf in captured activations with ``on_nonfinite: fail``."""
 

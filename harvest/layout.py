@@ -128,7 +128,18 @@ class Layout:
         flat = (self.seq[r0:r1] - s0) * width + self.pos[r0:r1]
         return Batch(k, ids, lengths, flat.astype(np.int64), (r0, r1), (s0, s1))
 
+    def tokens_before(self, k: int) -> int:
+        """Tokens (every position of every sequence) in batches [0, k)."""
+        return int(batch_tokens(self.lengths, self.batch_size)[:k].sum())
+
     def batch_ends(self, axis: str) -> np.ndarray:
         """End offset of every batch along ``token`` rows or ``sequence``s."""
         ends = np.minimum((np.arange(self.n_batches) + 1) * self.batch_size, self.n_sequences)
         return self.row_offsets[ends] if axis == "token" else ends
+
+
+def batch_tokens(lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """Tokens in each batch: batch k holds sequences [k * batch_size, (k + 1) * batch_size)."""
+    if not len(lengths):
+        return np.zeros(0, dtype=np.int64)
+    return np.add.reduceat(np.asarray(lengths, dtype=np.int64), np.arange(0, len(lengths), batch_size))

@@ -15,19 +15,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
+import torch
+import transformers
+import zarr
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from sharding.pipeline import run_pipeline
+from sharding.plan import partition_stages
 
 from . import __version__
 from .checkpoint import Checkpoint, resolve_checkpoint
-from .errors import FingerprintMismatchError, HarvestError, SpecError, StoreError, StoreExistsError
-from .hookpoints import HookPoint, expand, topk_points
+from .errors import FingerprintMismatchError, SpecError, StoreError, StoreExistsError
+from .hookpoints import HookPoint
 from .layout import Layout
-from .prompts import build_source
+from .prompts import build_source, pad_meta
+from .quantize import check_quantization
+from .shape import ArrayPlan, ModelDims, array_plans, job_hooks, single_stage, workload_of
 from .spec import JobSpec
 from .stage import StagePlan, store_dtype_for
-from .store import (ATTRS_KEY, FORMAT_VERSION, create_activation_array, create_manifest, dumps, first_incomplete,
-                    open_group, remove_store, write_files, write_small)
-from .worker import StageOptions
+from .store import (FORMAT_VERSION, create_activation_array, create_group, create_manifest, dumps, first_incomplete,
+                    mark_written, open_group, read_provenance, remove_store, update_provenance, write_files,
+                    write_provenance, write_small)
+from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
 
@@ -42,6 +54,7 @@ class Job:
     source: Any
     stages: list[StagePlan]
     store_dtype: str
+    arrays: list[ArrayPlan]  #: the activation arrays, as ``harvest.shape`` lays them out
     fingerprint_fields: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -51,19 +64,6 @@ class Job:
     @property
     def path(self) -> Path:
         return self.spec.store_path()
-
-    def array_shape(self, point: HookPoint) -> tuple[int, ...]:
-        config = self.ckpt.config
-        sizes = {
-            "d_model": config.hidden_size,
-            "d_head": config.hidden_size // config.num_attention_heads,
-            "head": len(self.spec.capture.heads) if self.spec.capture.heads else config.num_attention_heads,
-            "neuron": len(self.spec.capture.neurons) if self.spec.capture.neurons else self.ckpt.arch.d_mlp(config),
-            "query": self.layout.max_len, "key": self.layout.max_len,
-            "k": self.spec.capture.top_k,
-        }
-        lead = self.layout.n_rows if point.axis == "token" else self.layout.n_sequences
-        return (lead, *(sizes[d] for d in point.dims[1:]))
 
     def stage_info(self, stage: StagePlan) -> StageStoreInfo:
         return StageStoreInfo(
@@ -83,44 +83,14 @@ class Job:
                             write_threads=spec.run.write_threads)
 
 
-def single_stage(hooks: list[HookPoint], n_layers: int) -> StagePlan:
-    """The whole needed part of the model as one stage: blocks past the last hook are not run."""
-    return StagePlan(index=0, n_stages=1, start=0, stop=layers_needed(hooks, n_layers),
-                     embed=True, final_norm=needs_final_norm(hooks), hooks=tuple(hooks), unembed=needs_unembed(hooks))
-
-
-def needs_unembed(hooks: list[HookPoint]) -> bool:
-    return any(p.template.startswith("unembed.") for p in hooks)
-
-
-def needs_final_norm(hooks: list[HookPoint]) -> bool:
-    return needs_unembed(hooks) or any(p.template == "ln_final.hook_normalized" for p in hooks)
-
-
-def layers_needed(hooks: list[HookPoint], n_layers: int) -> int:
-    if needs_final_norm(hooks):
-        return n_layers
-    return max((p.layer + 1 for p in hooks if p.layer is not None), default=0)
-
-
 def prepare(spec: JobSpec) -> Job:
     """Resolve and validate everything; write nothing."""
-    from transformers import AutoTokenizer
-
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
-    hooks = expand(list(spec.capture.hooks), arch, ckpt.n_layers,
-                   list(spec.capture.layers) if spec.capture.layers is not None else None)
-    if spec.capture.top_k:
-        hooks += topk_points()
-    if spec.capture.layers is not None and spec.capture.layers[-1] >= ckpt.n_layers:
-        raise SpecError(f"capture.layers includes {spec.capture.layers[-1]}, but the model has {ckpt.n_layers} layers")
+    hooks = job_hooks(spec, arch, ckpt.n_layers)
     _check_index("heads", spec.capture.heads, config.num_attention_heads)
     _check_index("neurons", spec.capture.neurons, arch.d_mlp(config))
-    if spec.model.quantization:
-        from sharding.quantize import check_quantization
-
-        check_quantization(spec.model.quantization, hooks)
+    check_quantization(spec.model.quantization, hooks)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.directory)
     source = build_source(spec.prompts, base_dir=spec.base_dir, tokenizer=tokenizer)
     prompts = list(source.prompts())
@@ -134,10 +104,9 @@ def prepare(spec: JobSpec) -> Job:
     if spec.run.stages == 1:
         stages = [single_stage(hooks, ckpt.n_layers)]
     else:
-        from sharding.plan import partition_stages
-
         stages = partition_stages(ckpt, hooks, spec, layout=layout)
-    job = Job(spec, ckpt, hooks, layout, source, stages, store_dtype_for(spec.model.dtype, spec.capture.dtype))
+    arrays = array_plans(hooks, ModelDims.of(config, arch), spec, workload_of(layout))
+    job = Job(spec, ckpt, hooks, layout, source, stages, store_dtype_for(spec.model.dtype, spec.capture.dtype), arrays)
     job.fingerprint_fields = _fingerprint_fields(job, tokenizer)
     return job
 
@@ -173,17 +142,12 @@ def _fingerprint_fields(job: Job, tokenizer) -> dict[str, str]:
 # --- store creation ---------------------------------------------------------------------------------
 
 def create_store(job: Job) -> None:
-    import zarr
-
-    spec, layout, path = job.spec, job.layout, job.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs[ATTRS_KEY] = _provenance(job, status="creating")
-    for point in job.hooks:
+    spec, layout = job.spec, job.layout
+    group = create_group(job.path, _provenance(job, status="creating"))
+    for array in job.arrays:
+        point = array.point
         create_activation_array(
-            group, point.name, job.array_shape(point), point.dims, point.dtype or job.store_dtype,
-            chunk_mib=spec.store.chunk_mib, chunks_per_shard=spec.store.chunks_per_shard,
-            compressor=spec.store.compressor, level=spec.store.level,
+            group, array, compressor=spec.store.compressor, level=spec.store.level,
             attributes={"hook": point.template, "layer": point.layer,
                         **({"zero_past": "seq_length"} if point.axis == "sequence" else {})},
         )
@@ -196,12 +160,10 @@ def create_store(job: Job) -> None:
     _write_layer_norms(group.require_group("model"), job)
     write_files(group.require_group("tokenizer"), job.ckpt.tokenizer_files())
     create_manifest(group, len(job.stages), layout.n_batches)
-    group.attrs[ATTRS_KEY] = _provenance(job, status="running")
+    write_provenance(group, _provenance(job, status="running"))
 
 
 def _write_meta(group, job: Job) -> None:
-    from .prompts.base import pad_meta
-
     for name, field_spec in job.source.meta_fields().items():
         values = np.stack([pad_meta(p.meta[name], field_spec) for p in job.layout.prompts])
         write_small(group, name, values, ("sequence", *field_spec.dims), {"description": field_spec.description})
@@ -230,11 +192,6 @@ def _write_layer_norms(group, job: Job) -> None:
 
 
 def _provenance(job: Job, status: str) -> dict[str, Any]:
-    import numcodecs
-    import torch
-    import transformers
-    import zarr
-
     spec = job.spec
     return {
         "format_version": FORMAT_VERSION,
@@ -280,7 +237,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         create_store(job)
         return 0
     group = open_group(path, mode="r+")
-    info = dict(group.attrs[ATTRS_KEY])
+    info = read_provenance(group)
     if not resume:
         raise StoreExistsError(
             f"a store already exists at {path} (status: {info.get('status')}); "
@@ -296,11 +253,9 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     if n_stages_before != len(job.stages):
         # a different partition owns different arrays; restart from the common durable prefix
         create_manifest(group, len(job.stages), job.layout.n_batches)
-        if start:
-            for i in range(len(job.stages)):
-                group[f"_progress/stage_{i}"][:start] = 1
-    info.update(status="running", stages=_provenance(job, "running")["stages"])
-    group.attrs[ATTRS_KEY] = info
+        for i in range(len(job.stages)):
+            mark_written(group, i, start)
+    update_provenance(group, status="running", stages=_provenance(job, "running")["stages"])
     return start
 
 
@@ -338,30 +293,21 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     if len(job.stages) == 1:
         nonfinite = _run_in_process(job, start, progress)
     else:
-        from sharding.pipeline import run_pipeline
-
         nonfinite = run_pipeline(job, start, progress)
     seconds = time.perf_counter() - t0
-    tokens = int(job.layout.lengths[job.layout.batch_sequences(start)[0]:].sum()) if start < job.layout.n_batches else 0
-    group = open_group(job.path, mode="r+")
-    info = dict(group.attrs[ATTRS_KEY])
-    info.update(status="complete", completed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                last_run={"batches": job.layout.n_batches - start, "tokens": tokens, "seconds": round(seconds, 3)},
-                nonfinite=nonfinite)
-    group.attrs[ATTRS_KEY] = info
+    tokens = job.layout.tokens_before(job.layout.n_batches) - job.layout.tokens_before(start)
+    update_provenance(open_group(job.path, mode="r+"), status="complete",
+                      completed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      last_run={"batches": job.layout.n_batches - start, "tokens": tokens, "seconds": round(seconds, 3)},
+                      nonfinite=nonfinite)
     return RunResult(job.path, job.layout.n_batches - start, tokens, seconds, nonfinite)
 
 
 def _run_in_process(job: Job, start: int, progress: bool) -> dict[str, int]:
-    from tqdm.auto import tqdm
-
-    from .worker import StageWorker
-
     stage = job.stages[0]
     worker = StageWorker(job.ckpt, stage, job.stage_options(), job.stage_info(stage), start)
     layout = job.layout
-    bar = tqdm(total=int(layout.lengths.sum()), initial=int(layout.lengths[:layout.batch_sequences(start)[0]].sum())
-               if start < layout.n_batches else int(layout.lengths.sum()),
+    bar = tqdm(total=layout.tokens_before(layout.n_batches), initial=layout.tokens_before(start),
                unit="tok", unit_scale=True, desc=f"harvest {job.spec.name}", disable=not progress)
     try:
         for k in range(start, layout.n_batches):
@@ -374,10 +320,6 @@ def _run_in_process(job: Job, start: int, progress: bool) -> dict[str, int]:
         raise
     finally:
         bar.close()
-
-
-def describe_failure(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, HarvestError) else f"{type(exc).__name__}: {exc}"
 
 
 __all__ = ["Job", "RunResult", "prepare", "run", "claim_store", "StoreError"]

@@ -21,6 +21,7 @@ from .checkpoint import TORCH_DTYPES, Checkpoint
 from .errors import ModelError
 from .hookpoints import HookPoint
 from .layout import Batch
+from .quantize import quantize_stage
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ class StageModel(nn.Module):
         quantization = ckpt.spec.quantization
         self._load_weights(ckpt, dtype, torch.device("cpu") if quantization else device)
         if quantization:  # bitsandbytes swaps the blocks' linear layers, quantising them onto `device`
-            from sharding.quantize import quantize_stage
-
             quantize_stage(self, quantization, dtype, device)
         self.eval()
 

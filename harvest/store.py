@@ -23,14 +23,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .errors import StoreError
+from .layout import batch_tokens
+
+if TYPE_CHECKING:  # the store schema needs no torch; the shape module does
+    from .shape import ArrayPlan
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "harvest"
@@ -45,25 +50,22 @@ def codecs_for(compressor: str, level: int) -> list:
     return [Crc32cCodec()]
 
 
-def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int) -> tuple[int, int]:
-    """(rows per chunk, rows per shard) along the leading axis for a target chunk size."""
-    target = max(1, int(chunk_mib * 2**20) // max(row_bytes, 1))
-    # balance the chunks: edge chunks are stored full-size, so 1.5 target chunks would waste 25%
-    chunk = -(-max(n, 1) // -(-max(n, 1) // target))
-    shard = chunk * chunks_per_shard
-    shard = min(shard, -(-max(n, 1) // chunk) * chunk)
-    return chunk, shard
+def create_group(path: str | Path, info: dict[str, Any]) -> zarr.Group:
+    """A new, empty store at ``path`` (replacing whatever Zarr group was there) with its provenance."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w")
+    write_provenance(group, info)
+    return group
 
 
-def create_activation_array(group: zarr.Group, name: str, shape: tuple[int, ...], dims: tuple[str, ...],
-                            dtype: str, *, chunk_mib: float, chunks_per_shard: int, compressor: str,
-                            level: int, attributes: dict[str, Any]) -> zarr.Array:
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard)
+def create_activation_array(group: zarr.Group, array: ArrayPlan, *, compressor: str, level: int,
+                            attributes: dict[str, Any]) -> zarr.Array:
+    """An empty activation array laid out as ``harvest.shape.array_plans`` planned it."""
+    shape = array.shape
     return group.create_array(
-        name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(shard, *shape[1:]),
-        compressors=codecs_for(compressor, level), fill_value=0, dimension_names=dims,
-        attributes=attributes,
+        array.point.name, shape=shape, dtype=array.dtype, chunks=(array.chunk_rows, *shape[1:]),
+        shards=(array.shard_rows, *shape[1:]), compressors=codecs_for(compressor, level), fill_value=0,
+        dimension_names=array.point.dims, attributes=attributes,
     )
 
 
@@ -109,6 +111,24 @@ def create_manifest(group: zarr.Group, n_stages: int, n_batches: int) -> None:
                               dimension_names=("batch",))
 
 
+def manifest(group: zarr.Group, stage: int) -> zarr.Array:
+    """Stage ``stage``'s progress array: element k is 1 once batch k is durable in all its arrays."""
+    return group[manifest_name(stage)]
+
+
+def mark_written(group: zarr.Group, stage: int, stop: int, start: int = 0) -> None:
+    """Mark batches [start, stop) of ``stage`` durable."""
+    if stop > start:
+        manifest(group, stage)[start:stop] = 1
+
+
+def stage_frontier(path: str | Path, stage: int, start: int = 0) -> int:
+    """First batch at or after ``start`` that stage ``stage`` has not marked durable."""
+    marks = manifest(zarr.open_group(str(path), mode="r"), stage)[...]
+    rest = np.flatnonzero(marks[start:] == 0)
+    return start + int(rest[0]) if rest.size else len(marks)
+
+
 def batches_done(group: zarr.Group) -> np.ndarray:
     """Per batch: written by every stage. A batch counts only when all its pieces landed."""
     progress = group["_progress"]
@@ -136,8 +156,56 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     return group
 
 
+def open_for_writing(path: str | Path) -> zarr.Group:
+    """The store's group opened for a stage's writer (which then writes only its own arrays)."""
+    return zarr.open_group(str(path), mode="r+")
+
+
+# --- provenance: the job that wrote the store, and its status -------------------------------------
+
+def read_provenance(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs[ATTRS_KEY])
+
+
+def write_provenance(group: zarr.Group, info: dict[str, Any]) -> None:
+    group.attrs[ATTRS_KEY] = info
+
+
+def update_provenance(group: zarr.Group, **fields: Any) -> dict[str, Any]:
+    """Set some provenance fields (status, last run ...) and keep the rest; returns the new record."""
+    info = read_provenance(group)
+    info.update(fields)
+    write_provenance(group, info)
+    return info
+
+
 def provenance(path: str | Path) -> dict[str, Any]:
-    return dict(open_group(path).attrs[ATTRS_KEY])
+    return read_provenance(open_group(path))
+
+
+@dataclass(frozen=True)
+class StoreProgress:
+    """How far the job writing a store got: batches and tokens (every token of their sequences)."""
+
+    status: str | None
+    batches_done: int
+    n_batches: int
+    tokens_done: int
+    tokens_total: int
+
+
+def read_progress(path: str | Path) -> StoreProgress | None:
+    """Batches and tokens written, from the progress manifest and row layout (None: not laid out yet)."""
+    group = open_group(path)
+    info = read_provenance(group)
+    if info.get("status") == "creating" or "_progress" not in group or "seq_length" not in group:
+        return None
+    per_batch = batch_tokens(group["seq_length"][...], int(info["layout"]["batch_size"]))
+    done = batches_done(group)
+    if len(done) != len(per_batch):
+        return None
+    return StoreProgress(info.get("status"), int(done.sum()), len(done), int(per_batch[done].sum()),
+                         int(per_batch.sum()))
 
 
 def open_store(path: str | Path):
@@ -151,7 +219,7 @@ def open_store(path: str | Path):
     group = open_group(path)
     ds = xr.open_zarr(str(path), consolidated=False)
     coords = {name: ds[name] for name in ("seq", "pos", "tokens", "seq_length") if name in ds}
-    info = group.attrs[ATTRS_KEY]
+    info = read_provenance(group)
     selection = info.get("selection", {})
     if selection.get("heads") is not None and "head" in ds.dims:
         coords["head"] = ("head", np.asarray(selection["heads"]))

@@ -29,21 +29,29 @@ slowest stage (forward FLOPs plus capture work per token) wins, ties broken by m
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import psutil
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from harvest.architectures import architecture_for
 from harvest.checkpoint import Checkpoint
-from harvest.errors import CheckpointNotFoundError, ModelError, SpecError
-from harvest.hookpoints import HookPoint, expand
+from harvest.errors import CheckpointNotFoundError, ModelError, PlanDoesNotFitError, SpecError
+from harvest.hookpoints import HookPoint
+from harvest.layout import Layout
+from harvest.prompts import build_source
+from harvest.shape import (ArrayPlan, ModelDims, Workload, array_plans, estimate_workload, job_hooks, layers_needed,
+                           needs_final_norm, needs_unembed, single_stage, workload_of)
 from harvest.spec import JobSpec
-from harvest.stage import StagePlan, store_dtype_for
-from harvest.store import chunk_layout
+from harvest.stage import StagePlan
+from harvest.summary import human
 from harvest.writer import write_threads_for
 
 MIB, GIB = 2**20, 2**30
@@ -66,13 +74,10 @@ CUDA_CONTEXT_BYTES = 600 * MIB
 CAPTURE_FLOPS_PER_BYTE = 150
 #: partitions within this fraction of the best compute balance compete on memory headroom
 BALANCE_SLACK = 0.02
+#: bytes per element of a compute dtype (numpy has no bfloat16)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: bytes per weight of a quantised nn.Linear, and per output row (int8's float32 scale)
 QUANT_BYTES = {"int8": (1.0, 4), "nf4": (0.5 + 1 / 64, 0), "fp4": (0.5 + 1 / 64, 0)}
-
-
-class PlanDoesNotFitError(SpecError):
-    """The stages of a job do not fit the memory they are given."""
 
 
 # --- the model, counted on the meta device --------------------------------------------------------
@@ -107,10 +112,6 @@ class ModelShape:
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> ModelShape:
-        import torch
-        from torch import nn
-        from transformers import AutoModelForCausalLM
-
         config, arch = ckpt.config, ckpt.arch
         one = copy.deepcopy(config)
         one.num_hidden_layers = 1  # every block is alike; one is enough to count
@@ -140,8 +141,6 @@ class ModelShape:
 def _file_dtype(ckpt: Checkpoint) -> str | None:
     """The dtype of the block weights in the files (headers only), else what config.json says."""
     if ckpt.weight_files:
-        from safetensors import safe_open
-
         names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
         with safe_open(ckpt.weight_files[-1], framework="pt") as f:
             for key in f.keys():
@@ -154,121 +153,13 @@ def _file_dtype(ckpt: Checkpoint) -> str | None:
 
 # --- the work: micro-batches and stored arrays ----------------------------------------------------
 
-@dataclass(frozen=True)
-class Workload:
-    batch_size: int
-    max_len: int  #: longest sequence: the width of a micro-batch
-    n_sequences: int
-    n_rows: int  #: captured token rows
-    rows_per_batch: int  #: most captured rows in one micro-batch
-    estimated: str | None = None  #: how the numbers were estimated (None: exact, from the prompts)
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.n_sequences // self.batch_size)
-
-
-@dataclass(frozen=True)
-class ArrayPlan:
-    point: HookPoint
-    shape: tuple[int, ...]
-    itemsize: int
-    chunk_rows: int
-    shard_rows: int
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.row_bytes
-
-    @property
-    def shard_bytes(self) -> int:
-        return self.shard_rows * self.row_bytes
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.shape[0] // self.shard_rows) if self.shape[0] else 0
-
-    def batch_bytes(self, work: Workload) -> int:
-        """Bytes one micro-batch adds to this array."""
-        rows = work.rows_per_batch if self.point.axis == "token" else work.batch_size
-        return rows * self.row_bytes
-
-
-def array_plans(hooks: list[HookPoint], shape: ModelShape, spec: JobSpec, work: Workload) -> list[ArrayPlan]:
-    """The store's activation arrays as ``create_store`` will lay them out."""
-    store_itemsize = ITEMSIZE[store_dtype_for(spec.model.dtype, spec.capture.dtype)]
-    sizes = {
-        "d_model": shape.d_model, "d_head": shape.d_model // shape.n_heads,
-        "head": len(spec.capture.heads) if spec.capture.heads else shape.n_heads,
-        "neuron": len(spec.capture.neurons) if spec.capture.neurons else shape.d_mlp,
-        "query": work.max_len, "key": work.max_len, "k": spec.capture.top_k,
-    }
-    out = []
-    for p in hooks:
-        itemsize = np.dtype(p.dtype).itemsize if p.dtype else store_itemsize
-        lead = work.n_rows if p.axis == "token" else work.n_sequences
-        dims = (lead, *(sizes[d] for d in p.dims[1:]))
-        row_bytes = int(np.prod(dims[1:], dtype=np.int64)) * itemsize
-        chunk, shard = chunk_layout(lead, row_bytes, spec.store.chunk_mib, spec.store.chunks_per_shard)
-        out.append(ArrayPlan(p, dims, itemsize, chunk, shard))
-    return out
-
-
 def workload_for(spec: JobSpec, ckpt: Checkpoint) -> Workload:
     """The micro-batch shape and row counts: exact from the prompts when a tokenizer is there."""
     if ckpt.tokenizer_files():
-        from transformers import AutoTokenizer
-
-        from harvest.layout import Layout
-        from harvest.prompts import build_source
-
         tokenizer = AutoTokenizer.from_pretrained(ckpt.directory)
         source = build_source(spec.prompts, base_dir=spec.base_dir, tokenizer=tokenizer)
         return workload_of(Layout(list(source.prompts()), spec.capture.positions, spec.run.batch_size))
     return estimate_workload(spec, f"no tokenizer in {ckpt.directory}")
-
-
-def workload_of(layout) -> Workload:
-    per_batch = max(r1 - r0 for r0, r1 in (layout.batch_rows(k) for k in range(layout.n_batches)))
-    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch)
-
-
-def estimate_workload(spec: JobSpec, why: str) -> Workload:
-    """Sequences and lengths from the prompt spec alone (no tokenizer): an estimate, said so."""
-    cfg = spec.prompts
-    source = cfg.get("source")
-    if source == "text":
-        seq_len = int(cfg.get("seq_len", 128))
-        if cfg.get("max_sequences"):
-            n, how = int(cfg["max_sequences"]), "prompts.max_sequences"
-        else:
-            paths = cfg.get("paths") or []
-            size = sum(os.path.getsize(f) for p in paths for f in glob.glob(str(spec.resolve(p)), recursive=True))
-            n, how = max(1, size // 4 // seq_len), "corpus bytes / 4 bytes per token"
-        note = f"{how} x seq_len {seq_len}"
-    elif source == "addition":
-        a, b = cfg.get("a", [0, 99]), cfg.get("b", [0, 99])
-        n = cfg.get("sample") or (a[1] - a[0] + 1) * (b[1] - b[0] + 1)
-        template = cfg.get("template", "Output ONLY a number.\n{a}+{b}=")
-        seq_len = math.ceil(len(template.replace("{a}", str(a[1])).replace("{b}", str(b[1]))) / 2.5) + 1
-        note = f"{n} problems x ~{seq_len} tokens (template characters / 2.5)"
-    elif source == "translation":
-        pairs = cfg.get("pairs", ["en-fr", "en-de", "en-es"])
-        n = int(cfg.get("n_prompts", 200)) * len(pairs)
-        seq_len = 8 + 6 * int(cfg.get("words_per_prompt", 4))
-        note = f"{n} prompts x ~{seq_len} tokens (~3 tokens per word)"
-    else:
-        raise SpecError(f"prompts.source = {source!r} is not a prompt source; valid sources: text, addition, translation")
-    positions = spec.capture.positions
-    per_seq = {"all": seq_len, "last": 1, "every": -(-max(seq_len - positions.offset, 0) // positions.every),
-               "sample": min(positions.sample, seq_len), "list": len(positions.explicit),
-               "source": min(4, seq_len)}[positions.kind]
-    return Workload(spec.run.batch_size, seq_len, int(n), int(n) * per_seq, spec.run.batch_size * per_seq,
-                    estimated=f"{why}: {note}")
 
 
 # --- per-stage estimates ----------------------------------------------------------------------------
@@ -518,7 +409,7 @@ class Plan:
 def plan_job(spec: JobSpec) -> Plan:
     """Plan a job from its spec without loading weights (``harvest plan``): see ``format_plan``."""
     ckpt = planning_checkpoint(spec)
-    hooks = _hooks(spec, ckpt)
+    hooks = job_hooks(spec, ckpt.arch, ckpt.n_layers)
     return build_plan(ckpt, hooks, spec, workload_for(spec, ckpt))
 
 
@@ -545,8 +436,6 @@ def partition_stages(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, la
 
 
 def build_plan(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, work: Workload) -> Plan:
-    from harvest.runner import layers_needed, needs_final_norm, needs_unembed, single_stage
-
     shape = ModelShape.of(ckpt)
     n_stages = spec.run.stages
     n_blocks = layers_needed(hooks, shape.n_layers)
@@ -557,7 +446,7 @@ def build_plan(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, work: Wo
         raise SpecError(f"run.stages is {n_stages}, but only {n_blocks} block(s) run ({why}); every stage needs "
                         f"at least one block: use run.stages <= {max(n_blocks, 1)}")
     device = target_device(spec)
-    arrays = array_plans(hooks, shape, spec, work)
+    arrays = array_plans(hooks, ModelDims(shape.d_model, shape.n_heads, shape.d_mlp), spec, work)
     budgets, shared, source = _budgets(spec, n_stages, device)
     costs = _costs(shape, spec, work, arrays, device, n_blocks)
     if n_stages == 1:
@@ -574,7 +463,7 @@ def build_plan(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, work: Wo
         by_name = {a.point.name: a for a in arrays}
         kept = 0
         for s in stages[1:]:
-            rows = [by_name[p.name].shard_rows / (work.rows_per_batch if p.axis == "token" else work.batch_size)
+            rows = [by_name[p.name].shard_rows / max(work.rows_per_batch if p.axis == "token" else work.batch_size, 1)
                     for p in s.plan.hooks]
             kept += min(work.n_batches, math.ceil(max(rows, default=0)) + 1)
         driver = PROCESS_BYTES + (in_flight * (n_stages - 1) + kept) * hidden
@@ -606,8 +495,6 @@ def _gib(n: float | None) -> str:
 def target_device(spec: JobSpec) -> str:
     device = spec.model.device
     if device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if device.startswith("cuda") else "cpu"
 
@@ -622,8 +509,6 @@ def _budgets(spec: JobSpec, n_stages: int, device: str) -> tuple[list[int | None
     if address:
         return [None] * n_stages, None, "not checked: a cluster's memory is unknown here; set run.memory_gib"
     if device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             return [None] * n_stages, None, "not checked: no GPU here; set run.memory_gib"
         count = torch.cuda.device_count()
@@ -632,15 +517,11 @@ def _budgets(spec: JobSpec, n_stages: int, device: str) -> tuple[list[int | None
                                       "use fewer stages, or a cluster (run.address) with more GPUs")
         props = [torch.cuda.get_device_properties(i) for i in range(n_stages)]
         return [p.total_memory for p in props], None, f"GPU memory ({props[0].name})"
-    import psutil
-
     return [None] * n_stages, int(psutil.virtual_memory().available), "this machine's available memory"
 
 
 def planning_checkpoint(spec: JobSpec) -> Checkpoint:
     """The checkpoint directory; only config.json is needed (no weights, no tokenizer)."""
-    from harvest.architectures import architecture_for
-
     directory = spec.resolve(spec.model.path)
     if not (directory / "config.json").is_file():
         raise CheckpointNotFoundError(
@@ -650,16 +531,6 @@ def planning_checkpoint(spec: JobSpec) -> Checkpoint:
     ckpt = Checkpoint(directory, spec.model)
     architecture_for(ckpt.config.model_type)
     return ckpt
-
-
-def _hooks(spec: JobSpec, ckpt: Checkpoint) -> list[HookPoint]:
-    """The hook points as ``prepare`` resolves them (plus the top-k arrays of ``capture.top_k``)."""
-    from harvest.hookpoints import topk_points
-
-    capture = spec.capture
-    hooks = expand(list(capture.hooks), ckpt.arch, ckpt.n_layers,
-                   list(capture.layers) if capture.layers is not None else None)
-    return hooks + (topk_points() if capture.top_k else [])
 
 
 def missing_tensors(ckpt: Checkpoint, shape: ModelShape, stage: StagePlan) -> list[str]:
@@ -684,8 +555,6 @@ def missing_tensors(ckpt: Checkpoint, shape: ModelShape, stage: StagePlan) -> li
 # --- printing -------------------------------------------------------------------------------------------
 
 def format_plan(plan: Plan) -> str:
-    from harvest.inspect import human
-
     s, spec, w = plan.shape, plan.spec, plan.work
     quant = spec.model.quantization or "none"
     lines = [

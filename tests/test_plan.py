@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from harvest.spec import load_spec, parse_spec
-from sharding.plan import GIB, PlanDoesNotFitError, format_plan, plan_job
+from harvest.errors import PlanDoesNotFitError
+from sharding.plan import GIB, format_plan, plan_job
 
 REPO = Path(__file__).resolve().parent.parent
 GPTJ_JOB = REPO / "jobs" / "gptj-6b-resid.yaml"
@@ -108,8 +109,43 @@ def test_exact_rows_when_the_tokenizer_is_there(neox_ckpt, make_spec):
     plan = plan_job(spec)
     job = prepare(spec)
     assert plan.work.estimated is None and plan.work.n_rows == job.layout.n_rows
-    assert {a.point.name: a.shape for a in plan.arrays} == {p.name: job.array_shape(p) for p in job.hooks}
+    assert plan.arrays == job.arrays
     assert [s.plan for s in plan.stages] == job.stages
+
+
+@pytest.mark.parametrize("config", ["gpt-j-6b", "gpt-neox-20b"])
+def test_plan_accepts_every_prompt_source_against_the_real_configs(config, tmp_path):
+    from harvest.prompts import SOURCES
+
+    for source in SOURCES:
+        prompts = {"source": source, **({"paths": ["README.md"]} if source == "text" else {})}
+        spec = parse_spec({"name": f"every-{source}", "model": {"path": f"jobs/configs/{config}", "dtype": "float16"},
+                           "prompts": prompts, "capture": {"hooks": ["resid_post"], "positions": "all" if source == "text" else "source"},
+                           "run": {"stages": 2, "memory_gib": 80},
+                           "store": {"root": str(tmp_path), "path": f"{source}.zarr"}}, base_dir=REPO)
+        plan = plan_job(spec)
+        assert plan.work.n_sequences > 0 and plan.work.estimated, source
+        assert plan.fits, (source, plan.problems)
+
+
+def test_plan_lays_out_the_store_that_run_writes(neox_ckpt, make_spec):
+    """Shapes, dtypes, chunks, shards and bytes of every activation array: planned = written."""
+    import numpy as np
+    import zarr
+
+    from harvest.runner import run
+
+    spec = make_spec(neox_ckpt, hooks=["resid_post", "pattern", "blocks.1.mlp.hook_post"], capture={"top_k": 2},
+                     store={"chunk_mib": 0.01, "chunks_per_shard": 2})
+    plan = plan_job(spec)
+    group = zarr.open_group(str(run(spec, progress=False).path), mode="r")
+    written = {}
+    for a in plan.arrays:
+        arr = group[a.point.name]
+        written[a.point.name] = (arr.shape, str(arr.dtype), arr.chunks[0], arr.shards[0],
+                                 int(np.prod(arr.shape)) * arr.dtype.itemsize)
+    assert written == {a.point.name: (a.shape, a.dtype, a.chunk_rows, a.shard_rows, a.nbytes) for a in plan.arrays}
+    assert set(written) == set(group.array_keys()) - {"tokens", "seq", "pos", "input_ids", "seq_length"}
 
 
 def test_top_k_puts_the_unembedding_on_the_last_stage(neox_ckpt, make_spec):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from harvest.inspect import summarize
+from harvest.summary import summarize
 from harvest.runner import run
 
 HOOKS = ["hook_embed", "blocks.*.hook_resid_post", "blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern",

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import SpecError, did_you_mean
 from .addition import AdditionSource
-from .base import MetaField, Prompt, PromptSource, pad_meta
+from .base import MetaField, Prompt, PromptSource, SizeEstimate, pad_meta
 from .numbers import NumbersSource
 from .repeated import RepeatedTokensSource
 from .text import ConfiguredSource, TextSource
@@ -41,7 +41,7 @@ def build_source(cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any
 
 
 __all__ = [
-    "SOURCES", "AdditionSource", "MetaField", "NumbersSource", "Prompt", "PromptSource", "RepeatedTokensSource",
+    "SOURCES", "AdditionSource", "MetaField", "NumbersSource", "Prompt", "PromptSource", "RepeatedTokensSource", "SizeEstimate",
     "TextSource", "TranslationSource",
     "build_source", "pad_meta",
 ]

@@ -8,6 +8,7 @@ splits digit runs unevenly. The template helpers here serve the translation sour
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ModelError, SpecError
-from .base import MetaField, Prompt
+from .base import MetaField, Prompt, SizeEstimate
 from .text import BATCH, ConfiguredSource, chunked
 
 #: a template as (literal text, placeholder name or None) parts, in order.
@@ -95,6 +96,15 @@ class AdditionSource(ConfiguredSource):
         "seed": 0,
         "bos": False,
     }
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        a, b = cfg["a"], cfg["b"]
+        n = cfg["sample"] or (a[1] - a[0] + 1) * (b[1] - b[0] + 1)
+        text = str(cfg["template"]).replace("{a}", str(a[1])).replace("{b}", str(b[1]))
+        seq_len = math.ceil(len(text) / 2.5) + 1 + bool(cfg["bos"])
+        return SizeEstimate(int(n), seq_len, f"{n} problems x ~{seq_len} tokens (template characters / 2.5)",
+                            source_positions=3)
 
     def __init__(self, cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any) -> None:
         super().__init__(cfg, base_dir=base_dir, tokenizer=tokenizer)

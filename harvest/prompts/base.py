@@ -31,6 +31,16 @@ class MetaField:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class SizeEstimate:
+    """A source's size from its spec section alone (no tokenizer): what ``harvest plan`` shows."""
+
+    n_sequences: int
+    seq_len: int  #: tokens per sequence (the longest, roughly)
+    note: str  #: how the numbers were reached, shown as the estimate's reason
+    source_positions: int = 4  #: positions a prompt marks for ``capture.positions: source``
+
+
 @dataclass
 class Prompt:
     """One tokenized sequence and what the source knows about it."""

@@ -9,12 +9,13 @@ number is read where its last token has seen all of it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .addition import Offsets, encode_with_offsets, parse_template, render, require_offsets, token_span
-from .base import MetaField, Prompt
+from .base import MetaField, Prompt, SizeEstimate
 from .text import BATCH, ConfiguredSource, chunked
 
 
@@ -29,6 +30,14 @@ class NumbersSource(ConfiguredSource):
         # after BOS it is read as it is inside text
         "bos": True,
     }
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        lo, hi = cfg["range"]
+        n = hi - lo + 1
+        seq_len = math.ceil(len(str(cfg["template"]).replace("{n}", str(hi))) / 2.5) + 1 + bool(cfg["bos"])
+        return SizeEstimate(n, seq_len, f"{n} numbers x ~{seq_len} tokens (template characters / 2.5)",
+                            source_positions=1)
 
     def __init__(self, cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any) -> None:
         super().__init__(cfg, base_dir=base_dir, tokenizer=tokenizer)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import MetaField, Prompt
+from .base import MetaField, Prompt, SizeEstimate
 from .text import ConfiguredSource
 
 
@@ -31,6 +31,13 @@ class RepeatedTokensSource(ConfiguredSource):
         "seed": 0,
         "bos": True,
     }
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        n, length, repeats = int(cfg["n_prompts"]), int(cfg["length"]), int(cfg["repeats"])
+        seq_len = length * repeats + bool(cfg["bos"])  # exact: ids are drawn, not tokenized
+        return SizeEstimate(n, seq_len, f"{n} prompts x {seq_len} tokens ({repeats} x {length} + bos)",
+                            source_positions=length * (repeats - 1))
 
     def __init__(self, cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any) -> None:
         super().__init__(cfg, base_dir=base_dir, tokenizer=tokenizer)

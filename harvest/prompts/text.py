@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from ..errors import SpecError, check_keys, did_you_mean
-from .base import MetaField, Prompt
+from .base import MetaField, Prompt, SizeEstimate
 
 T = TypeVar("T")
 
@@ -68,6 +68,17 @@ class ConfiguredSource:
         self.base_dir = Path(base_dir).absolute()
         self.tokenizer = tokenizer
         self.prefix: list[int] = [self._bos_id()] if self.flag("bos") else []
+
+    @classmethod
+    def estimate(cls, cfg: Mapping[str, Any], *, base_dir: Path | str) -> SizeEstimate:
+        """This source's size from its spec section alone, without a tokenizer (``harvest plan``)."""
+        given = {k: v for k, v in dict(cfg).items() if k != "source"}
+        check_keys("prompts", given, ["source", *cls.DEFAULTS])
+        return cls._estimate({**copy.deepcopy(cls.DEFAULTS), **given}, Path(base_dir))
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        raise NotImplementedError(f"prompt source {cls.NAME!r} cannot estimate its size")
 
     def resolved_config(self) -> dict[str, Any]:
         """The spec as run: every key, defaults filled in (recorded in the store's provenance)."""
@@ -139,6 +150,18 @@ class TextSource(ConfiguredSource):
     }
     MODES = ("packed", "windowed")
     SUFFIXES = (".txt", ".jsonl")
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        seq_len = int(cfg["seq_len"])
+        if cfg["max_sequences"]:
+            n, how = int(cfg["max_sequences"]), "prompts.max_sequences"
+        else:
+            paths = cfg["paths"] or []
+            files = {f for p in paths for f in glob.glob(str(base_dir / p), recursive=True)}
+            size = sum(Path(f).stat().st_size for f in files)
+            n, how = max(1, size // 4 // seq_len), "corpus bytes / 4 bytes per token"
+        return SizeEstimate(n, seq_len, f"{how} x seq_len {seq_len}", source_positions=0)
 
     def __init__(self, cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any) -> None:
         super().__init__(cfg, base_dir=base_dir, tokenizer=tokenizer)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from ..errors import SpecError, did_you_mean
 from .addition import Offsets, encode_with_offsets, parse_template, render, require_offsets, token_span
-from .base import MetaField, Prompt
+from .base import MetaField, Prompt, SizeEstimate
 from .text import BATCH, ConfiguredSource, chunked, sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "translation"
@@ -83,6 +83,14 @@ class TranslationSource(ConfiguredSource):
         "language_names": {},
     }
     FIELDS = ("src_name", "src_words", "tgt_name", "tgt_words")
+
+    @classmethod
+    def _estimate(cls, cfg: dict[str, Any], base_dir: Path) -> SizeEstimate:
+        words = int(cfg["words_per_prompt"])
+        n = int(cfg["n_prompts"]) * len(cfg["pairs"])
+        seq_len = 8 + 6 * words + bool(cfg["bos"])
+        return SizeEstimate(n, seq_len, f"{n} prompts x ~{seq_len} tokens (~3 tokens per word)",
+                            source_positions=2 * words)
 
     def __init__(self, cfg: Mapping[str, Any], *, base_dir: Path | str, tokenizer: Any) -> None:
         super().__init__(cfg, base_dir=base_dir, tokenizer=tokenizer)

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from harvest.errors import ModelError, SpecError
+from .errors import ModelError, SpecError
 
 KINDS = ("int8", "nf4", "fp4")
 

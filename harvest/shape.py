@@ -1,0 +1,232 @@
+"""A job's shape, computed in one place: what runs, what is stored, how big, and what a stage asks for.
+
+``harvest run`` (``runner.prepare`` / ``create_store``), ``harvest plan`` (``sharding.plan``), the
+Ray pipeline and ``harvest submit`` all read a job's shape from here, so the store ``run`` lays out
+is the store ``plan`` sized, and the resources ``submit`` checks are the resources the pipeline's
+actors ask Ray for. Nothing here loads weights or touches a store:
+
+- **hooks**: the spec's patterns expanded against the model (plus ``capture.top_k``'s arrays);
+- **blocks**: how many blocks must run, whether the final LayerNorm / unembedding run, the
+  one-stage plan;
+- **workload**: sequences, width of a micro-batch, captured rows, rows per batch: exact from a
+  ``Layout``, else estimated by each prompt source from its own spec section;
+- **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows;
+- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import SpecError, did_you_mean
+from .hookpoints import HookPoint, expand, topk_points
+from .layout import Layout
+from .prompts import SOURCES
+from .spec import JobSpec
+from .stage import StagePlan, store_dtype_for
+
+# --- hooks and blocks ---------------------------------------------------------------------------------
+
+
+def job_hooks(spec: JobSpec, arch, n_layers: int) -> list[HookPoint]:
+    """The spec's hook points for this model, plus the top-k arrays of ``capture.top_k``."""
+    capture = spec.capture
+    if capture.layers is not None and capture.layers[-1] >= n_layers:
+        raise SpecError(f"capture.layers includes {capture.layers[-1]}, but the model has {n_layers} layers")
+    hooks = expand(list(capture.hooks), arch, n_layers, list(capture.layers) if capture.layers is not None else None)
+    return hooks + (topk_points() if capture.top_k else [])
+
+
+def needs_unembed(hooks: list[HookPoint]) -> bool:
+    return any(p.template.startswith("unembed.") for p in hooks)
+
+
+def needs_final_norm(hooks: list[HookPoint]) -> bool:
+    return needs_unembed(hooks) or any(p.template == "ln_final.hook_normalized" for p in hooks)
+
+
+def layers_needed(hooks: list[HookPoint], n_layers: int) -> int:
+    """Blocks that must run: up to the last hooked one (all of them when the final norm is needed)."""
+    if needs_final_norm(hooks):
+        return n_layers
+    return max((p.layer + 1 for p in hooks if p.layer is not None), default=0)
+
+
+def single_stage(hooks: list[HookPoint], n_layers: int) -> StagePlan:
+    """The whole needed part of the model as one stage: blocks past the last hook are not run."""
+    return StagePlan(index=0, n_stages=1, start=0, stop=layers_needed(hooks, n_layers),
+                     embed=True, final_norm=needs_final_norm(hooks), hooks=tuple(hooks), unembed=needs_unembed(hooks))
+
+
+# --- the workload: sequences, rows, micro-batches ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int
+    max_len: int  #: longest sequence: the width of a micro-batch
+    n_sequences: int
+    n_rows: int  #: captured token rows
+    rows_per_batch: int  #: most captured rows in one micro-batch
+    estimated: str | None = None  #: how the numbers were estimated (None: exact, from the prompts)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_sequences // self.batch_size)
+
+
+def workload_of(layout: Layout) -> Workload:
+    """The exact workload of laid-out prompts."""
+    per_batch = max((r1 - r0 for r0, r1 in (layout.batch_rows(k) for k in range(layout.n_batches))), default=0)
+    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch)
+
+
+def estimate_workload(spec: JobSpec, why: str) -> Workload:
+    """Sequences and lengths from the prompt spec alone (no tokenizer): the source estimates its own size."""
+    cfg = spec.prompts
+    name = cfg.get("source") if isinstance(cfg, Mapping) else None
+    if name not in SOURCES:
+        hint = did_you_mean(name, SOURCES) if isinstance(name, str) else ""
+        raise SpecError(f"prompts.source = {name!r} is not a prompt source{hint}; valid sources: {', '.join(SOURCES)}")
+    size = SOURCES[name].estimate(cfg, base_dir=spec.base_dir)
+    seq_len, n = size.seq_len, size.n_sequences
+    positions = spec.capture.positions
+    per_seq = {"all": seq_len, "last": 1, "every": -(-max(seq_len - positions.offset, 0) // positions.every),
+               "sample": min(positions.sample, seq_len), "list": len(positions.explicit),
+               "source": min(size.source_positions, seq_len)}[positions.kind]
+    return Workload(spec.run.batch_size, seq_len, n, n * per_seq, min(spec.run.batch_size, n) * per_seq,
+                    estimated=f"{why}: {size.note}")
+
+
+# --- the stored arrays -----------------------------------------------------------------------------
+
+def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) along the leading axis for a target chunk size."""
+    target = max(1, int(chunk_mib * 2**20) // max(row_bytes, 1))
+    # balance the chunks: edge chunks are stored full-size, so 1.5 target chunks would waste 25%
+    chunk = -(-max(n, 1) // -(-max(n, 1) // target))
+    shard = chunk * chunks_per_shard
+    shard = min(shard, -(-max(n, 1) // chunk) * chunk)
+    return chunk, shard
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """One activation array as the store holds it."""
+
+    point: HookPoint
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.shard_rows * self.row_bytes
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.shape[0] // self.shard_rows) if self.shape[0] else 0
+
+    def batch_bytes(self, work: Workload) -> int:
+        """Bytes one micro-batch adds to this array."""
+        rows = work.rows_per_batch if self.point.axis == "token" else work.batch_size
+        return rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model sizes the stored arrays depend on (from config.json alone)."""
+
+    d_model: int
+    n_heads: int
+    d_mlp: int
+
+    @classmethod
+    def of(cls, config, arch) -> ModelDims:
+        return cls(config.hidden_size, config.num_attention_heads, arch.d_mlp(config))
+
+
+def array_plans(hooks: list[HookPoint], dims: ModelDims, spec: JobSpec, work: Workload) -> list[ArrayPlan]:
+    """The store's activation arrays: shapes, dtypes, chunks and shards (``create_store`` lays out these)."""
+    store_dtype = store_dtype_for(spec.model.dtype, spec.capture.dtype)
+    capture = spec.capture
+    sizes = {
+        "d_model": dims.d_model, "d_head": dims.d_model // dims.n_heads,
+        "head": len(capture.heads) if capture.heads else dims.n_heads,
+        "neuron": len(capture.neurons) if capture.neurons else dims.d_mlp,
+        "query": work.max_len, "key": work.max_len, "k": capture.top_k,
+    }
+    out = []
+    for p in hooks:
+        dtype = p.dtype or store_dtype
+        lead = work.n_rows if p.axis == "token" else work.n_sequences
+        shape = (lead, *(sizes[d] for d in p.dims[1:]))
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        chunk, shard = chunk_layout(lead, row_bytes, spec.store.chunk_mib, spec.store.chunks_per_shard)
+        out.append(ArrayPlan(p, shape, dtype, chunk, shard))
+    return out
+
+
+# --- what a stage asks of Ray ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job asks Ray for: one actor per stage (stages > 1), or the entrypoint itself (one stage)."""
+
+    stages: int
+    device: str  #: cuda | cpu | auto, as the spec says
+    cpus_per_stage: int
+    gpus_per_stage: int
+
+    @property
+    def cpus(self) -> int:
+        return self.stages * self.cpus_per_stage
+
+    @property
+    def gpus(self) -> int:
+        return self.stages * self.gpus_per_stage
+
+    def describe(self) -> str:
+        per = "stage" if self.stages > 1 else "stage (run in the job's entrypoint)"
+        parts = [f"{self.cpus:g} CPU(s) (run.stages {self.stages} x {self.cpus_per_stage:g} per {per}, run.threads)"]
+        if self.gpus:
+            parts.append(f"{self.gpus:g} GPU(s) (run.stages {self.stages} x {self.gpus_per_stage:g}, "
+                         f"model.device {self.device})")
+        return " and ".join(parts)
+
+
+def stage_resources(spec: JobSpec, *, node_cpus: float, gpus: float) -> Resources:
+    """CPUs and GPUs per stage, given the CPUs of the largest node and the GPUs there are.
+
+    CPUs: ``run.threads``, else an equal share of a node's CPUs (at least one). GPUs: one per stage
+    on ``model.device: cuda``; on ``auto``, one per stage when there are enough GPUs for every stage.
+    The pipeline driver and ``harvest submit`` both call this, so submit checks what the actors ask.
+    """
+    n = spec.run.stages
+    cpus = spec.run.threads or max(1, int(node_cpus) // n)
+    device = spec.model.device
+    kind = "cuda" if device.startswith("cuda") else device
+    gpu = 1 if kind == "cuda" or (kind == "auto" and gpus >= n) else 0
+    return Resources(n, kind, cpus, gpu)
+
+
+def cluster_capacity(nodes: list[Mapping[str, Any]]) -> tuple[float, float]:
+    """(CPUs of the largest node, GPUs in all) from each node's resource totals."""
+    node_cpus = max((float(r.get("CPU", 0)) for r in nodes), default=0.0)
+    return node_cpus, sum(float(r.get("GPU", 0)) for r in nodes)
