@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .store import manifest_name
+from .store import mark_written, open_for_writing
 from .transfer import HostBatch
 
 #: most write threads a GPU stage gets by default; beyond this the disk, not the threads, limits
@@ -143,10 +143,9 @@ class StageWriter:
 
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
-        group = zarr.open_group(info.path, mode="r+")
+        group = self.group = open_for_writing(info.path)
         for name, _ in info.arrays:
             remove_unfinished_writes(Path(info.path) / name)
-        self.manifest = group[manifest_name(info.stage)]
         self._loops = EventLoops(ThreadPoolExecutor(threads, thread_name_prefix=f"stage{info.stage}-io"))
         self.writers = {
             name: (ArrayWriter(group[name], int(info.batch_starts[axis][start_batch])
@@ -257,7 +256,7 @@ class StageWriter:
             ends = self.info.batch_ends[axis]
             frontier = min(frontier, int(np.searchsorted(ends, writer.durable, side="right")))
         if frontier > self.marked:
-            self.manifest[self.marked:frontier] = 1
+            mark_written(self.group, self.info.stage, frontier, start=self.marked)
             self.marked = frontier
 
 

@@ -37,9 +37,13 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from tqdm.auto import tqdm
 
 from harvest.errors import HarvestError, StageError
+from harvest.shape import Resources, cluster_capacity, stage_resources
+from harvest.store import stage_frontier
 from harvest.worker import StageWorker
 from harvest.writer import StageStoreInfo
 
@@ -52,24 +56,11 @@ _LOST = tuple(getattr(ray.exceptions, n) for n in ("ObjectLostError", "OwnerDied
               if hasattr(ray.exceptions, n))
 
 
-def durable_frontier(store: StageStoreInfo, start_batch: int) -> int:
-    """First batch at or after ``start_batch`` that the stage's manifest does not mark written."""
-    import zarr
-
-    from harvest.store import manifest_name
-
-    marks = zarr.open_group(store.path, mode="r")[manifest_name(store.stage)][...]
-    rest = np.flatnonzero(marks[start_batch:] == 0)
-    return start_batch + int(rest[0]) if rest.size else len(marks)
-
-
 def to_wire(t):
     """A hidden state as Ray moves it fastest: a numpy array (zero-copy in the object store), with its dtype.
 
     numpy has no bfloat16, so 16-bit floats travel as their int16 bit patterns.
     """
-    import torch
-
     if t is None:
         return None
     t = t.detach().to("cpu")
@@ -79,8 +70,6 @@ def to_wire(t):
 
 def from_wire(wire):
     """The tensor ``to_wire`` sent (a writable copy: Ray's arrays are read-only views of shared memory)."""
-    import torch
-
     if wire is None:
         return None
     array, name = wire
@@ -107,7 +96,7 @@ class PipelineStage(StageWorker):
         self.last = plan.index == plan.n_stages - 1
         self.init_error: BaseException | None = None
         try:
-            super().__init__(ckpt, plan, options, store, durable_frontier(store, start_batch))
+            super().__init__(ckpt, plan, options, store, stage_frontier(store.path, store.stage, start_batch))
         except BaseException as exc:  # noqa: BLE001 - re-raised by ready()/run()
             self.init_error = exc
         self.rss_loaded = peak_rss()
@@ -210,17 +199,15 @@ class Pipeline:
         self.progress_at_restart: dict[int, int] = {}  #: stage -> ``reported`` when it last restarted
 
     # -- actors --
-    def stage_resources(self) -> tuple[int, int]:
-        """(CPUs, GPUs) per stage actor."""
-        from .plan import target_device
-
-        run = self.job.spec.run
-        threads = run.threads or max(1, (os.cpu_count() or 1) // self.n)
-        return threads, 1 if target_device(self.job.spec) == "cuda" else 0
+    def stage_resources(self) -> Resources:
+        """CPUs and GPUs per stage actor, from the Ray session's nodes (what ``harvest submit`` checks)."""
+        node_cpus, gpus = cluster_capacity(alive_nodes())
+        return stage_resources(self.job.spec, node_cpus=node_cpus, gpus=gpus)
 
     def start(self) -> None:
         job = self.job
-        cpus, gpus = self.stage_resources()
+        resources = self.stage_resources()
+        cpus, gpus = resources.cpus_per_stage, resources.gpus_per_stage
         self._check_resources(cpus, gpus)
         # on a GPU node Ray shows each actor only its own GPU, as cuda:0
         options = dataclasses.replace(job.stage_options(), threads=cpus, **({"device": "cuda"} if gpus else {}))
@@ -414,9 +401,7 @@ class Pipeline:
 
     def _tokens(self, k0: int, k1: int) -> int:
         """Tokens in batches [k0, k1)."""
-        layout = self.job.layout
-        s0, s1 = layout.batch_sequences(k0)[0], layout.batch_sequences(k1 - 1)[1]
-        return int(layout.lengths[s0:s1].sum())
+        return self.job.layout.tokens_before(k1) - self.job.layout.tokens_before(k0)
 
     def memory(self) -> list[dict[str, int]]:
         """Each stage actor's peak RSS before loading, after loading, and now."""
@@ -439,21 +424,24 @@ def _permanent(cause: BaseException, index: int, stage) -> BaseException:
     return StageError(f"stage {index} ({stage.describe()}) failed: {name}: {str(cause).strip()}")
 
 
+def alive_nodes() -> list[dict[str, float]]:
+    """Resource totals of the Ray session's alive nodes."""
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+
+
 def run_pipeline(job, start_batch: int, progress: bool, *, on_batch=None) -> dict[str, int]:
     """Run ``job``'s batches from ``start_batch`` through one Ray actor per stage; returns non-finite counts.
 
     ``on_batch(k, pipeline)`` is called after each batch leaves the last stage (tests use it to kill
     actors mid-run).
     """
-    from tqdm.auto import tqdm
-
     pipeline = Pipeline(job, start_batch, on_batch)
-    cpus, _ = pipeline.stage_resources()
     layout = job.layout
-    done = int(layout.lengths[:layout.batch_sequences(start_batch)[0]].sum()) if start_batch < layout.n_batches \
-        else int(layout.lengths.sum())
-    with RaySession(job.spec.run.address, max(os.cpu_count() or 1, cpus * len(job.stages)), job.spec.run.dashboard):
-        bar = tqdm(total=int(layout.lengths.sum()), initial=done, unit="tok", unit_scale=True,
+    # an embedded Ray gets this machine's CPUs, or what run.threads asks for all stages if more
+    local_cpus = max(os.cpu_count() or 1, (job.spec.run.threads or 0) * len(job.stages))
+    with RaySession(job.spec.run.address, local_cpus, job.spec.run.dashboard):
+        bar = tqdm(total=layout.tokens_before(layout.n_batches), initial=layout.tokens_before(start_batch),
+                   unit="tok", unit_scale=True,
                    desc=f"harvest {job.spec.name} ({len(job.stages)} stages)", disable=not progress)
         try:
             pipeline.start()

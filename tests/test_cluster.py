@@ -154,7 +154,8 @@ def test_two_stage_job_on_two_nodes_matches_a_local_run(cluster, neox_ckpt, make
 
     from harvest import load_spec
     from harvest.runner import run
-    from jobs.submit import read_progress, wait
+    from cluster import wait
+    from harvest.store import read_progress
 
     raw = make_spec(neox_ckpt, raw=True, hooks=("hook_embed", "blocks.*.hook_resid_post", "blocks.1.attn.hook_z"),
                     run={"stages": 2, "threads": 1, "batch_size": 3},
@@ -197,7 +198,8 @@ def test_stopped_job_is_resumable(cluster, neox_ckpt, make_spec, tmp_path):
     from harvest import load_spec
     from harvest.runner import run
     from harvest.store import batches_done, open_group
-    from jobs.submit import read_progress, stop, submit
+    from cluster import stop, submit
+    from harvest.store import read_progress
 
     corpus = long_corpus(tmp_path)
     raw = make_spec(neox_ckpt, raw=True, run={"stages": 2, "threads": 1, "batch_size": 1},
@@ -225,7 +227,7 @@ def test_stopped_job_is_resumable(cluster, neox_ckpt, make_spec, tmp_path):
 
 def test_errors_a_user_meets(cluster, neox_ckpt, make_spec, tmp_path):
     from harvest.errors import ClusterResourcesError, JobNotFoundError, StoreNotWritableError
-    from jobs.submit import status, submit
+    from cluster import status, submit
 
     with pytest.raises(JobNotFoundError, match="no job 'harvest-nope'"):
         status("harvest-nope", cluster.url)

@@ -18,7 +18,8 @@ import yaml
 from harvest import load_spec
 from harvest.errors import (ClusterError, ClusterResourcesError, ClusterUnreachableError, JobNotFoundError, SpecError,
                             StoreNotWritableError)
-from jobs import submit as js
+from cluster import connection, entrypoint, progress, protocol, resources, state, submission
+from harvest import store
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 SHIPPED = sorted(p for p in JOBS.glob("*.yaml") if p.name != "demo.yaml")
@@ -70,11 +71,12 @@ def test_spec_comments_say_gpus_and_store_size(name, repo_root, monkeypatch):
 
 def test_shipped_specs_ask_the_cluster_for_what_they_plan(repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
-    needs = {name: js.job_needs(load_spec(JOBS / f"{name}.yaml")) for name in MINE}
+    needs = {name: resources.job_needs(load_spec(JOBS / f"{name}.yaml")) for name in MINE}
     assert (needs["neox-20b-outliers"].gpus, needs["neox-20b-outliers"].cpus) == (4, 16)
-    assert needs["neox-20b-outliers"].entrypoint() == {}, "a pipeline's driver takes no GPU"
+    assert resources.entrypoint_resources(needs["neox-20b-outliers"]) == {}, "a pipeline's driver takes no GPU"
     assert needs["neox-20b-addition"].gpus == 2
-    assert needs["gptj-6b-outliers"].entrypoint() == {"entrypoint_num_cpus": 4.0, "entrypoint_num_gpus": 1.0}
+    assert resources.entrypoint_resources(needs["gptj-6b-outliers"]) == {"entrypoint_num_cpus": 4.0,
+                                                                         "entrypoint_num_gpus": 1.0}
 
 
 def test_demo_spec_plans(tmp_path):
@@ -96,13 +98,13 @@ def test_demo_spec_plans(tmp_path):
 def test_address_from_argument_or_ray_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ClusterUnreachableError, match="--address http://HOST:8265.*RAY_ADDRESS"):
-        js.dashboard_url(None)
+        connection.dashboard_url(None)
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265/")
-    assert js.dashboard_url(None) == "http://10.0.0.5:8265"
-    assert js.dashboard_url("head:8265") == "http://head:8265"
+    assert connection.dashboard_url(None) == "http://10.0.0.5:8265"
+    assert connection.dashboard_url("head:8265") == "http://head:8265"
     with pytest.raises(ClusterUnreachableError, match="Ray Client address.*8265"):
-        js.dashboard_url("ray://head:10001")
-    assert js.is_local("http://127.0.0.1:8265") and not js.is_local("http://head:8265")
+        connection.dashboard_url("ray://head:10001")
+    assert connection.is_local("http://127.0.0.1:8265") and not connection.is_local("http://head:8265")
 
 
 def test_no_cluster_at_the_address_says_what_to_check():
@@ -112,18 +114,18 @@ def test_no_cluster_at_the_address_says_what_to_check():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once closed
     with pytest.raises(ClusterUnreachableError) as err:
-        js.connect(f"http://127.0.0.1:{port}")
+        connection.connect(f"http://127.0.0.1:{port}")
     text = str(err.value)
     assert f"127.0.0.1:{port}" in text and "ray status" in text and "8265" in text and "6379" in text
 
 
 def test_not_enough_resources_says_what_the_plan_needs_and_what_the_cluster_has(make_spec, neox_ckpt):
     spec = make_spec(neox_ckpt, run={"stages": 2, "threads": 3}, model={"device": "cuda"})
-    needs = js.job_needs(spec)
+    needs = resources.job_needs(spec)
     assert (needs.cpus, needs.gpus) == (6, 2)
-    js.check_resources(needs, {"CPU": 8, "GPU": 2}, "http://h:8265", 2)  # enough: no error
+    resources.check_resources(needs, {"CPU": 8, "GPU": 2}, "http://h:8265", 2)  # enough: no error
     with pytest.raises(ClusterResourcesError) as err:
-        js.check_resources(needs, {"CPU": 32.0, "GPU": 1.0}, "http://h:8265", 3)
+        resources.check_resources(needs, {"CPU": 32.0, "GPU": 1.0}, "http://h:8265", 3)
     text = str(err.value)
     assert "2 GPU(s) (run.stages 2 x 1" in text and "has 32 CPU, 1 GPU" in text and "3 alive node(s)" in text
     assert "--no-resource-check" in text
@@ -131,13 +133,32 @@ def test_not_enough_resources_says_what_the_plan_needs_and_what_the_cluster_has(
 
 def test_auto_device_takes_a_gpu_for_one_stage_on_a_gpu_cluster(make_spec, neox_ckpt):
     spec = make_spec(neox_ckpt, model={"device": "auto"})
-    assert js.job_needs(spec, cluster_gpus=0).gpus == 0
-    assert js.job_needs(spec, cluster_gpus=4).entrypoint() == {"entrypoint_num_cpus": 1.0, "entrypoint_num_gpus": 1.0}
+    assert resources.job_needs(spec, [{"CPU": 8}]).gpus == 0
+    gpu_node = {"CPU": 8, "GPU": 4}
+    assert resources.entrypoint_resources(resources.job_needs(spec, [gpu_node])) == {"entrypoint_num_cpus": 8.0,
+                                                                                      "entrypoint_num_gpus": 1.0}
+
+
+@pytest.mark.parametrize("run, model", [({"stages": 2}, {"device": "cpu"}), ({"stages": 3, "threads": 2}, {}),
+                                        ({"stages": 2}, {"device": "cuda"}), ({"stages": 2}, {"device": "auto"})])
+def test_submit_and_the_pipeline_ask_ray_for_the_same_resources(make_spec, neox_ckpt, monkeypatch, run, model):
+    """What ``harvest submit`` checks against the cluster is what the pipeline's actors ask Ray for."""
+    from sharding import pipeline
+
+    nodes = [{"CPU": 16.0, "GPU": 2.0, "memory": 1e11}, {"CPU": 8.0, "GPU": 2.0}]
+    spec = make_spec(neox_ckpt, run=run, model=model)
+    monkeypatch.setattr(pipeline.ray, "nodes", lambda: [{"Alive": True, "Resources": n} for n in nodes]
+                        + [{"Alive": False, "Resources": {"CPU": 64.0}}])
+    driver = pipeline.Pipeline(SimpleNamespace(spec=spec, stages=[None] * spec.run.stages,
+                                               layout=SimpleNamespace(n_batches=1)), 0)
+    asked = driver.stage_resources()
+    assert asked == resources.job_needs(spec, nodes)
+    assert asked.cpus_per_stage == (run.get("threads") or 16 // spec.run.stages)
 
 
 def _details(job_id, state, **meta):
     return SimpleNamespace(submission_id=job_id, job_id="02000000", status=state, message="", metadata=meta,
-                           start_time=1_700_000_000_000, end_time=None, entrypoint="python -m jobs.submit",
+                           start_time=1_700_000_000_000, end_time=None, entrypoint="python -m cluster.entrypoint",
                            driver_node_id=None)
 
 
@@ -155,9 +176,9 @@ class FakeClient:
 
 
 def test_a_job_id_that_does_not_exist():
-    client = FakeClient([_details("harvest-demo-1a2b3c4d", "SUCCEEDED", **{js.META_SPEC: "demo"})])
+    client = FakeClient([_details("harvest-demo-1a2b3c4d", "SUCCEEDED", **{state.META_SPEC: "demo"})])
     with pytest.raises(JobNotFoundError) as err:
-        js._job_info(client, "harvest-demo-1a2b3c4e")
+        state._job_info(client, "harvest-demo-1a2b3c4e")
     text = str(err.value)
     assert "no job 'harvest-demo-1a2b3c4e'" in text and "did you mean 'harvest-demo-1a2b3c4d'" in text
     assert "harvest jobs" in text
@@ -165,11 +186,11 @@ def test_a_job_id_that_does_not_exist():
 
 def test_one_unfinished_job_per_store():
     store = "/shared/stores/x.zarr"
-    client = FakeClient([_details("harvest-x-1", "SUCCEEDED", **{js.META_STORE: store}),
-                         _details("harvest-x-2", "RUNNING", **{js.META_STORE: store})])
-    js.check_no_other_writer(client, "/shared/stores/y.zarr")
+    client = FakeClient([_details("harvest-x-1", "SUCCEEDED", **{state.META_STORE: store}),
+                         _details("harvest-x-2", "RUNNING", **{state.META_STORE: store})])
+    submission.check_no_other_writer(client, "/shared/stores/y.zarr")
     with pytest.raises(ClusterError, match="harvest-x-2 .RUNNING. is writing /shared/stores/x.zarr already"):
-        js.check_no_other_writer(client, store)
+        submission.check_no_other_writer(client, store)
 
 
 # --- the store location ---------------------------------------------------------------------------
@@ -177,20 +198,20 @@ def test_one_unfinished_job_per_store():
 def test_object_store_urls_are_refused_with_the_fix(make_spec, neox_ckpt, tmp_path):
     spec_file = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True))
     with pytest.raises(StoreNotWritableError, match=r"object-store URL.*mount the bucket.*pip install s3fs"):
-        js.submit(spec_file, "http://127.0.0.1:8265", store_url="s3://bucket/stores", dry_run=True)
-    job = js.submit(spec_file, "http://127.0.0.1:8265", store_url=f"file://{tmp_path}/shared", dry_run=True)
+        submission.submit(spec_file, "http://127.0.0.1:8265", store_url="s3://bucket/stores", dry_run=True)
+    job = submission.submit(spec_file, "http://127.0.0.1:8265", store_url=f"file://{tmp_path}/shared", dry_run=True)
     assert job.store == str(tmp_path / "shared" / "job.zarr")
     in_spec = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True, store={"root": f"file://{tmp_path}/s2"}))
-    assert js.submit(in_spec, "http://127.0.0.1:8265", dry_run=True).store == str(tmp_path / "s2" / "job.zarr")
+    assert submission.submit(in_spec, "http://127.0.0.1:8265", dry_run=True).store == str(tmp_path / "s2" / "job.zarr")
     in_spec = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True, store={"root": "gs://bucket/stores"}))
     with pytest.raises(SpecError, match="object-store URLs are not supported for writing yet; mount the bucket"):
-        js.submit(in_spec, "http://127.0.0.1:8265", dry_run=True)
+        submission.submit(in_spec, "http://127.0.0.1:8265", dry_run=True)
 
 
 def test_spec_store_path_cannot_escape_the_store_url(make_spec, neox_ckpt, tmp_path):
     raw = make_spec(neox_ckpt, raw=True, store={"path": "../../elsewhere.zarr"})
     with pytest.raises(SpecError, match="outside the store root"):
-        js.submit(_spec_file(tmp_path, raw), "http://127.0.0.1:8265", store_url=str(tmp_path / "shared"),
+        submission.submit(_spec_file(tmp_path, raw), "http://127.0.0.1:8265", store_url=str(tmp_path / "shared"),
                   dry_run=True)
 
 
@@ -198,8 +219,8 @@ def test_unwritable_store_location(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(StoreNotWritableError, match=r"cannot write its store at .*a-file/stores/x.zarr"):
-        js.check_writable(blocker / "stores" / "x.zarr")
-    js.check_writable(tmp_path / "new" / "x.zarr")
+        entrypoint.check_writable(blocker / "stores" / "x.zarr")
+    entrypoint.check_writable(tmp_path / "new" / "x.zarr")
     assert list((tmp_path / "new").iterdir()) == [], "the probe file is removed"
 
 
@@ -214,30 +235,30 @@ def _spec_file(tmp_path: Path, raw: dict) -> Path:
 def test_dry_run_submission(make_spec, neox_ckpt, tmp_path, monkeypatch):
     monkeypatch.delenv("HARVEST_CLUSTER_PYTHON", raising=False)
     spec_file = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True, run={"stages": 2, "threads": 1}))
-    job = js.submit(spec_file, "http://127.0.0.1:8265", dry_run=True, base_dir=tmp_path)
+    job = submission.submit(spec_file, "http://127.0.0.1:8265", dry_run=True, base_dir=tmp_path)
     assert job.state == "DRY-RUN" and job.job_id.startswith("harvest-test-")
-    assert job.entrypoint.startswith(f"{sys.executable} -m jobs.submit spec.yaml --base-dir {tmp_path} ")
+    assert job.entrypoint.startswith(f"{sys.executable} -m cluster.entrypoint spec.yaml --base-dir {tmp_path} ")
     assert "--resume" in job.entrypoint and "--overwrite" not in job.entrypoint
     modules = [Path(m).name for m in job.runtime_env["py_modules"]]
-    assert modules == ["harvest", "sharding", "analysis", "jobs"]
+    assert modules == ["harvest", "sharding", "analysis", "cluster"]
     assert "__pycache__" in job.runtime_env["excludes"] and job.runtime_env["working_dir"]
 
-    remote = js.submit(spec_file, "http://head:8265", dry_run=True, overwrite=True, resume=False, ship_code=False,
+    remote = submission.submit(spec_file, "http://head:8265", dry_run=True, overwrite=True, resume=False, ship_code=False,
                        runtime_env={"env_vars": {"HF_HOME": "/shared/hf"}})
-    assert remote.entrypoint.startswith("python -m jobs.submit") and "--no-resume" in remote.entrypoint
+    assert remote.entrypoint.startswith("python -m cluster.entrypoint") and "--no-resume" in remote.entrypoint
     assert "--overwrite" in remote.entrypoint and "py_modules" not in remote.runtime_env
     assert remote.runtime_env["env_vars"]["HF_HOME"] == "/shared/hf"
     with pytest.raises(SpecError, match="working_dir is set by harvest submit"):
-        js.submit(spec_file, "http://head:8265", dry_run=True, runtime_env={"working_dir": "."})
+        submission.submit(spec_file, "http://head:8265", dry_run=True, runtime_env={"working_dir": "."})
 
 
 # --- progress -------------------------------------------------------------------------------------
 
 def test_measured_rate_leaves_out_start_up():
-    assert js.measured_rate([]) is None and js.measured_rate([(0.0, 0)]) is None
-    assert js.measured_rate([(0.0, 0), (30.0, 0)]) is None
-    assert js.measured_rate([(0.0, 0), (30.0, 100)]) == pytest.approx(100 / 30)  # one move: start-up included
-    assert js.measured_rate([(0.0, 0), (30.0, 100), (40.0, 1100)]) == pytest.approx(100.0)
+    assert progress.measured_rate([]) is None and progress.measured_rate([(0.0, 0)]) is None
+    assert progress.measured_rate([(0.0, 0), (30.0, 0)]) is None
+    assert progress.measured_rate([(0.0, 0), (30.0, 100)]) == pytest.approx(100 / 30)  # one move: start-up included
+    assert progress.measured_rate([(0.0, 0), (30.0, 100), (40.0, 1100)]) == pytest.approx(100.0)
 
 
 def test_progress_and_errors_from_a_job_log():
@@ -249,35 +270,52 @@ def test_progress_and_errors_from_a_job_log():
         '[harvest-progress] {"batches": 4, "n_batches": 10, "tokens": 160, "total_tokens": 400, "tokens_per_s": 20.0}',
         "[harvest-error] FingerprintMismatchError: cannot resume /s/x.zarr: prompts differ",
     ])
-    assert js.parse_progress(log)["batches"] == 4
-    assert js.parse_error(log) == ("FingerprintMismatchError", "cannot resume /s/x.zarr: prompts differ")
-    p = js.job_progress(log, "/nonexistent/x.zarr")
+    assert protocol.parse_progress(log)["batches"] == 4
+    assert protocol.parse_error(log) == ("FingerprintMismatchError", "cannot resume /s/x.zarr: prompts differ")
+    p = progress.job_progress(log, "/nonexistent/x.zarr")
     assert (p.batches_done, p.tokens_done, p.tokens_total, p.source) == (4, 160, 400, "job log")
     assert p.eta_s == pytest.approx(12.0)
-    assert js.format_progress(p) == "4/10 batches (40.0%), 160/400 tokens, 20 tokens/s, ETA 12s  [from the job log]"
-    assert js.job_progress("nothing here", None) is None
+    assert progress.format_progress(p) == "4/10 batches (40.0%), 160/400 tokens, 20 tokens/s, ETA 12s  [from the job log]"
+    assert progress.job_progress("nothing here", None) is None
 
 
 def test_early_failure_is_raised_as_the_job_s_own_error():
     from harvest.errors import FingerprintMismatchError
 
-    err = js._early_failure("harvest-x-1", "[harvest-error] StoreNotWritableError: cannot write", "", "python", True)
+    err = submission._early_failure("harvest-x-1", "[harvest-error] StoreNotWritableError: cannot write", "", "python", True)
     assert isinstance(err, StoreNotWritableError) and "harvest logs harvest-x-1" in str(err)
-    err = js._early_failure("harvest-x-1", "[harvest-error] FingerprintMismatchError: differ", "", "python", True)
+    err = submission._early_failure("harvest-x-1", "[harvest-error] FingerprintMismatchError: differ", "", "python", True)
     assert isinstance(err, FingerprintMismatchError)
-    err = js._early_failure("harvest-x-1", "/usr/bin/python: No module named jobs", "", "/usr/bin/python", False)
+    err = submission._early_failure("harvest-x-1", "/usr/bin/python: No module named jobs", "", "/usr/bin/python", False)
     assert isinstance(err, ClusterError) and "--python" in str(err) and "install harvest" in str(err)
 
 
+def test_a_job_s_error_comes_back_as_its_own_class(make_spec, neox_ckpt, tmp_path, capsys):
+    """The job's entry point reports a HarvestError in its log; the client raises the same class and message."""
+    from harvest.errors import PlanDoesNotFitError
+
+    raw = make_spec(neox_ckpt, raw=True, run={"stages": 2, "memory_gib": 0.01})
+    code = entrypoint.main([str(_spec_file(tmp_path, raw)), "--base-dir", str(tmp_path)])
+    log = capsys.readouterr().out
+    assert code == 2
+    name, message = protocol.parse_error(log)
+    err = submission._early_failure("harvest-x-1", log, "", "python", True)
+    assert type(err) is PlanDoesNotFitError and str(err).startswith(message) and "needs" in message
+    info = _details("harvest-x-1", "FAILED", **{state.META_SPEC: "x"})
+    again = state.status_from(info, log).exception()
+    assert type(again) is PlanDoesNotFitError and str(again) == message
+    assert type(protocol.rebuild_error("NotOurs", "boom")) is ClusterError
+
+
 def test_status_formatting():
-    info = _details("harvest-demo-1", "FAILED", **{js.META_SPEC: "demo", js.META_STORE: "/nope/demo.zarr",
-                                                     js.META_STAGES: "2"})
-    st = js.status_from(info, '[harvest-error] StageError: stage 1 (blocks 2..3) failed: boom')
+    info = _details("harvest-demo-1", "FAILED", **{state.META_SPEC: "demo", state.META_STORE: "/nope/demo.zarr",
+                                                     state.META_STAGES: "2"})
+    st = state.status_from(info, '[harvest-error] StageError: stage 1 (blocks 2..3) failed: boom')
     assert st.error == "StageError: stage 1 (blocks 2..3) failed: boom" and st.stages == 2 and st.terminal
-    text = js.format_status(st, now=1_700_000_065)
+    text = state.format_status(st, now=1_700_000_065)
     assert "harvest-demo-1  FAILED  (spec demo, 2 stages)" in text and "error     StageError" in text
     assert "no progress yet" in text and "running for 1m 05s" in text
-    table = js.format_jobs([st])
+    table = state.format_jobs([st])
     assert table.splitlines()[1].split()[:3] == ["harvest-demo-1", "FAILED", "demo"]
 
 
@@ -295,15 +333,15 @@ def small_store(tmp_path_factory, neox_ckpt, corpus_dir):
 
 
 def test_the_job_entry_point_runs_a_job_and_reports_progress(small_store, capsys):
-    code = js.main([str(small_store / "spec.yaml"), "--base-dir", str(small_store), "--progress-every", "0.05"])
+    code = entrypoint.main([str(small_store / "spec.yaml"), "--base-dir", str(small_store), "--progress-every", "0.05"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.splitlines()[0].startswith(js.READY_TAG)
-    last = js.parse_progress(out)
+    assert out.splitlines()[0].startswith(protocol.READY_TAG)
+    last = protocol.parse_progress(out)
     assert last["batches"] == last["n_batches"] == 4 and last["tokens"] == last["total_tokens"] > 0
     assert last["tokens_per_s"] > 0 and "[harvest] harvested" in out
 
-    code = js.main([str(small_store / "spec.yaml"), "--base-dir", str(small_store), "--no-resume"])
+    code = entrypoint.main([str(small_store / "spec.yaml"), "--base-dir", str(small_store), "--no-resume"])
     out = capsys.readouterr().out
     assert code == 2 and "[harvest-error] StoreExistsError: a store already exists" in out
 
@@ -314,7 +352,7 @@ def test_read_progress_counts_tokens_of_written_batches(small_store):
     from harvest.store import ATTRS_KEY
 
     path = small_store / "stores" / "entry.zarr"
-    full = js.read_progress(path)
+    full = store.read_progress(path)
     group = zarr.open_group(str(path), mode="r+")
     lengths = group["seq_length"][...]
     assert (full.batches_done, full.n_batches, full.tokens_total) == (4, 4, int(lengths.sum()))
@@ -323,9 +361,9 @@ def test_read_progress_counts_tokens_of_written_batches(small_store):
     saved = manifest[...]
     try:
         manifest[...] = np.array([1, 1, 0, 0], dtype=np.uint8)
-        part = js.read_progress(path)
+        part = store.read_progress(path)
         assert (part.batches_done, part.tokens_done) == (2, int(lengths[:6].sum()))
-        p = js.job_progress('[harvest-progress] {"batches": 1, "n_batches": 4, "tokens": 9, "total_tokens": 9, '
+        p = progress.job_progress('[harvest-progress] {"batches": 1, "n_batches": 4, "tokens": 9, "total_tokens": 9, '
                             '"tokens_per_s": 3.0}', str(path))
         assert (p.batches_done, p.source, p.tokens_per_s) == (2, "store", 3.0), "the store is fresher than the log"
     finally:
@@ -335,7 +373,7 @@ def test_read_progress_counts_tokens_of_written_batches(small_store):
 def test_progress_monitor_prints_on_change(small_store):
     lines: list[str] = []
     times = iter([0.0, 10.0, 20.0])
-    monitor = js.ProgressMonitor(small_store / "stores" / "entry.zarr", 60, emit=lines.append, clock=lambda: next(times))
+    monitor = progress.ProgressMonitor(small_store / "stores" / "entry.zarr", 60, emit=lines.append, clock=lambda: next(times))
     assert monitor.poll() is not None and monitor.poll() is None, "unchanged: no new line"
     monitor.finish(tokens_per_s=12.5)
     assert len(lines) == 2 and json.loads(lines[-1].split(" ", 1)[1])["tokens_per_s"] == 12.5

@@ -1,17 +1,22 @@
-"""``harvest submit / status / logs / stop / jobs``: argument parsing over ``jobs.submit``.
+"""``harvest submit / status / logs / stop / jobs``: argument parsing over the ``cluster`` library.
 
-``register(app)`` adds the commands to the ``harvest`` Typer app. Nothing heavy is imported until a
-command runs, so ``harvest --help`` stays fast.
+``register(app)`` adds the commands to the ``harvest`` Typer app. The ``cluster`` library (and Ray
+with it) is imported inside each command, so ``harvest --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
+
+from harvest.errors import SpecError
 
 Address = typer.Option(None, "--address", "-a", metavar="URL",
                        help="The Ray dashboard (Jobs API) of the cluster, e.g. http://127.0.0.1:8265. "
@@ -56,7 +61,7 @@ def submit(
     Then: harvest status JOB --watch, harvest logs JOB --follow, harvest stop JOB.
     A job stopped or crashed midway resumes when the same spec is submitted again.
     """
-    from .submit import submit as submit_job
+    from .submission import submit as submit_job
 
     _quiet_ray()
     env = _read_runtime_env(runtime_env) if runtime_env else None
@@ -82,8 +87,6 @@ def submit(
 
 def _quiet_ray() -> None:
     """Ray's job client logs "Uploading package ..." and "WebSocket closed ..." at INFO: not for users."""
-    import logging
-
     import ray.dashboard.modules.dashboard_sdk  # noqa: F401 - it sets its logger to INFO when imported
     import ray.dashboard.modules.job.sdk  # noqa: F401
 
@@ -93,10 +96,6 @@ def _quiet_ray() -> None:
 
 
 def _read_runtime_env(path: Path) -> dict:
-    import yaml
-
-    from harvest.errors import SpecError
-
     if not path.is_file():
         raise SpecError(f"no runtime environment file at {path}")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
@@ -122,7 +121,7 @@ def status(
       harvest status harvest-gptj-6b-outliers-1a2b3c4d
       harvest status harvest-gptj-6b-outliers-1a2b3c4d --watch
     """
-    from .submit import format_status, status as job_status, wait
+    from .state import format_status, status as job_status, wait
 
     if not watch:
         st = job_status(job_id, address)
@@ -135,8 +134,6 @@ def status(
 
 
 def _as_json(st) -> str:
-    import dataclasses
-
     out = dataclasses.asdict(st)
     if st.progress is not None:
         out["progress"]["eta_s"] = st.progress.eta_s
@@ -149,7 +146,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
     """The log of a job (stdout and stderr of the harvest run and of its stage actors)."""
-    from .submit import logs as job_logs
+    from .state import logs as job_logs
 
     _quiet_ray()
     for chunk in job_logs(job_id, follow=follow, address=address):
@@ -161,7 +158,7 @@ def stop(
     address: Optional[str] = Address,
 ) -> None:
     """Stop a job. Its store keeps every batch written; submitting the same spec again resumes it."""
-    from .submit import format_status, stop as stop_job
+    from .state import format_status, stop as stop_job
 
     st = stop_job(job_id, address)
     typer.echo(format_status(st))
@@ -172,7 +169,7 @@ def jobs(
     all_jobs: bool = typer.Option(False, "--all", help="Every job on the cluster, not only harvest's."),
 ) -> None:
     """The cluster's harvest jobs, oldest first."""
-    from .submit import format_jobs, list_jobs
+    from .state import format_jobs, list_jobs
 
     typer.echo(format_jobs(list_jobs(address, all_jobs=all_jobs)))
 
