@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import HarvestError
-from harvest.store import ATTRS_KEY, open_group
+from harvest.store import open_group, read_provenance
 
 
 class AnalysisError(HarvestError, ValueError):
@@ -29,7 +29,7 @@ def open_store_group(path: str | Path, mode: str = "r"):
 
 
 def info(group) -> dict[str, Any]:
-    return dict(group.attrs[ATTRS_KEY])
+    return read_provenance(group)
 
 
 def source_name(group) -> str | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, DimensionOutOfRangeError, HookNotInStoreError
 from harvest.hookpoints import ALIASES
-from harvest.store import open_group
+from harvest.store import open_group, read_provenance
 
 from .index import index_meta, read_dim
 from .source import compact_layers, parse_hook
@@ -60,7 +60,7 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     group = open_group(path)
     meta = index_meta(group, path)
     templates = meta["templates"]
-    template, layer = resolve_hook(hook, layer, templates, list(group.attrs["harvest"].get("hooks", [])), path)
+    template, layer = resolve_hook(hook, layer, templates, list(read_provenance(group).get("hooks", [])), path)
     t = templates[template]
     width = int(t["width"])
     if not 0 <= dim < width:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import StoreError
-from harvest.store import ATTRS_KEY, open_group
+from harvest.store import open_group, read_provenance
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
@@ -69,7 +69,7 @@ class StoreFacts:
     def load(cls, path: str | Path) -> "StoreFacts":
         path = Path(path)
         group = open_group(path)
-        info = dict(group.attrs[ATTRS_KEY])
+        info = read_provenance(group)
         model = info.get("model", {}) or {}
         config = model.get("config", {}) or {}
         model_type = model.get("model_type") or config.get("model_type") or "unknown"

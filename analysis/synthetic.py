@@ -1,10 +1,10 @@
-"""Synthetic stores in the harvest schema, written with plain zarr: planted ground truth for the
-analyses' tests and benchmark-sized stores, with no model and no harvest run.
+"""Synthetic stores in the harvest schema: planted ground truth for the analyses' tests and
+benchmark-sized stores, with no model and no harvest run.
 
-The layout matches ``harvest.store``: one ``(token, d_model)`` array per hook point (sharded,
-crc32c), the row maps ``seq``/``pos``/``tokens``, ``input_ids`` (-1 past each sequence's end),
-``seq_length``, LayerNorm weights under ``model/``, tokenizer files under ``tokenizer/`` and the
-provenance in ``attrs['harvest']``.
+They are laid out by ``harvest.store.create_store``, the code that lays out every harvested store,
+so a test built on them sees the real schema (row maps, ``input_ids`` -1 past each sequence's
+end, LayerNorm weights under ``model/``, tokenizer files, the progress manifest, the provenance).
+Only the activations are made up, and written straight into the arrays.
 """
 
 from __future__ import annotations
@@ -15,18 +15,12 @@ from typing import Callable
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from harvest.hookpoints import HookPoint
+from harvest.shape import ArrayPlan, chunk_layout
+from harvest.store import RowMaps, create_store, mark_written
 
 from .source import parse_hook
-
-
-def _small(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict | None = None) -> None:
-    data = np.ascontiguousarray(data)
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=tuple(max(1, s) for s in data.shape),
-                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0, dimension_names=dims,
-                             attributes=attrs or {})
-    if data.size:
-        arr[...] = data
 
 
 def write_store(
@@ -78,45 +72,29 @@ def write_store(
         "spec": {"name": "synthetic"}, "software": {"zarr": zarr.__version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs["harvest"] = info
     row_bytes = d_model * np.dtype(dtype).itemsize
-    rows = chunk_rows or max(1, min(n_rows, int(chunk_mib * 2**20) // row_bytes))
-    shard = min(rows * chunks_per_shard, -(-n_rows // rows) * rows)
+    rows, shard = chunk_layout(n_rows, row_bytes, chunk_mib, chunks_per_shard)
+    if chunk_rows:
+        rows, shard = chunk_rows, min(chunk_rows * chunks_per_shard, -(-n_rows // chunk_rows) * chunk_rows)
+    arrays = []
     for name in hooks:
         template, layer = parse_hook(name)
-        arr = group.create_array(name, shape=(n_rows, d_model), dtype=dtype, chunks=(rows, d_model),
-                                 shards=(shard, d_model), compressors=[Crc32cCodec()], fill_value=0,
-                                 dimension_names=("token", "d_model"), attributes={"hook": template, "layer": layer})
+        arrays.append(ArrayPlan(HookPoint(name, template, layer, ("token", "d_model")), (n_rows, d_model), dtype,
+                                rows, shard))
+    tokenizer_files = sorted(f for f in Path(tokenizer_dir).iterdir() if f.is_file()) if tokenizer_dir else []
+    group = create_store(path, info, arrays, RowMaps(tokens.astype(np.int32), seq.astype(np.int64), pos, input_ids,
+                                                     lengths.astype(np.int32)),
+                         compressor="none", level=0, n_stages=1, n_batches=1,
+                         layer_norms={k: np.asarray(w, dtype=np.float32) for k, w in (ln or {}).items()},
+                         tokenizer_files=tokenizer_files)
+    for name in hooks:
+        arr = group[name]
         step = max(shard, (write_rows // shard) * shard)
         for lo in range(0, n_rows, step):
             hi = min(n_rows, lo + step)
             arr[lo:hi] = np.asarray(values(name, lo, hi), dtype=dtype)
-    _small(group, "seq", seq.astype(np.int64), ("token",))
-    _small(group, "pos", pos, ("token",))
-    _small(group, "tokens", tokens.astype(np.int32), ("token",))
-    _small(group, "input_ids", input_ids, ("sequence", "position"))
-    _small(group, "seq_length", lengths.astype(np.int32), ("sequence",))
-    model = group.require_group("model")
-    for key, w in (ln or {}).items():
-        _small(model, key, np.asarray(w, dtype=np.float32), ("layer", "d_model"))
-    if tokenizer_dir is not None:
-        tok = group.require_group("tokenizer")
-        for f in sorted(Path(tokenizer_dir).iterdir()):
-            if f.is_file():
-                _small(tok, f.name, np.frombuffer(f.read_bytes(), dtype=np.uint8), ("byte",), {"filename": f.name})
+    mark_written(group, 0, 1)
     return path
-
-
-def gaussian(seed: int, scale: float = 1.0, dtype=np.float32) -> Callable[[str, int, int], np.ndarray]:
-    """A ``values`` function: N(0, scale²), reproducible per array name and row range."""
-    import zlib
-
-    def fill(name: str, lo: int, hi: int, d: int) -> np.ndarray:
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode()), lo])
-        return (rng.standard_normal((hi - lo, d), dtype=np.float32) * scale).astype(dtype)
-
-    return fill
 
 
 # --- the issue's planted ground truth ----------------------------------------------------------------

@@ -33,12 +33,12 @@ from .hookpoints import HookPoint
 from .layout import Layout
 from .prompts import build_source, pad_meta
 from .quantize import check_quantization
-from .shape import ArrayPlan, ModelDims, array_plans, job_hooks, single_stage, workload_of
+from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, single_stage, store_dtype_for,
+                    workload_of)
 from .spec import JobSpec
-from .stage import StagePlan, store_dtype_for
-from .store import (FORMAT_VERSION, create_activation_array, create_group, create_manifest, dumps, first_incomplete,
-                    mark_written, open_group, read_provenance, remove_store, update_provenance, write_files,
-                    write_provenance, write_small)
+from .store import FORMAT_VERSION, MetaArray, RowMaps, create_manifest, dumps, first_incomplete, mark_written
+from .store import create_store as create_store_layout
+from .store import open_group, read_provenance, remove_store, update_provenance
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
@@ -142,34 +142,19 @@ def _fingerprint_fields(job: Job, tokenizer) -> dict[str, str]:
 # --- store creation ---------------------------------------------------------------------------------
 
 def create_store(job: Job) -> None:
+    """Lay out the job's store: empty activation arrays, row maps, metadata, LayerNorms, tokenizer."""
     spec, layout = job.spec, job.layout
-    group = create_group(job.path, _provenance(job, status="creating"))
-    for array in job.arrays:
-        point = array.point
-        create_activation_array(
-            group, array, compressor=spec.store.compressor, level=spec.store.level,
-            attributes={"hook": point.template, "layer": point.layer,
-                        **({"zero_past": "seq_length"} if point.axis == "sequence" else {})},
-        )
-    write_small(group, "tokens", layout.tokens, ("token",))
-    write_small(group, "seq", layout.seq, ("token",))
-    write_small(group, "pos", layout.pos, ("token",))
-    write_small(group, "input_ids", layout.input_ids, ("sequence", "position"))
-    write_small(group, "seq_length", layout.lengths.astype(np.int32), ("sequence",))
-    _write_meta(group.require_group("meta"), job)
-    _write_layer_norms(group.require_group("model"), job)
-    write_files(group.require_group("tokenizer"), job.ckpt.tokenizer_files())
-    create_manifest(group, len(job.stages), layout.n_batches)
-    write_provenance(group, _provenance(job, status="running"))
+    rows = RowMaps(layout.tokens, layout.seq, layout.pos, layout.input_ids, layout.lengths.astype(np.int32))
+    meta = {name: MetaArray(np.stack([pad_meta(p.meta[name], field_spec) for p in layout.prompts]),
+                            field_spec.dims, field_spec.description)
+            for name, field_spec in job.source.meta_fields().items()}
+    create_store_layout(job.path, _provenance(job, status="running"), job.arrays, rows,
+                        compressor=spec.store.compressor, level=spec.store.level, n_stages=len(job.stages),
+                        n_batches=layout.n_batches, meta=meta, layer_norms=_layer_norms(job),
+                        tokenizer_files=job.ckpt.tokenizer_files())
 
 
-def _write_meta(group, job: Job) -> None:
-    for name, field_spec in job.source.meta_fields().items():
-        values = np.stack([pad_meta(p.meta[name], field_spec) for p in job.layout.prompts])
-        write_small(group, name, values, ("sequence", *field_spec.dims), {"description": field_spec.description})
-
-
-def _write_layer_norms(group, job: Job) -> None:
+def _layer_norms(job: Job) -> dict[str, np.ndarray]:
     """LayerNorm weights per layer, so analyses can undo or apply them without the model."""
     ckpt, arch = job.ckpt, job.ckpt.arch
     available = ckpt.available_keys()
@@ -181,14 +166,12 @@ def _write_layer_norms(group, job: Job) -> None:
         names[f"ln_final.{part[0]}"] = [f"{arch.base}.{arch.final_norm}.{part}"]
     resolved = {out: [ckpt.resolve_key(k, available) for k in keys] for out, keys in names.items()}
     tensors = ckpt.load_tensors({k for keys in resolved.values() for k in keys if k})
-    for out, keys in resolved.items():
-        if not all(keys):
-            continue
-        stacked = np.stack([tensors[k].float().numpy() for k in keys])
-        if out.startswith("ln_final"):
-            write_small(group, out, stacked[0], ("d_model",))
-        else:
-            write_small(group, out, stacked, ("layer", "d_model"))
+    out = {}
+    for name, keys in resolved.items():
+        if all(keys):
+            stacked = np.stack([tensors[k].float().numpy() for k in keys])
+            out[name] = stacked[0] if name.startswith("ln_final") else stacked
+    return out
 
 
 def _provenance(job: Job, status: str) -> dict[str, Any]:

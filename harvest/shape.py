@@ -27,9 +27,36 @@ from .hookpoints import HookPoint, expand, topk_points
 from .layout import Layout
 from .prompts import SOURCES
 from .spec import JobSpec
-from .stage import StagePlan, store_dtype_for
 
 # --- hooks and blocks ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which part of the model one stage runs and which hook points it captures."""
+
+    index: int
+    n_stages: int
+    start: int  #: first block (inclusive)
+    stop: int  #: last block (exclusive)
+    embed: bool  #: runs the token embedding
+    final_norm: bool  #: runs the final LayerNorm
+    hooks: tuple[HookPoint, ...]
+    unembed: bool = False  #: runs the LM head, on the captured rows only (``capture.top_k``)
+
+    def describe(self) -> str:
+        parts = (["embed"] if self.embed else []) + [f"blocks {self.start}..{self.stop - 1}" if self.stop > self.start else "no blocks"]
+        return " + ".join(parts + (["ln_final"] if self.final_norm else []) + (["unembed"] if self.unembed else []))
+
+
+def store_dtype_for(compute_dtype: str, requested: str | None) -> str:
+    """Stored dtype: as asked, else the compute dtype; bfloat16 is stored as float32.
+
+    NumPy and Zarr have no bfloat16, and float16 would overflow on exactly the massive
+    activations outlier studies look for; float32 holds every bfloat16 value exactly.
+    """
+    if requested:
+        return requested
+    return "float32" if compute_dtype == "bfloat16" else compute_dtype
 
 
 def job_hooks(spec: JobSpec, arch, n_layers: int) -> list[HookPoint]:

@@ -10,36 +10,17 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .architectures import Architecture
 from .capture import BatchIndex, Capture, Selection
 from .checkpoint import TORCH_DTYPES, Checkpoint
 from .errors import ModelError
 from .hookpoints import HookPoint
 from .layout import Batch
 from .quantize import quantize_stage
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """Which part of the model one stage runs and which hook points it captures."""
-
-    index: int
-    n_stages: int
-    start: int  #: first block (inclusive)
-    stop: int  #: last block (exclusive)
-    embed: bool  #: runs the token embedding
-    final_norm: bool  #: runs the final LayerNorm
-    hooks: tuple[HookPoint, ...]
-    unembed: bool = False  #: runs the LM head, on the captured rows only (``capture.top_k``)
-
-    def describe(self) -> str:
-        parts = (["embed"] if self.embed else []) + [f"blocks {self.start}..{self.stop - 1}" if self.stop > self.start else "no blocks"]
-        return " + ".join(parts + (["ln_final"] if self.final_norm else []) + (["unembed"] if self.unembed else []))
+from .shape import StagePlan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,17 +29,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is {device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
     return torch.device(device)
-
-
-def store_dtype_for(compute_dtype: str, requested: str | None) -> str:
-    """Stored dtype: as asked, else the compute dtype; bfloat16 is stored as float32.
-
-    NumPy and Zarr have no bfloat16, and float16 would overflow on exactly the massive
-    activations outlier studies look for; float32 holds every bfloat16 value exactly.
-    """
-    if requested:
-        return requested
-    return "float32" if compute_dtype == "bfloat16" else compute_dtype
 
 
 class StageModel(nn.Module):

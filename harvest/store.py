@@ -1,5 +1,9 @@
 """The Zarr v3 store: schema, provenance, the progress manifest, and opening it lazily.
 
+This module is the store's interface: every other module creates, marks, opens and reads stores
+through the functions here (``create_store``, ``mark_written``, ``read_provenance``,
+``read_progress`` ...), so the schema below is written down in one place.
+
 Layout of one job's group (every array carries ``dimension_names``)::
 
     blocks.{l}.hook_resid_post   (token, d_model)          one array per hook point
@@ -58,15 +62,67 @@ def create_group(path: str | Path, info: dict[str, Any]) -> zarr.Group:
     return group
 
 
-def create_activation_array(group: zarr.Group, array: ArrayPlan, *, compressor: str, level: int,
-                            attributes: dict[str, Any]) -> zarr.Array:
+def create_activation_array(group: zarr.Group, array: ArrayPlan, *, compressor: str, level: int) -> zarr.Array:
     """An empty activation array laid out as ``harvest.shape.array_plans`` planned it."""
-    shape = array.shape
+    shape, point = array.shape, array.point
+    attributes = {"hook": point.template, "layer": point.layer,
+                  **({"zero_past": "seq_length"} if point.axis == "sequence" else {})}
     return group.create_array(
-        array.point.name, shape=shape, dtype=array.dtype, chunks=(array.chunk_rows, *shape[1:]),
+        point.name, shape=shape, dtype=array.dtype, chunks=(array.chunk_rows, *shape[1:]),
         shards=(array.shard_rows, *shape[1:]), compressors=codecs_for(compressor, level), fill_value=0,
-        dimension_names=array.point.dims, attributes=attributes,
+        dimension_names=point.dims, attributes=attributes,
     )
+
+
+@dataclass(frozen=True)
+class RowMaps:
+    """Where every stored row comes from: ``tokens``, ``seq``, ``pos`` along ``token``; ``input_ids``
+    (-1 past each end) and ``seq_length`` along ``sequence``."""
+
+    tokens: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    input_ids: np.ndarray
+    seq_length: np.ndarray
+
+
+@dataclass(frozen=True)
+class MetaArray:
+    """A per-sequence value of the prompt source, stored as ``meta/{name}`` (sequence, *dims)."""
+
+    values: np.ndarray
+    dims: tuple[str, ...]
+    description: str = ""
+
+
+def create_store(path: str | Path, info: dict[str, Any], arrays: list[ArrayPlan], rows: RowMaps, *,
+                 compressor: str, level: int, n_stages: int, n_batches: int,
+                 meta: dict[str, MetaArray] | None = None, layer_norms: dict[str, np.ndarray] | None = None,
+                 tokenizer_files: list[Path] = ()) -> zarr.Group:
+    """Lay out a whole store (see the module doc); every store is made here, harvested or synthetic.
+
+    The provenance says ``creating`` until everything is laid out, then ``info``'s own status.
+    ``layer_norms`` maps ``ln1.w`` ... to (layer, d_model) arrays and ``ln_final.w`` ... to (d_model,).
+    """
+    group = create_group(path, {**info, "status": "creating"})
+    for array in arrays:
+        create_activation_array(group, array, compressor=compressor, level=level)
+    write_small(group, "tokens", rows.tokens, ("token",))
+    write_small(group, "seq", rows.seq, ("token",))
+    write_small(group, "pos", rows.pos, ("token",))
+    write_small(group, "input_ids", rows.input_ids, ("sequence", "position"))
+    write_small(group, "seq_length", rows.seq_length, ("sequence",))
+    meta_group = group.require_group("meta")
+    for name, field in (meta or {}).items():
+        write_small(meta_group, name, field.values, ("sequence", *field.dims), {"description": field.description})
+    model = group.require_group("model")
+    for name, weights in (layer_norms or {}).items():
+        write_small(model, name, weights, ("layer", "d_model") if weights.ndim == 2 else ("d_model",))
+    if tokenizer_files:  # a harvest always has them; a synthetic store may not
+        write_files(group.require_group("tokenizer"), list(tokenizer_files))
+    create_manifest(group, n_stages, n_batches)
+    write_provenance(group, info)
+    return group
 
 
 def write_small(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...],
@@ -97,12 +153,18 @@ def read_files(group: zarr.Group, out_dir: Path) -> Path:
 
 # --- the progress manifest ---------------------------------------------------------------------
 
+#: the group of per-stage progress arrays; with the root's zarr.json (provenance: creation time, stage
+#: layout, last run), what may legitimately differ between two runs of one job
+MANIFEST_GROUP = "_progress"
+BOOKKEEPING = ("zarr.json", MANIFEST_GROUP)
+
+
 def manifest_name(stage: int) -> str:
-    return f"_progress/stage_{stage}"
+    return f"{MANIFEST_GROUP}/stage_{stage}"
 
 
 def create_manifest(group: zarr.Group, n_stages: int, n_batches: int) -> None:
-    progress = group.require_group("_progress")
+    progress = group.require_group(MANIFEST_GROUP)
     for name in list(progress.array_keys()):
         del progress[name]
     for i in range(n_stages):
@@ -131,7 +193,7 @@ def stage_frontier(path: str | Path, stage: int, start: int = 0) -> int:
 
 def batches_done(group: zarr.Group) -> np.ndarray:
     """Per batch: written by every stage. A batch counts only when all its pieces landed."""
-    progress = group["_progress"]
+    progress = group[MANIFEST_GROUP]
     stages = [progress[name][...] for name in sorted(progress.array_keys())]
     if not stages:
         return np.zeros(0, dtype=bool)
@@ -198,7 +260,7 @@ def read_progress(path: str | Path) -> StoreProgress | None:
     """Batches and tokens written, from the progress manifest and row layout (None: not laid out yet)."""
     group = open_group(path)
     info = read_provenance(group)
-    if info.get("status") == "creating" or "_progress" not in group or "seq_length" not in group:
+    if info.get("status") == "creating" or MANIFEST_GROUP not in group or "seq_length" not in group:
         return None
     per_batch = batch_tokens(group["seq_length"][...], int(info["layout"]["batch_size"]))
     done = batches_done(group)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import ATTRS_KEY, batches_done, open_group
+from .store import batches_done, open_group, read_provenance
 
 
 def disk_bytes(path: Path) -> int:
@@ -19,7 +19,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary: arrays (shape, chunks, bytes, ratio), progress and provenance."""
     path = Path(path)
     group = open_group(path)
-    info = dict(group.attrs[ATTRS_KEY])
+    info = read_provenance(group)
     arrays = []
     for name in info.get("hooks", []):
         arr = group[name]

@@ -12,7 +12,8 @@ import torch
 
 from .checkpoint import Checkpoint
 from .layout import Batch
-from .stage import Stage, StagePlan
+from .shape import StagePlan
+from .stage import Stage, resolve_device
 from .transfer import HostTransfer
 from .writer import StageStoreInfo, StageWriter, write_threads_for
 
@@ -35,8 +36,6 @@ class StageWorker:
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, options: StageOptions, store: StageStoreInfo,
                  start_batch: int):
-        from .stage import resolve_device
-
         if options.threads:
             torch.set_num_threads(options.threads)
         self.device = resolve_device(options.device)

@@ -68,7 +68,7 @@ def harvest_organism(name: str, workdir: str | Path = DEFAULT_WORKDIR, *, stores
 
     from harvest.runner import prepare, run
     from harvest.spec import parse_spec
-    from harvest.store import ATTRS_KEY, open_group
+    from harvest.store import provenance
 
     module, _ = _module(name)
     model_dir = ensure_organism(name, workdir)
@@ -80,17 +80,17 @@ def harvest_organism(name: str, workdir: str | Path = DEFAULT_WORKDIR, *, stores
         (stores / f"{key}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         spec = parse_spec(raw, base_dir=Path.cwd())
         path = spec.store_path()
-        if overwrite or not _up_to_date(path, prepare(spec).fingerprint, open_group, ATTRS_KEY):
+        if overwrite or not _up_to_date(path, prepare(spec).fingerprint, provenance):
             run(spec, overwrite=True, progress=progress)
         paths[key] = path
     return paths
 
 
-def _up_to_date(path: Path, fingerprint: str, open_group, attrs_key: str) -> bool:
+def _up_to_date(path: Path, fingerprint: str, provenance) -> bool:
     if not path.exists():
         return False
     try:
-        info = open_group(path).attrs[attrs_key]
+        info = provenance(path)
     except Exception:  # noqa: BLE001 - anything unreadable is harvested again
         return False
     return info.get("status") == "complete" and info.get("fingerprint") == fingerprint

@@ -47,10 +47,9 @@ from harvest.errors import CheckpointNotFoundError, ModelError, PlanDoesNotFitEr
 from harvest.hookpoints import HookPoint
 from harvest.layout import Layout
 from harvest.prompts import build_source
-from harvest.shape import (ArrayPlan, ModelDims, Workload, array_plans, estimate_workload, job_hooks, layers_needed,
-                           needs_final_norm, needs_unembed, single_stage, workload_of)
+from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
+                           layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
 from harvest.spec import JobSpec
-from harvest.stage import StagePlan
 from harvest.summary import human
 from harvest.writer import write_threads_for
 

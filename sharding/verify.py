@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import zarr
 
-#: bookkeeping that legitimately differs between two runs of one job: the root group's attributes
-#: (creation time, stage layout, last run) and the per-stage progress manifest
-EXCLUDED = ("zarr.json", "_progress")
+from harvest.store import BOOKKEEPING as EXCLUDED
 
 
 def store_differences(a: str | Path, b: str | Path, exclude: tuple[str, ...] = EXCLUDED) -> list[str]:
     """What differs between two stores: files present in one only, files whose bytes differ, and
     arrays whose decoded values differ. Empty when the stores hold the same bytes."""
-    import zarr
-
     a, b = Path(a), Path(b)
 
     def files(root: Path) -> dict[str, Path]:

@@ -81,7 +81,7 @@ def test_shipped_specs_ask_the_cluster_for_what_they_plan(repo_root, monkeypatch
 
 def test_demo_spec_plans(tmp_path):
     """jobs/demo.yaml names build/demo/model: plan it against a config of the demo model's shape."""
-    from harvest.demo import DEMO_MODEL
+    from harvest.cli.demo import DEMO_MODEL
     from harvest.toy import toy_config
     from sharding.plan import plan_job
 

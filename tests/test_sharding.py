@@ -206,7 +206,7 @@ def test_each_stage_holds_about_its_share_of_the_weights(make_checkpoint, make_s
 def test_permanent_failures_keep_their_message():
     """What the driver raises for a stage's own exception (no Ray needed)."""
     from harvest.errors import NonFiniteActivationError, StageError
-    from harvest.stage import StagePlan
+    from harvest.shape import StagePlan
     from sharding.pipeline import _permanent
 
     plan = StagePlan(index=1, n_stages=2, start=2, stop=4, embed=False, final_norm=True, hooks=())

@@ -11,9 +11,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .toy import build_checkpoint, stdlib_docstrings
+import xarray as xr
+import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from analysis.outliers import analyze_outliers
+from analysis.query import format_query, query_dim
+from organisms.demo import show
+
+from ..runner import run
+from ..spec import parse_spec
+from ..summary import format_summary, summarize
+from ..toy import build_checkpoint, stdlib_docstrings
+
+REPO = Path(__file__).resolve().parents[2]
 DEMO_SPEC = REPO / "jobs" / "demo.yaml"
 DEMO_MODEL = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024,
                   max_position_embeddings=512, rotary_pct=0.25)
@@ -38,10 +48,6 @@ def build_assets(workdir: Path) -> tuple[Path, Path]:
 
 def demo_spec(workdir: Path):
     """jobs/demo.yaml with its build/demo paths pointed at ``workdir``."""
-    import yaml
-
-    from .spec import parse_spec
-
     raw = yaml.safe_load(DEMO_SPEC.read_text())
     raw["model"]["path"] = str(workdir / "model")
     raw["prompts"]["paths"] = [str(workdir / "corpus" / "*.txt")]
@@ -54,9 +60,6 @@ def section(title: str) -> None:
 
 
 def main(workdir: Path = Path("build/demo")) -> None:
-    from .summary import format_summary, summarize
-    from .runner import run
-
     workdir = Path(workdir)
     section("1. a GPT-NeoX checkpoint and a corpus, built on this machine")
     t0 = time.perf_counter()
@@ -76,16 +79,11 @@ def main(workdir: Path = Path("build/demo")) -> None:
 
     section("4. open it without this project: plain xarray")
     print(f"python -c \"import xarray as xr; print(xr.open_zarr('{result.path}'))\"")
-    import xarray as xr
-
     ds = xr.open_zarr(str(result.path), consolidated=False)
     var = "blocks.5.hook_resid_post"
     print(f"{var}: dims {ds[var].dims}, shape {ds[var].shape}, mean |x| = {float(abs(ds[var]).mean()):.4f}")
 
     section("5. outliers and a query (harvest analyze outliers / harvest query dim)")
-    from analysis.outliers import analyze_outliers
-    from analysis.query import format_query, query_dim
-
     report = analyze_outliers(result.path)
     print(report.format())
     if report.outlier_dims:
@@ -99,14 +97,6 @@ def main(workdir: Path = Path("build/demo")) -> None:
     print(format_query(query_dim(result.path, dim, top=5, context=6)))
 
     section("6. model organisms: translation heads and the Fourier features of addition")
-    try:
-        import organisms  # noqa: F401
-    except ImportError:  # an install that predates the organisms package: it lives beside harvest/
-        import sys
-
-        sys.path.insert(0, str(REPO))
-    from organisms.demo import show
-
     t0 = time.perf_counter()
     show(workdir.parent / "organisms")  # trained once (a few CPU-minutes), cached under build/organisms
     print(f"organisms step: {time.perf_counter() - t0:.1f} s")

@@ -1,7 +1,11 @@
 """The ``harvest`` command: argument parsing over library calls, one-line errors.
 
 Every command maps to a library function (``harvest.run``, ``harvest.summary.summarize`` ...);
-nothing here computes anything itself.
+nothing here computes anything itself. This package is the top layer: the only code that imports
+every other layer (the core, ``sharding``, the runner, ``analysis``, ``cluster``, ``organisms``).
+The commands of the analyses and of the cluster live beside their libraries (``analysis.cli``,
+``cluster.cli``) and are put together here. Library modules that import torch, transformers or Ray
+are imported inside the command that needs them, so that ``harvest --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from typing import Optional
 
 import typer
 
-from .errors import HarvestError
+from analysis.cli import analyze_app, index_command, query_app
+from analysis.cli_circuits import register as register_circuits
+from cluster.cli import register as register_jobs
+
+from ..errors import HarvestError
+from ..spec import load_spec
+from ..summary import format_summary, human, summarize
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -43,17 +53,15 @@ def run(
       harvest run jobs/demo.yaml --resume      # after a crash: ends byte-identical
       harvest run my.yaml --dry-run            # check the spec, hooks and rows first
     """
-    from . import load_spec
-    from .summary import format_summary, human, summarize
-    from .runner import prepare
-    from .runner import run as run_job
+    from ..runner import prepare
+    from ..runner import run as run_job
 
     job_spec = load_spec(spec, store_root=store_root)
     if dry_run:
         job = prepare(job_spec)
         typer.echo(f"{len(job.hooks)} hook points, {job.layout.n_rows} rows from {job.layout.n_sequences} "
                    f"sequences in {job.layout.n_batches} batches -> {job.path}")
-        per_row = sum(_row_bytes(job, p) for p in job.hooks if p.axis == "token")
+        per_row = sum(a.row_bytes for a in job.arrays if a.point.axis == "token")
         typer.echo(f"about {human(per_row)} per captured token, {human(per_row * job.layout.n_rows)} in all")
         return
     if resume and overwrite:
@@ -65,12 +73,6 @@ def run(
         typer.echo(f"warning: {count} non-finite values stored in {name} (on_nonfinite: flag)", err=True)
     if not quiet:
         typer.echo(format_summary(summarize(result.path), max_arrays=12))
-
-
-def _row_bytes(job, point) -> int:
-    import numpy as np
-
-    return int(np.prod(job.array_shape(point)[1:])) * np.dtype(job.store_dtype).itemsize
 
 
 @app.command()
@@ -89,8 +91,6 @@ def plan(
     """
     from sharding.plan import format_plan, plan_job
 
-    from . import load_spec
-
     job_plan = plan_job(load_spec(spec, store_root=store_root))
     typer.echo(format_plan(job_plan))
     job_plan.check()
@@ -102,8 +102,6 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Arrays, shapes, chunking, bytes on disk, progress and provenance of a store."""
-    from .summary import format_summary, summarize
-
     summary = summarize(store)
     typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
 
@@ -118,18 +116,11 @@ def demo(
     run_demo(workdir)
 
 
-# issue 4: analyses over a store (analysis/cli.py)
-from analysis.cli import analyze_app, index_command, query_app  # noqa: E402
-
+# analyses over a store (analysis.cli, analysis.cli_circuits) and jobs on a Ray cluster (cluster.cli)
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(query_app, name="query")
 app.command("index")(index_command)
-from analysis.cli_circuits import register as register_circuits  # noqa: E402  (issue 6)
 register_circuits(analyze_app)
-
-# issue 5: jobs on a Ray cluster (jobs/cli.py)
-from jobs.cli import register as register_jobs  # noqa: E402
-
 register_jobs(app)
 
 
