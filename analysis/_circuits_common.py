@@ -16,12 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from harvest.errors import HarvestError
+from harvest.errors import AnalysisError
 from harvest.store import open_group, read_provenance
-
-
-class AnalysisError(HarvestError, ValueError):
-    """The store cannot be analysed as asked; the message says what is missing and how to get it."""
 
 
 def open_store_group(path: str | Path, mode: str = "r"):
