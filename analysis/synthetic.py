@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 import zarr
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harvest.hookpoints import HookPoint
 from harvest.shape import ArrayPlan, chunk_layout
@@ -162,9 +164,6 @@ def plant_residual_dim(src: str | Path, out: str | Path, arch: str, dim: int, bi
     LayerNorm weights of ``ln_weight`` at ``dim`` in blocks 1.. double that: a one-sided outlier in
     the hidden states of layers 1 to the last, at every position. Needs torch and transformers.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = Path(out)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():

@@ -10,6 +10,8 @@ from .spec import load_spec, parse_spec  # noqa: E402
 from .store import open_store, provenance  # noqa: E402
 
 
+# The runner (torch, transformers, Ray) is imported on the first call, so that reading a spec or
+# opening a store does not pay for it: these two are a facade, not a dependency of the core.
 def run(spec, **kwargs):
     """Harvest a job spec into its store; see ``harvest.runner.run``."""
     from .runner import run as _run

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig
 
 from .architectures import Architecture, architecture_for
 from .errors import CheckpointNotFoundError, ModelError
@@ -36,8 +38,6 @@ class Checkpoint:
 
     @cached_property
     def config(self):
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(self.directory, trust_remote_code=self.spec.trust_remote_code)
 
     @cached_property
@@ -66,8 +66,6 @@ class Checkpoint:
     @cached_property
     def key_to_file(self) -> dict[str, Path]:
         """Tensor name -> file holding it, read from the safetensors headers only."""
-        from safetensors import safe_open
-
         mapping: dict[str, Path] = {}
         for file in self.weight_files:
             with safe_open(file, framework="pt") as f:
@@ -113,8 +111,6 @@ class Checkpoint:
                 part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 state.update({k: v for k, v in part.items() if k in names})
             return state
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.key_to_file[name], []).append(name)

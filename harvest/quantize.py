@@ -75,7 +75,7 @@ def _quantized(bnb, linear: nn.Linear, quantization: str, dtype: torch.dtype, de
 def _bnb():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import bitsandbytes
+        import bitsandbytes  # optional (the `quant` extra): imported only when a spec asks for it
 
     # every int8 matmul on CPU warns that it casts to float16: say it once, not per batch
     warnings.filterwarnings("once", message=".*MatMul8bitLt.*")

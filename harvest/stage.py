@@ -13,6 +13,9 @@ from collections import Counter
 
 import torch
 from torch import nn
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoModelForCausalLM
+from transformers.masking_utils import create_causal_mask
 
 from .capture import BatchIndex, Capture, Selection
 from .checkpoint import TORCH_DTYPES, Checkpoint
@@ -37,8 +40,6 @@ class StageModel(nn.Module):
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, dtype: torch.dtype, device: torch.device,
                  attn_implementation: str):
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
         arch = ckpt.arch
         self.arch, self.plan = arch, plan
         self.config = copy.deepcopy(ckpt.config)
@@ -73,8 +74,6 @@ class StageModel(nn.Module):
         return f"{arch.base}.{module}.{rest}"
 
     def _load_weights(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         available = ckpt.available_keys()
         wanted: dict[str, str] = {}
         missing: list[str] = []
@@ -130,8 +129,6 @@ class StageModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, hidden: torch.Tensor | None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         h = self.embed(input_ids) if self.embed is not None else hidden
         position_ids = torch.arange(h.shape[1], device=h.device)[None, :]
         if len(self.blocks):

@@ -276,7 +276,7 @@ def open_store(path: str | Path):
     Row maps become coordinates of the ``token`` axis (``seq``, ``pos``, ``tokens``); the chosen
     heads and neurons become coordinates too. Provenance is in ``ds.attrs['harvest']``.
     """
-    import xarray as xr
+    import xarray as xr  # pandas comes with it: only for this call, so `import harvest` stays light
 
     group = open_group(path)
     ds = xr.open_zarr(str(path), consolidated=False)

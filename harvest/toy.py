@@ -15,6 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTJConfig, GPTNeoXConfig, PreTrainedTokenizerFast
+
 EOS = "<|endoftext|>"
 
 
@@ -25,9 +29,6 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     prompt sources work with it too. Saved and loaded back: a tokenizer built only in memory
     lacks ``name_or_path`` and trips some downstream tools.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,8 +48,6 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 def toy_config(arch: str, vocab_size: int, **overrides: Any):
     """A small config of the given architecture (``gpt_neox`` or ``gptj``)."""
-    from transformers import GPTJConfig, GPTNeoXConfig
-
     if arch == "gpt_neox":
         params: dict[str, Any] = dict(
             vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -85,9 +84,6 @@ def build_checkpoint(
     checkpoints are); ``safe_serialization=False`` writes a pickle checkpoint, for testing that
     it is refused without ``allow_pickle``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is not None:
@@ -111,8 +107,6 @@ def build_checkpoint(
 
 def _save_pickle(model, out_dir: Path) -> None:
     """Write ``pytorch_model.bin`` the way pre-safetensors checkpoints are laid out."""
-    import torch
-
     model.config.save_pretrained(out_dir)
     torch.save(model.state_dict(), out_dir / "pytorch_model.bin")
 
