@@ -1,4 +1,4 @@
-"""GPU harvest (issue 3): a random-init GPT-J-6B-sized model in fp16 on one GPU.
+"""GPU harvest: a random-init GPT-J-6B-sized model in fp16 on one GPU.
 
     python bench/gpu_harvest.py --json OUT.json        # on a machine with a GPU (about 4 min, 40 GB of disk)
     .venv/bin/python bench/gpu_harvest.py --render OUT.json   # write its section of bench/RESULTS.md

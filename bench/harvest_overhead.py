@@ -1,4 +1,4 @@
-"""Harvest overhead (issue 2): what capturing activations costs next to a bare forward pass.
+"""Harvest overhead: what capturing activations costs next to a bare forward pass.
 
     .venv/bin/python bench/harvest_overhead.py            # full: 3 fresh processes per cell, 1 and 2 threads
     .venv/bin/python bench/harvest_overhead.py --quick    # smoke run: 1 repetition, RESULTS.md untouched

@@ -1,4 +1,4 @@
-"""Outlier scan and query benchmark (issue 4).
+"""Outlier scan and query benchmark.
 
     .venv/bin/python bench/outlier_scan.py            # writes build/bench/outlier_scan_{1x,4x}.zarr, runs, appends RESULTS.md
     .venv/bin/python bench/outlier_scan.py --no-record

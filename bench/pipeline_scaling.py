@@ -1,4 +1,4 @@
-"""Pipeline scaling (issue 3): two Ray stages of one thread each against one process, and Ray's cost per micro-batch.
+"""Pipeline scaling: two Ray stages of one thread each against one process, and Ray's cost per micro-batch.
 
     .venv/bin/python bench/pipeline_scaling.py             # ~8 min: 2 repetitions, writes bench/RESULTS.md
     .venv/bin/python bench/pipeline_scaling.py --quick     # 1 repetition, RESULTS.md untouched
