@@ -71,8 +71,13 @@ def pythia160m_checkpoint(out_dir: Path = BUILD / "pythia160m-shape") -> Path:
 # --- measuring ------------------------------------------------------------------------------------
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process: VmHWM, since ``ru_maxrss`` also holds the peak of the
+    parent image that ``exec`` replaced (a fresh process started from a big one reports the big one's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -166,7 +166,12 @@ def numpy_scan(path: Path, block_rows: int, k: int = 32, alpha: float = 6.0) -> 
 # --- children: one measurement per fresh process -------------------------------------------------------
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: ``ru_maxrss`` of a fresh process also holds its parent's peak (see bench/common.py)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_seconds() -> float:

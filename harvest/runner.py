@@ -23,7 +23,6 @@ import zarr
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from sharding.pipeline import run_pipeline
 from sharding.plan import partition_stages
 
 from . import __version__
@@ -276,6 +275,9 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     if len(job.stages) == 1:
         nonfinite = _run_in_process(job, start, progress)
     else:
+        # Ray (~30 MiB and a second of start-up) is imported by multi-stage jobs only
+        from sharding.pipeline import run_pipeline
+
         nonfinite = run_pipeline(job, start, progress)
     seconds = time.perf_counter() - t0
     tokens = job.layout.tokens_before(job.layout.n_batches) - job.layout.tokens_before(start)

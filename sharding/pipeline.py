@@ -78,8 +78,18 @@ def from_wire(wire):
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process in bytes.
+
+    From ``VmHWM`` in /proc/self/status, not ``ru_maxrss``: Linux carries the high-water mark of the
+    process image that ``exec`` replaced into ``ru_maxrss``, so a process started by a big one (a
+    Ray worker forked from the raylet, a subprocess of pytest) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PipelineStage(StageWorker):
