@@ -156,7 +156,7 @@ def job_progress(log_text: str | None, store: str | None) -> Progress | None:
 
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = int(round(seconds))
@@ -174,7 +174,7 @@ def format_progress(p: Progress | None) -> str:
         out += f", {p.tokens_per_s:,.0f} tokens/s"
     eta = p.eta_s
     if p.tokens_done < p.tokens_total:
-        out += f", ETA {_duration(eta)}" if eta is not None else ", ETA unknown (no rate yet)"
+        out += f", ETA {duration(eta)}" if eta is not None else ", ETA unknown (no rate yet)"
     return out + (f"  [from the {p.source}]" if p.source != "store" else "")
 
 

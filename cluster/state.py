@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from harvest.errors import ClusterError, HarvestError, JobNotFoundError, did_you_mean
 
 from .connection import connect, first_line
-from .progress import Progress, _duration, format_progress, job_progress
+from .progress import Progress, duration, format_progress, job_progress
 from .protocol import parse_error, rebuild_error
 
 #: job metadata keys (``ray job list`` shows them too)
@@ -49,7 +49,7 @@ class JobStatus:
         return rebuild_error(name, message)
 
 
-def _job_info(client, job_id: str):
+def job_info(client, job_id: str):
     try:
         return client.get_job_info(job_id)
     except RuntimeError as exc:
@@ -70,7 +70,7 @@ def _not_found(client, job_id: str) -> JobNotFoundError:
                             "(`harvest jobs` lists them)")
 
 
-def _logs_text(client, job_id: str) -> str:
+def logs_text(client, job_id: str) -> str:
     try:
         return client.get_job_logs(job_id)
     except Exception:  # noqa: BLE001 - no logs yet (PENDING) or the head lost them
@@ -100,8 +100,8 @@ def status_from(info, log_text: str | None, *, with_progress: bool = True) -> Jo
 def status(job_id: str, address: str | None = None) -> JobStatus:
     """State and progress of a job (``harvest status JOB``)."""
     client, _ = connect(address)
-    info = _job_info(client, job_id)
-    return status_from(info, _logs_text(client, job_id))
+    info = job_info(client, job_id)
+    return status_from(info, logs_text(client, job_id))
 
 
 def wait(job_id: str, address: str | None = None, *, timeout: float | None = None, poll: float = 2.0,
@@ -110,7 +110,7 @@ def wait(job_id: str, address: str | None = None, *, timeout: float | None = Non
     client, _ = connect(address)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        st = status_from(_job_info(client, job_id), _logs_text(client, job_id))
+        st = status_from(job_info(client, job_id), logs_text(client, job_id))
         if on_status is not None:
             on_status(st)
         if st.terminal or (deadline is not None and time.monotonic() >= deadline):
@@ -121,9 +121,9 @@ def wait(job_id: str, address: str | None = None, *, timeout: float | None = Non
 def logs(job_id: str, follow: bool = False, address: str | None = None) -> Iterator[str]:
     """The job's log: all of it at once, or (``follow``) pieces as they come until the job ends."""
     client, _ = connect(address)
-    _job_info(client, job_id)
+    job_info(client, job_id)
     if not follow:
-        return iter([_logs_text(client, job_id)])
+        return iter([logs_text(client, job_id)])
     return _tail(client, job_id)
 
 
@@ -144,16 +144,16 @@ def _tail(client, job_id: str) -> Iterator[str]:
 def stop(job_id: str, address: str | None = None, *, wait_s: float = 30.0) -> JobStatus:
     """Stop a job (SIGTERM, then SIGKILL); its store keeps every batch written, and resubmitting resumes it."""
     client, _ = connect(address)
-    info = _job_info(client, job_id)
+    info = job_info(client, job_id)
     if str(info.status) not in TERMINAL:
         client.stop_job(job_id)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            info = _job_info(client, job_id)
+            info = job_info(client, job_id)
             if str(info.status) in TERMINAL:
                 break
             time.sleep(0.25)
-    return status_from(info, _logs_text(client, job_id))
+    return status_from(info, logs_text(client, job_id))
 
 
 def list_jobs(address: str | None = None, *, all_jobs: bool = False) -> list[JobStatus]:
@@ -178,7 +178,7 @@ def format_status(st: JobStatus, now: float | None = None) -> str:
     if st.start_time:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(st.start_time))
         took = (st.end_time or now) - st.start_time
-        lines.append(f"started   {started}, {'ran' if st.end_time else 'running'} for {_duration(took)}")
+        lines.append(f"started   {started}, {'ran' if st.end_time else 'running'} for {duration(took)}")
     if st.error:
         lines.append(f"error     {st.error}")
     elif st.message and st.state != "RUNNING":

@@ -38,7 +38,7 @@ from .connection import connect, dashboard_url, first_line, is_local
 from .progress import Progress
 from .protocol import READY_TAG, parse_error, rebuild_error
 from .resources import check_resources, cluster_nodes, entrypoint_resources, job_needs, total
-from .state import META_SPEC, META_STAGES, META_STORE, TERMINAL, _job_info, _logs_text
+from .state import META_SPEC, META_STAGES, META_STORE, TERMINAL, job_info, logs_text
 
 #: the packages of this project, shipped to the cluster as py_modules unless ship_code=False
 PACKAGES = ("harvest", "sharding", "analysis", "cluster")
@@ -210,9 +210,9 @@ def _await_start(client, job_id: str, wait_s: float, python: str, ship_code: boo
     """Wait until the job has checked its store (or ended, or ``wait_s`` passed); raise its early failure."""
     deadline = time.monotonic() + wait_s
     while True:
-        info = _job_info(client, job_id)
+        info = job_info(client, job_id)
         state = str(info.status)
-        text = _logs_text(client, job_id) if state != "PENDING" else ""
+        text = logs_text(client, job_id) if state != "PENDING" else ""
         if state == "FAILED":
             raise _early_failure(job_id, text, info.message or "", python, ship_code)
         if state in TERMINAL or READY_TAG in text or time.monotonic() >= deadline:

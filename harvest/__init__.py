@@ -4,10 +4,9 @@ Library first: ``harvest.run(load_spec("jobs/demo.yaml"))`` harvests a job;
 ``harvest.open_store(path)`` gives the stored activations as a lazy xarray Dataset.
 """
 
-__version__ = "0.1.0"
-
-from .spec import load_spec, parse_spec  # noqa: E402
-from .store import open_store, provenance  # noqa: E402
+from ._version import __version__
+from .spec import load_spec, parse_spec
+from .store import open_store, provenance
 
 
 # The runner (torch, transformers, Ray) is imported on the first call, so that reading a spec or

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from sharding.plan import partition_stages
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .errors import FingerprintMismatchError, SpecError, StoreError, StoreExistsError
 from .hookpoints import HookPoint

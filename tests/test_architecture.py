@@ -54,6 +54,27 @@ def test_an_upward_import_or_a_circle_breaks_the_contract(tmp_path, module, line
     assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout
 
 
+def test_no_module_imports_itself_through_others():
+    """Zero import cycles, package ``__init__`` modules and imports inside functions included."""
+    import grimp
+
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges[todo.pop()]:
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    assert [m for m in sorted(graph.modules) if reaches(m, m)] == []
+
+
 def test_every_harvest_module_is_in_a_layer():
     """A new module of harvest must be placed in the contract, or nothing would check it."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]

@@ -178,7 +178,7 @@ class FakeClient:
 def test_a_job_id_that_does_not_exist():
     client = FakeClient([_details("harvest-demo-1a2b3c4d", "SUCCEEDED", **{state.META_SPEC: "demo"})])
     with pytest.raises(JobNotFoundError) as err:
-        state._job_info(client, "harvest-demo-1a2b3c4e")
+        state.job_info(client, "harvest-demo-1a2b3c4e")
     text = str(err.value)
     assert "no job 'harvest-demo-1a2b3c4e'" in text and "did you mean 'harvest-demo-1a2b3c4d'" in text
     assert "harvest jobs" in text
