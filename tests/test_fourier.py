@@ -16,7 +16,7 @@ import zarr
 
 from analysis import fourier
 from analysis._circuits_common import AnalysisError
-from harvest.store import ATTRS_KEY, write_files
+from harvest.store import write_files, write_provenance
 from organisms.common import word_tokenizer
 
 D = 48
@@ -32,7 +32,7 @@ def basis(n: np.ndarray, periods) -> np.ndarray:
 
 def base_store(path, source: str, seq: np.ndarray, pos: np.ndarray):
     group = zarr.open_group(str(path), mode="w")
-    group.attrs[ATTRS_KEY] = {"prompts": {"source": source}, "selection": {}, "fingerprint": "test"}
+    write_provenance(group, {"prompts": {"source": source}, "selection": {}, "fingerprint": "test"})
     group.create_array("seq", data=seq.astype(np.int64), dimension_names=("token",))
     group.create_array("pos", data=pos.astype(np.int32), dimension_names=("token",))
     return group

@@ -349,14 +349,12 @@ def test_the_job_entry_point_runs_a_job_and_reports_progress(small_store, capsys
 def test_read_progress_counts_tokens_of_written_batches(small_store):
     import zarr
 
-    from harvest.store import ATTRS_KEY
-
     path = small_store / "stores" / "entry.zarr"
     full = store.read_progress(path)
     group = zarr.open_group(str(path), mode="r+")
     lengths = group["seq_length"][...]
     assert (full.batches_done, full.n_batches, full.tokens_total) == (4, 4, int(lengths.sum()))
-    assert group.attrs[ATTRS_KEY]["layout"]["batch_size"] == 3
+    assert store.read_provenance(group)["layout"]["batch_size"] == 3
     manifest = group["_progress/stage_0"]
     saved = manifest[...]
     try:

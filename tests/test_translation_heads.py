@@ -17,7 +17,7 @@ import zarr
 
 from analysis import translation_heads as th
 from analysis._circuits_common import AnalysisError
-from harvest.store import ATTRS_KEY
+from harvest.store import write_provenance
 
 N_HEADS, NEXT, CUR, PREV, INDUCTION, UNIFORM = 5, 0, 1, 2, 3, 4
 SRC_NAME, SRC_SEP, TGT_NAME, TGT_SEP = 1, 2, 3, 4  # distinct separators: nothing for induction to copy
@@ -77,7 +77,7 @@ def write_store(path, prompts, source: str, layers=(0, 1), heads=None) -> str:
     """A harvest-schema store holding planted patterns (layer 0 uniform, the last layer planted)."""
     n_k = max(len(p[0]) for p in prompts)
     group = zarr.open_group(str(path), mode="w")
-    group.attrs[ATTRS_KEY] = {"prompts": {"source": source}, "selection": {"heads": heads}, "fingerprint": "test"}
+    write_provenance(group, {"prompts": {"source": source}, "selection": {"heads": heads}, "fingerprint": "test"})
     ids = np.full((len(prompts), n_k), -1, np.int32)
     lengths = np.array([len(p[0]) for p in prompts], np.int32)
     for i, p in enumerate(prompts):
@@ -261,7 +261,7 @@ def test_errors_name_the_fix(tmp_path, stores):
     with pytest.raises(AnalysisError, match="harvest the translation source"):
         th.analyze(stores["text"], write=False, plot=False)
     group = zarr.open_group(str(tmp_path / "nopat.zarr"), mode="w")
-    group.attrs[ATTRS_KEY] = {"prompts": {"source": "translation"}}
+    write_provenance(group, {"prompts": {"source": "translation"}})
     meta = group.require_group("meta")
     meta.create_array("src_span", data=np.zeros((1, 1, 2), np.int32))
     meta.create_array("tgt_span", data=np.zeros((1, 1, 2), np.int32))
