@@ -69,7 +69,7 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     the per-dimension index; results written into the store (``write``) and plots saved
     (``plots``: True for ``<store>.plots/`` beside the store, or a folder)."""
     params = params or ScanParams()
-    _check_params(params)
+    check_params(params)
     scan = run_scan(path, params, index=index, outliers=True, derive=derive, scheduler=scheduler,
                     num_workers=num_workers)
     if scan.outliers is None:
@@ -102,7 +102,7 @@ def default_plot_dir(path: str | Path) -> Path:
     return path.parent / f"{path.name.removesuffix('.zarr')}.plots"
 
 
-def _check_params(p: ScanParams) -> None:
+def check_params(p: ScanParams) -> None:
     if not p.magnitude > 0:
         raise AnalysisError(f"magnitude must be > 0 (Dettmers: 6.0), not {p.magnitude}")
     for name in ("layer_frac", "pos_frac"):

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .source import parse_hook
+from harvest.hookpoints import split_name
 
 
 def _small(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict | None = None) -> None:
@@ -58,7 +58,7 @@ def write_store(
     path = Path(path)
     lengths = np.asarray(lengths, dtype=np.int64)
     n_rows, n_seq, max_len = int(lengths.sum()), len(lengths), int(lengths.max())
-    layers = [parse_hook(h)[1] for h in hooks]
+    layers = [split_name(h)[1] for h in hooks]
     n_layers = n_layers if n_layers is not None else 1 + max((x for x in layers if x is not None), default=-1)
     rng = np.random.default_rng(seed)
     if input_ids is None:
@@ -84,7 +84,7 @@ def write_store(
     rows = chunk_rows or max(1, min(n_rows, int(chunk_mib * 2**20) // row_bytes))
     shard = min(rows * chunks_per_shard, -(-n_rows // rows) * rows)
     for name in hooks:
-        template, layer = parse_hook(name)
+        template, layer = split_name(name)
         arr = group.create_array(name, shape=(n_rows, d_model), dtype=dtype, chunks=(rows, d_model),
                                  shards=(shard, d_model), compressors=[Crc32cCodec()], fill_value=0,
                                  dimension_names=("token", "d_model"), attributes={"hook": template, "layer": layer})
@@ -148,7 +148,7 @@ def planted_store(path: str | Path, *, n_seq: int = 4, n_layers: int = 28, n_pos
     in_a, in_c = np.isin(np.arange(n_pos), pos_a), np.isin(np.arange(n_pos), pos_c)
 
     def values(name: str, lo: int, hi: int) -> np.ndarray:
-        template, layer = parse_hook(name)
+        template, layer = split_name(name)
         x = np.random.default_rng([seed, layer, lo, template == "hook_resid_post"]).standard_normal(
             (hi - lo, d), dtype=np.float32) * 0.5
         pos = np.arange(lo, hi) % n_pos

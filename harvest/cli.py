@@ -118,16 +118,14 @@ def demo(
     run_demo(workdir)
 
 
-# issue 4: analyses over a store (analysis/cli.py)
+# analyses over a store (analysis/cli.py)
 from analysis.cli import analyze_app, index_command, query_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(query_app, name="query")
 app.command("index")(index_command)
-from analysis.cli_circuits import register as register_circuits  # noqa: E402  (issue 6)
-register_circuits(analyze_app)
 
-# issue 5: jobs on a Ray cluster (jobs/cli.py)
+# jobs on a Ray cluster (jobs/cli.py)
 from jobs.cli import register as register_jobs  # noqa: E402
 
 register_jobs(app)
