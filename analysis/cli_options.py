@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-Store = Annotated[Path, typer.Argument(help="Path of a harvest store (a .zarr directory).", show_default=False)]
+Store = Annotated[Path, typer.Argument(metavar="STORE", help="Path of a harvest store (a .zarr directory).",
+                                       show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Where the Dask graph runs: 'threads' in this process (default), 'sync' (one thread), "

@@ -396,7 +396,8 @@ class FourierPlan:
             lines.append("  Fourier directions of a+b at the '=' position")
             lines.append("  accuracy: top-1 of unembed.topk_ids" if self.accuracy else
                          "  accuracy: not available (harvest with capture.top_k: 1 to keep predictions)")
-        lines.append(f"would read the number-token and '=' rows of {len(self.layers)} arrays per store")
+        rows = " and ".join((["the number tokens"] if self.numbers_from else []) + (["'='"] if self.addition else []))
+        lines.append(f"would read the rows of {rows} in {len(self.layers)} arrays")
         return "\n".join(lines)
 
     def outputs(self, write: bool = True, plot: bool = True) -> list[str]:

@@ -253,8 +253,9 @@ def resolve(patterns: str | list[str], names: list[str], where: str = "the store
                 raise HookNotInStoreError(str(exc)) from None
             missing = [layer for layer in wanted if layer not in have]
             if missing:
-                raise HookNotInStoreError(f"hook {named}: layer {missing[0]} was not harvested into {where}; "
-                                          f"harvested layers of {template}: {compact_layers(have)}")
+                plural = "s" if len(missing) > 1 else ""
+                raise HookNotInStoreError(f"hook {named}: layer{plural} {compact_layers(missing)} not harvested into "
+                                          f"{where}; harvested layers of {template}: {compact_layers(have)}")
             found = [have[layer] for layer in wanted]
         chosen.update(found)
     return [name for name in names if name in chosen]
