@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import AnalysisError, StoreError
+from harvest.hookpoints import split_name
 from harvest.store import open_group
 
 from . import stats
@@ -252,7 +253,7 @@ def _describe_sources(sources) -> list[str]:
     out = []
     keyed: dict[tuple[str, str], list[int]] = {}
     for s in sources:
-        template = s.array.split(".", 2)[-1] if s.array.startswith("blocks.") else s.array
+        template = split_name(s.array)[0]
         keyed.setdefault((s.ln, f"{s.how}:{template}"), []).append(s.layer)
     for (ln, how), layers in keyed.items():
         kind, template = how.split(":", 1)

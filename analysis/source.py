@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import StoreError
-from harvest.hookpoints import compact_layers, split_name
+from harvest.hookpoints import block_name, compact_layers, split_name
 from harvest.store import ATTRS_KEY, open_group
 
 
@@ -150,7 +150,8 @@ class Source:
 
 def _resid_for(facts: StoreFacts, layer: int) -> str | None:
     """The stored raw residual entering block ``layer``."""
-    for name in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post" if layer else "hook_embed"):
+    before = block_name(layer - 1, "hook_resid_post") if layer else "hook_embed"
+    for name in (block_name(layer, "hook_resid_pre"), before):
         if name in facts.arrays:
             return name
     return None
@@ -162,7 +163,7 @@ def plan_sources(facts: StoreFacts, derive: bool = True) -> tuple[list[Source], 
     notes: list[str] = []
     for layer in range(facts.n_layers):
         for ln in facts.lns():
-            stored = f"blocks.{layer}.{ln}.hook_normalized"
+            stored = block_name(layer, f"{ln}.hook_normalized")
             if stored in facts.arrays:
                 sources.append(Source(layer, ln, stored, "stored"))
                 continue
@@ -173,9 +174,9 @@ def plan_sources(facts: StoreFacts, derive: bool = True) -> tuple[list[Source], 
             resid = _resid_for(facts, layer)
             if resid and f"{ln}.w" in facts.ln and f"{ln}.b" in facts.ln:
                 sources.append(Source(layer, ln, resid, "resid"))
-            elif (ln == "ln2" and f"blocks.{layer}.ln1.hook_normalized" in facts.arrays
+            elif (ln == "ln2" and block_name(layer, "ln1.hook_normalized") in facts.arrays
                   and {"ln1.w", "ln1.b", "ln2.w", "ln2.b"} <= set(facts.ln)):
-                sources.append(Source(layer, ln, f"blocks.{layer}.ln1.hook_normalized", "ln1"))
+                sources.append(Source(layer, ln, block_name(layer, "ln1.hook_normalized"), "ln1"))
     derived = [s for s in sources if s.how != "stored"]
     if derived:
         for how in ("resid", "ln1"):

@@ -137,7 +137,7 @@ def _pattern_layers(group, path: Path) -> dict[int, str]:
                             "['blocks.*.attn.hook_pattern']") from None
 
 
-def _pattern_heads(group, path: Path, layers: dict[int, str]) -> np.ndarray:
+def _pattern_heads(group, layers: dict[int, str]) -> np.ndarray:
     return stored_heads(group, group[next(iter(layers.values()))].shape[1])
 
 
@@ -275,7 +275,7 @@ def plan(store: str | Path, *, text: str | Path | None = None, repeated: str | P
         raise AnalysisError(f"{store} was harvested with prompts.source = {prompt_source(group)!r}, which stores no "
                             "word alignment (meta/src_span, meta/tgt_span); harvest the translation source")
     layers = _pattern_layers(group, store)
-    heads = _pattern_heads(group, store, layers)
+    heads = _pattern_heads(group, layers)
     text_path = Path(text) if text is not None else store
     repeated_path = Path(repeated) if repeated is not None else store
     controls: dict[Path, dict[int, str]] = {}
@@ -284,7 +284,7 @@ def plan(store: str | Path, *, text: str | Path | None = None, repeated: str | P
             continue
         control = open_store(path)
         have = _pattern_layers(control, path)
-        their_heads = _pattern_heads(control, path, have)
+        their_heads = _pattern_heads(control, have)
         if not np.array_equal(their_heads, heads):
             raise AnalysisError(f"control store {path} holds heads {their_heads.tolist()}, the translation store "
                                 f"{heads.tolist()}; harvest both with the same capture.heads")

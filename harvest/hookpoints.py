@@ -91,7 +91,7 @@ def _hook_point(template: str, layer: int | None) -> HookPoint:
     if layer is None:
         return HookPoint(template, template, None, ("token", *MODEL_DIMS[template]))
     axis = "sequence" if template in SEQUENCE_AXIS else "token"
-    return HookPoint(f"blocks.{layer}.{template}", template, layer, (axis, *BLOCK_DIMS[template]))
+    return HookPoint(block_name(layer, template), template, layer, (axis, *BLOCK_DIMS[template]))
 
 
 def topk_points() -> list[HookPoint]:
@@ -123,6 +123,11 @@ def parse_pattern(pattern: str) -> tuple[str | None, str]:
     if m:
         return m[1], canonical_template(m[2])
     return None, canonical_template(pattern.strip())
+
+
+def block_name(layer: int, template: str) -> str:
+    """The canonical name (and store array) of a block hook point: ``blocks.{layer}.{template}``."""
+    return f"blocks.{layer}.{template}"
 
 
 def split_name(name: str) -> tuple[str, int | None]:
