@@ -186,6 +186,21 @@ def test_unreachable_scheduler_is_a_one_line_error(command, stores, capsys, monk
         assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_circuit_analyses_run_on_a_distributed_scheduler_too(stores):
+    from distributed import LocalCluster
+
+    threads = translation_heads.analyze(stores["translation"], write=False, plot=False)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        remote = translation_heads.analyze(stores["translation"], write=False, plot=False,
+                                           scheduler=cluster.scheduler_address)
+        numbers = fourier.analyze(stores["numbers"], n_shuffles=2, write=False, plot=False,
+                                  scheduler=cluster.scheduler_address)
+    for name, value in threads.scores.items():
+        np.testing.assert_allclose(remote.scores[name], value, equal_nan=True)
+    local = fourier.analyze(stores["numbers"], n_shuffles=2, write=False, plot=False, scheduler="sync")
+    np.testing.assert_allclose(numbers.power, local.power)
+
+
 def test_runtime_runs_graphs_where_it_is_told():
     import dask
 
