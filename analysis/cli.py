@@ -83,7 +83,11 @@ def outliers_command(
     plot_to = False if no_plots else (plots if plots is not None else True)
     if dry_run:
         check_params(params)
-        outputs = [] if no_write else [f"{store}/analysis/outliers"] + ([f"{store}/analysis/index"] * (not no_index))
+        outputs = []
+        if not no_write:
+            outputs.append(f"{store}/analysis/outliers")
+            if not no_index:
+                outputs.append(f"{store}/analysis/index")
         if plot_to:
             outputs.append(f"{plots if plots is not None else default_plot_dir(store)}/*.png")
         typer.echo(_dry_run(describe_plan(store, params, index=not no_index, derive=not stored_only),

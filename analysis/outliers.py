@@ -104,6 +104,7 @@ def default_plot_dir(path: str | Path) -> Path:
 
 
 def check_params(p: ScanParams) -> None:
+    """The parameters a user can get wrong, checked before anything is read (dry runs too)."""
     if not p.magnitude > 0:
         raise AnalysisError(f"magnitude must be > 0 (Dettmers: 6.0), not {p.magnitude}")
     for name in ("layer_frac", "pos_frac"):
