@@ -39,9 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, info, jsonable, layer_arrays,
-                               open_store_group, pyplot, read, require, result_group, rows_at, scheduler,
-                               source_name, write_array)
+from harvest.errors import AnalysisError
+from harvest.hookpoints import compact_layers, split_name
+
+from .plots import figure_path, pyplot
+from .reading import (dask_array, hook_layers, open_store, prompt_source, provenance, read, rows_at,
+                      store_hooks)
+from .results import format_table, jsonable, result_group, write_array
+from .runtime import dask_scheduler
 
 RESULT_GROUP = "fourier"
 DEFAULT_PERIODS = (2, 5, 10, 100)
@@ -192,26 +197,33 @@ def period_features(values: np.ndarray, periods) -> np.ndarray:
 
 # --- reading the store ---------------------------------------------------------------------------------
 
-def hook_layers(group, hook: str, include_embed: bool) -> dict[int, str]:
-    layers = layer_arrays(group, hook)
-    if include_embed and "hook_embed" in group:
+def analysed_layers(group, hook: str, include_embed: bool, path: Path) -> dict[int, str]:
+    """``{layer: array}`` of ``hook`` in every harvested layer, plus ``hook_embed`` as layer −1."""
+    layers = hook_layers(group, hook, path)
+    if include_embed and "hook_embed" in store_hooks(group):
         layers = {EMBED_LAYER: "hook_embed", **layers}
     return layers
 
 
+#: where the numbers of the spectrum come from: (value array, token span array, description)
+NUMBER_SOURCES = (("n", "n_span", "numbers: last token of n"),
+                  ("a", "a_span", "addition: last token of operand a, mean over prompts with the same a"))
+
+
+def _number_source(group, path: Path) -> tuple[str, str, str]:
+    """The meta arrays holding the numbers of a numbers (or addition) store: metadata only."""
+    meta = group["meta"] if "meta" in group else {}
+    for values, span, where in NUMBER_SOURCES:
+        if values in meta and span in meta:
+            return values, span, where
+    raise AnalysisError(f"{path} (prompts.source = {prompt_source(group)!r}) holds no numbers; harvest the "
+                        "numbers source (or the addition source) for the spectrum and helix")
+
+
 def _number_rows(group, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """(rows, number at each row, where they come from) for the number-token activations."""
-    source = source_name(group)
-    meta = group["meta"] if "meta" in group else {}
-    if "n" in meta and "n_span" in meta:
-        values, span = read(group, "meta/n"), read(group, "meta/n_span")
-        where = "numbers: last token of n"
-    elif "a" in meta and "a_span" in meta:
-        values, span = read(group, "meta/a"), read(group, "meta/a_span")
-        where = "addition: last token of operand a, mean over prompts with the same a"
-    else:
-        raise AnalysisError(f"{path} (prompts.source = {source!r}) holds no numbers; harvest the numbers source "
-                            "(or the addition source) for the spectrum and helix")
+    values_name, span_name, where = _number_source(group, path)
+    values, span = read(group, f"meta/{values_name}"), read(group, f"meta/{span_name}")
     seqs = np.arange(len(values))
     return rows_at(group, seqs, span[:, 1].astype(np.int64) - 1, f"{path}: number tokens"), values, where
 
@@ -269,7 +281,8 @@ def answer_tokens(group, answers: np.ndarray, answer_prefix: str) -> np.ndarray:
 
     from harvest.store import read_files
 
-    require("tokenizer" in group, "the store holds no tokenizer/ group to tokenize answers with")
+    if "tokenizer" not in group:
+        raise AnalysisError("the store holds no tokenizer/ group to tokenize answers with")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = AutoTokenizer.from_pretrained(read_files(group["tokenizer"], Path(tmp)))
         distinct = np.unique(answers)
@@ -356,33 +369,102 @@ class Fourier:
         return jsonable(out)
 
 
+@dataclass
+class FourierPlan:
+    """What an analysis of ``store`` will read, compute and write, checked from metadata alone."""
+
+    store: Path
+    hook: str  #: canonical template, e.g. ``hook_resid_post``
+    layers: dict[int, str]  #: layer (−1: hook_embed) -> array
+    periods: Any
+    numbers_store: Path
+    numbers_layers: dict[int, str]
+    numbers_from: str | None  #: None: no spectrum / helix part
+    addition: bool  #: the a+b directions part
+    accuracy: bool  #: ``unembed.topk_ids`` was harvested
+
+    def describe(self) -> str:
+        """The dry run's answer: what would be read and computed; nothing is."""
+        named = [f"{self.hook} at layers {compact_layers(x for x in self.layers if x >= 0)}"]
+        if EMBED_LAYER in self.layers:
+            named.append("hook_embed as layer -1")
+        lines = [f"would analyse {self.store}: {', '.join(named)}"]
+        if self.numbers_from:
+            periods = self.periods if isinstance(self.periods, str) else ",".join(f"{p:g}" for p in self.periods)
+            lines.append(f"  spectrum and helix (periods {periods}) from {self.numbers_store} ({self.numbers_from})")
+        if self.addition:
+            lines.append("  Fourier directions of a+b at the '=' position")
+            lines.append("  accuracy: top-1 of unembed.topk_ids" if self.accuracy else
+                         "  accuracy: not available (harvest with capture.top_k: 1 to keep predictions)")
+        rows = " and ".join((["the number tokens"] if self.numbers_from else []) + (["'='"] if self.addition else []))
+        lines.append(f"would read the rows of {rows} in {len(self.layers)} arrays")
+        return "\n".join(lines)
+
+    def outputs(self, write: bool = True, plot: bool = True) -> list[str]:
+        """The group and the PNGs the analysis would write."""
+        out = [f"{self.store}/analysis/{RESULT_GROUP} (replacing any earlier one)"] if write else []
+        if plot:
+            suffixes = (["fourier_spectrum", "fourier_helix"] if self.numbers_from else []) + (
+                ["fourier_directions"] if self.addition else [])
+            out += [str(figure_path(self.store, x)) for x in suffixes]
+        return out
+
+
+def plan(store: str | Path, *, numbers: str | Path | None = None, hook: str = "hook_resid_post",
+         periods: Any = DEFAULT_PERIODS, include_embed: bool = True) -> FourierPlan:
+    """Check that the stores hold what the analysis needs (metadata only) and say what it will do."""
+    store = Path(store)
+    group = open_store(store)
+    layers = analysed_layers(group, hook, include_embed, store)
+    template = split_name(layers[max(layers)])[0]
+    periods = _check_periods(periods)
+    num_path = Path(numbers) if numbers is not None else store
+    num_group = open_store(num_path) if numbers is not None else group
+    num_layers = analysed_layers(num_group, hook, include_embed, num_path) if numbers is not None else layers
+    missing = [layer for layer in layers if layer not in num_layers]
+    if missing:
+        raise AnalysisError(f"{num_path} lacks the hook at layer(s) {missing} that {store} has; harvest the same hooks")
+    try:
+        numbers_from = _number_source(num_group, num_path)[2]
+    except AnalysisError:
+        if numbers is not None:
+            raise
+        numbers_from = None
+    meta = group["meta"] if "meta" in group else {}
+    addition = prompt_source(group) == "addition" or "eq_pos" in meta
+    if numbers_from is None and not addition:
+        raise AnalysisError(f"{store} is neither an addition nor a numbers store; nothing to analyse")
+    return FourierPlan(store, template, layers, periods, num_path, num_layers, numbers_from, addition,
+                       addition and "unembed.topk_ids" in group)
+
+
 def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str = "hook_resid_post",
             periods: Any = DEFAULT_PERIODS, direction_periods: Any = None, n_components: int = 100,
             n_shuffles: int = 20, n_auto: int = 4, seed: int = 0, include_embed: bool = True,
             answer_prefix: str = "", write: bool = True, plot: bool = True,
-            address: str | None = None) -> Fourier:
+            scheduler: Any = None, num_workers: int | None = None) -> Fourier:
     """Spectrum, helix fit, a+b directions and accuracy of a store; results under ``analysis/fourier/``.
 
     ``store``: an addition store (all four parts) or a numbers store (spectrum and helix only).
     ``numbers``: a numbers store for the spectrum and helix (default: ``store``'s own numbers —
-    n of a numbers store, operand a of an addition store). ``periods``: helix periods, or
-    ``"auto"`` for each layer's ``n_auto`` strongest spectrum periods. ``direction_periods``:
+    n of a numbers store, operand a of an addition store). ``hook``: any per-layer hook name that
+    ``capture.hooks`` takes (``resid_post``, ``blocks.{0..3}.ln1`` ...). ``periods``: helix periods,
+    or ``"auto"`` for each layer's ``n_auto`` strongest spectrum periods. ``direction_periods``:
     candidate periods for the a+b directions (default: the helix periods, plus every auto-picked one).
+    ``scheduler``: see :func:`analysis.runtime.dask_scheduler` (default: threads).
     """
-    store = Path(store)
-    group = open_store_group(store)
-    layers = hook_layers(group, hook, include_embed)
-    require(bool(layers), f"{store} has no blocks.*.{hook} arrays; harvest them (capture.hooks) or pass --hook")
-    periods = _check_periods(periods)
-    params: dict[str, Any] = {"store": str(store), "hook": hook, "layers": list(layers), "periods": periods,
+    job = plan(store, numbers=numbers, hook=hook, periods=periods, include_embed=include_embed)
+    store, layers, periods = job.store, job.layers, job.periods
+    group = open_store(store)
+    params: dict[str, Any] = {"store": str(store), "hook": job.hook, "layers": list(layers), "periods": periods,
                               "n_components": n_components, "n_shuffles": n_shuffles, "seed": seed,
-                              "layer_-1": "hook_embed", "harvest_fingerprint": info(group).get("fingerprint")}
+                              "layer_-1": "hook_embed", "harvest_fingerprint": provenance(group).get("fingerprint")}
     result = Fourier(store, np.asarray(list(layers)), params)
 
-    with scheduler(address):
-        _numbers_part(result, store, group, layers, numbers, hook, periods, n_components, n_shuffles, seed, n_auto,
-                      include_embed)
-        if source_name(group) == "addition" or ("meta" in group and "eq_pos" in group["meta"]):
+    with dask_scheduler(scheduler, num_workers):
+        if job.numbers_from:
+            _numbers_part(result, job, n_components, n_shuffles, seed, n_auto)
+        if job.addition:
             _addition_part(result, store, group, layers, periods, direction_periods, seed, answer_prefix)
     if result.power is None and result.fve is None:
         raise AnalysisError(f"{store} is neither an addition nor a numbers store; nothing to analyse")
@@ -395,34 +477,36 @@ def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str =
 
 def _check_periods(periods: Any) -> Any:
     if isinstance(periods, str):
-        require(periods == "auto", f"periods = {periods!r}: give numbers (e.g. 2,5,10,100) or 'auto'")
+        if periods != "auto":
+            raise AnalysisError(f"periods = {periods!r}: give numbers (e.g. 2,5,10,100) or 'auto'")
         return periods
     values = [float(p) for p in periods]
-    require(bool(values) and all(p > 0 for p in values), f"periods = {periods!r}: must be positive numbers")
+    if not values or any(p <= 0 for p in values):
+        raise AnalysisError(f"periods = {periods!r}: must be positive numbers")
     return values
 
 
-def _numbers_part(result: Fourier, store: Path, group, layers, numbers, hook, periods, n_components, n_shuffles,
-                  seed, n_auto, include_embed) -> None:
-    num_path = Path(numbers) if numbers is not None else store
-    num_group = open_store_group(num_path) if numbers is not None else group
-    num_layers = hook_layers(num_group, hook, include_embed)
-    missing = [layer for layer in layers if layer not in num_layers]
-    require(not missing, f"{num_path} lacks the hook at layer(s) {missing} that {store} has; harvest the same hooks")
+def _numbers_part(result: Fourier, job: FourierPlan, n_components: int, n_shuffles: int, seed: int,
+                  n_auto: int) -> None:
+    num_path = job.numbers_store
+    num_group = open_store(num_path)
     try:
         rows, values, where = _number_rows(num_group, num_path)
     except AnalysisError:
-        if numbers is not None:
+        if num_path != job.store:
             raise
-        return  # an addition store without operand rows: directions and accuracy only
-    distinct, means = _group_means(num_group, {layer: num_layers[layer] for layer in layers}, rows, values)
-    require(len(distinct) >= 4 and np.array_equal(distinct, np.arange(distinct[0], distinct[0] + len(distinct))),
-            f"{num_path}: the numbers must form a contiguous range of at least 4 (found {len(distinct)} values "
-            f"from {int(distinct[0])} to {int(distinct[-1])}); harvest the numbers source over a range")
+        return  # an addition store whose operand tokens were not captured: directions and accuracy only
+    distinct, means = _group_means(num_group, {layer: job.numbers_layers[layer] for layer in job.layers}, rows,
+                                   values)
+    if len(distinct) < 4 or not np.array_equal(distinct, np.arange(distinct[0], distinct[0] + len(distinct))):
+        raise AnalysisError(f"{num_path}: the numbers must form a contiguous range of at least 4 (found "
+                            f"{len(distinct)} values from {int(distinct[0])} to {int(distinct[-1])}); harvest the "
+                            "numbers source over a range")
+    layers = job.layers
     result.numbers = distinct
     result.power = np.stack([spectrum(means[layer]) for layer in layers])
     result.peaks = [list(zip(*(x.tolist() for x in top_periods(p, len(distinct), 10)))) for p in result.power]
-    result.helix = [helix_fit(distinct, means[layer], periods, n_components=n_components, n_shuffles=n_shuffles,
+    result.helix = [helix_fit(distinct, means[layer], job.periods, n_components=n_components, n_shuffles=n_shuffles,
                               seed=seed, n_auto=n_auto) for layer in layers]
     result.params.update(numbers_store=str(num_path), numbers_from=where)
 

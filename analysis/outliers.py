@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import AnalysisError, StoreError
+from harvest.hookpoints import split_name
 from harvest.store import open_group
 
 from . import stats
@@ -69,7 +70,7 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     the per-dimension index; results written into the store (``write``) and plots saved
     (``plots``: True for ``<store>.plots/`` beside the store, or a folder)."""
     params = params or ScanParams()
-    _check_params(params)
+    check_params(params)
     scan = run_scan(path, params, index=index, outliers=True, derive=derive, scheduler=scheduler,
                     num_workers=num_workers)
     if scan.outliers is None:
@@ -102,7 +103,8 @@ def default_plot_dir(path: str | Path) -> Path:
     return path.parent / f"{path.name.removesuffix('.zarr')}.plots"
 
 
-def _check_params(p: ScanParams) -> None:
+def check_params(p: ScanParams) -> None:
+    """The parameters a user can get wrong, checked before anything is read (dry runs too)."""
     if not p.magnitude > 0:
         raise AnalysisError(f"magnitude must be > 0 (Dettmers: 6.0), not {p.magnitude}")
     for name in ("layer_frac", "pos_frac"):
@@ -252,7 +254,7 @@ def _describe_sources(sources) -> list[str]:
     out = []
     keyed: dict[tuple[str, str], list[int]] = {}
     for s in sources:
-        template = s.array.split(".", 2)[-1] if s.array.startswith("blocks.") else s.array
+        template = split_name(s.array)[0]
         keyed.setdefault((s.ln, f"{s.how}:{template}"), []).append(s.layer)
     for (ln, how), layers in keyed.items():
         kind, template = how.split(":", 1)

@@ -1,5 +1,7 @@
-"""PNG plots of an outlier analysis: max |x| per dimension per layer, and the outlier dimensions'
-value distributions (values with |x| >= the magnitude threshold, from the pass's histograms)."""
+"""PNG plots beside a store: where they go, the headless pyplot, and the outlier analysis's plots
+(max |x| per dimension per layer, and the outlier dimensions' value distributions: values with
+|x| >= the magnitude threshold, from the pass's histograms). The circuit analyses draw their own
+figures in their modules with :func:`pyplot` and :func:`figure_path`."""
 
 from __future__ import annotations
 
@@ -8,12 +10,26 @@ from pathlib import Path
 import numpy as np
 
 
-def save_plots(rep, folder: str | Path) -> list[Path]:
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), imported only when plotting."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_path(store: str | Path, suffix: str) -> Path:
+    """PNGs go beside the store: ``job.zarr`` -> ``job.{suffix}.png`` in the same directory."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.{suffix}.png")
+
+
+def save_plots(rep, folder: str | Path) -> list[Path]:
     from matplotlib.colors import LogNorm
+
+    plt = pyplot()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,40 +15,34 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import AnalysisError, DimensionOutOfRangeError, HookNotInStoreError
-from harvest.hookpoints import ALIASES
-from harvest.store import open_group, read_provenance
+from harvest.hookpoints import compact_layers, parse_pattern, resolve, split_name
+from harvest.store import open_group
 
 from .index import index_meta, read_dim
-from .source import compact_layers, parse_hook
+from .reading import store_hooks
 
 PREFERRED = ("ln1.hook_normalized", "hook_resid_post", "hook_resid_pre", "ln2.hook_normalized")
 
 
 def resolve_hook(hook: str | None, layer: int | None, templates: dict[str, Any], store_hooks: list[str],
                  path: str | Path) -> tuple[str, int | None]:
-    """(template, layer) from ``--hook`` (a template, short name or full name) and ``--layer``."""
+    """(template, layer) from ``--hook`` (any name ``capture.hooks`` takes) and ``--layer``."""
     if hook is None:
         template = next((t for t in PREFERRED if t in templates), next(iter(templates)))
         return template, layer
-    template, hook_layer = parse_hook(hook.strip())
-    template = ALIASES.get(template, template)
-    if hook_layer is not None:
-        if layer is not None and layer != hook_layer:
-            raise AnalysisError(f"--hook {hook} names layer {hook_layer} but --layer is {layer}; give one of them")
-        layer = hook_layer
+    names = resolve(hook, store_hooks, where=str(path))
+    template = split_name(names[0])[0]
+    if parse_pattern(hook)[0] not in (None, "*"):
+        named = sorted({split_name(name)[1] for name in names})
+        if len(named) > 1:
+            raise AnalysisError(f"--hook {hook} names layers {compact_layers(named)}; the query shows one layer "
+                                "(blocks.N.… or --layer) or all of them")
+        if layer is not None and layer != named[0]:
+            raise AnalysisError(f"--hook {hook} names layer {named[0]} but --layer is {layer}; give one of them")
+        layer = named[0]
     if template not in templates:
-        indexed = ", ".join(templates)
-        harvested = [h for h in store_hooks if parse_hook(h)[0] == template]
-        if harvested:
-            raise HookNotInStoreError(f"{hook} is in the store but not in its index (indexed: {indexed}); "
-                                      f"rebuild it with `harvest index {path}`")
-        from harvest.errors import did_you_mean
-        from harvest.hookpoints import BLOCK_DIMS, MODEL_DIMS
-
-        known = template in BLOCK_DIMS or template in MODEL_DIMS
-        named = hook if hook == template else f"{hook} ({template})"
-        hint = "" if known else did_you_mean(template, list(templates) + list(BLOCK_DIMS) + list(MODEL_DIMS))
-        raise HookNotInStoreError(f"hook {named!r} was not harvested into {path}{hint}; hooks in the index: {indexed}")
+        raise HookNotInStoreError(f"{hook} is in the store but not in its index (indexed: {', '.join(templates)}); "
+                                  f"rebuild it with `harvest index {path}`")
     return template, layer
 
 
@@ -60,7 +54,7 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     group = open_group(path)
     meta = index_meta(group, path)
     templates = meta["templates"]
-    template, layer = resolve_hook(hook, layer, templates, list(read_provenance(group).get("hooks", [])), path)
+    template, layer = resolve_hook(hook, layer, templates, store_hooks(group), path)
     t = templates[template]
     width = int(t["width"])
     if not 0 <= dim < width:

@@ -30,6 +30,7 @@ import numpy as np
 from harvest.errors import AnalysisError
 
 from . import stats
+from .runtime import dask_scheduler
 from .source import ArrayInfo, Source, StoreFacts, plan_sources, residual_arrays, reweight_ln, sequence_starts
 
 
@@ -389,6 +390,28 @@ def plan(facts: StoreFacts, params: ScanParams, *, index: bool, outliers: bool, 
     return roles, sources, layers, notes, resid_kind
 
 
+def describe_plan(path: str | Path, params: ScanParams, *, index: bool, outliers: bool = True,
+                  derive: bool = True) -> str:
+    """What one pass would read and how (a dry run: metadata only, nothing computed)."""
+    facts = StoreFacts.load(path)
+    roles, sources, layers, notes, resid_kind = plan(facts, params, index=index, outliers=outliers, derive=derive)
+    total = sum(facts.n_rows * facts.arrays[name].row_bytes for name in roles)
+    lines = [f"would read {len(roles)} arrays, {total / 2**20:,.1f} MiB, {facts.n_rows:,} rows "
+             f"(blocks of ~{params.block_mib:g} MiB)"]
+    if outliers:
+        lines.append(f"hidden states: {len(sources)} in {len(layers)} layers")
+        lines += [f"  {s.layer:>3} {s.ln}: {s.describe()}" for s in sources[:8]]
+        if len(sources) > 8:
+            lines.append(f"  ... {len(sources) - 8} more")
+        lines += [f"note: {n}" for n in notes]
+        lines.append(f"massive activations and kurtosis on: {resid_kind or 'nothing (no residual stream stored)'}")
+    if index:
+        lines.append(f"index: every token-axis array ({len(facts.arrays)}), top-{params.top_k}")
+    blocks = {rows_per_block(facts.arrays[n], params.block_mib, facts.n_rows) for n in roles}
+    lines.append("rows per block: " + ", ".join(str(b) for b in sorted(blocks)))
+    return "\n".join(lines)
+
+
 def build(facts: StoreFacts, params: ScanParams, *, index: bool = True, outliers: bool = True, derive: bool = True):
     """The delayed graph of one pass, and what it will compute."""
     import dask.array as da
@@ -445,66 +468,19 @@ def build(facts: StoreFacts, params: ScanParams, *, index: bool = True, outliers
 
 
 def compute(graph: dict, scheduler=None, num_workers: int | None = None) -> dict:
-    """Run the graph on the threaded scheduler (default), "sync", a Client or a scheduler address."""
+    """Run the graph on the scheduler ``scheduler`` names (:func:`analysis.runtime.dask_scheduler`)."""
     import dask
 
-    if scheduler in (None, "threads", "threaded"):
+    with dask_scheduler(scheduler, num_workers) as client:
         try:
-            return dask.compute(graph, scheduler="threads", num_workers=num_workers)[0]
+            return dask.compute(graph)[0]
         finally:
             stats.Scratch.release_all()
-    if scheduler in ("sync", "synchronous", "single-threaded"):
-        try:
-            return dask.compute(graph, scheduler="sync")[0]
-        finally:
-            stats.Scratch.release_all()
-    if isinstance(scheduler, str):
-        from distributed import Client
-
-        _check_reachable(scheduler)
-        try:
-            client = Client(scheduler, timeout="10s", set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise _unreachable(scheduler, exc) from None
-        with client:
-            return _on_client(graph, client)
-    if hasattr(scheduler, "run") and hasattr(scheduler, "scheduler_info"):
-        return _on_client(graph, scheduler)
-    return dask.compute(graph, scheduler=scheduler)[0]  # a scheduler function
-
-
-def _on_client(graph: dict, client) -> dict:
-    import dask
-
-    try:
-        return dask.compute(graph, scheduler=client)[0]
-    finally:
-        try:  # the workers' work buffers
-            client.run(stats.Scratch.release_all)
-        except Exception:  # noqa: BLE001 - a worker gone is not our error to report
-            pass
-
-
-def _unreachable(address: str, why) -> AnalysisError:
-    return AnalysisError(f"cannot reach the dask scheduler at {address!r} ({why}); start one with `dask scheduler` "
-                         "and `dask worker ADDRESS`, or leave --scheduler out to use threads in this process")
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast on a closed TCP port (a dask Client would retry for its whole timeout)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    if "://" not in address:
-        address = f"tcp://{address}"
-    parts = urlsplit(address)
-    if parts.scheme not in ("tcp", "tls", "inproc", "ws", "wss", "ucx"):
-        raise _unreachable(address, f"unknown scheme {parts.scheme!r}")
-    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
-        try:
-            socket.create_connection((parts.hostname, parts.port), timeout=5).close()
-        except OSError as exc:
-            raise _unreachable(address, exc) from None
+            if client is not None:
+                try:  # the workers' work buffers
+                    client.run(stats.Scratch.release_all)
+                except Exception:  # noqa: BLE001 - a worker gone is not our error to report
+                    pass
 
 
 def run_scan(path: str | Path, params: ScanParams | None = None, *, index: bool = True, outliers: bool = True,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from harvest.errors import StoreError
+from harvest.hookpoints import block_name, compact_layers, split_name
 from harvest.store import open_group, read_provenance
-
-_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -44,11 +42,6 @@ class ArrayInfo:
     @property
     def row_bytes(self) -> int:
         return self.width * np.dtype(self.dtype).itemsize
-
-
-def parse_hook(name: str) -> tuple[str, int | None]:
-    m = _BLOCK.fullmatch(name)
-    return (m[2], int(m[1])) if m else (name, None)
 
 
 @dataclass
@@ -81,7 +74,7 @@ class StoreFacts:
             dims = tuple(arr.metadata.dimension_names or ())
             if not dims or dims[0] != "token":
                 continue
-            template, layer = parse_hook(name)
+            template, layer = split_name(name)
             attrs = arr.attrs
             template = attrs.get("hook", template)
             layer = attrs.get("layer", layer)
@@ -157,7 +150,8 @@ class Source:
 
 def _resid_for(facts: StoreFacts, layer: int) -> str | None:
     """The stored raw residual entering block ``layer``."""
-    for name in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post" if layer else "hook_embed"):
+    before = block_name(layer - 1, "hook_resid_post") if layer else "hook_embed"
+    for name in (block_name(layer, "hook_resid_pre"), before):
         if name in facts.arrays:
             return name
     return None
@@ -169,7 +163,7 @@ def plan_sources(facts: StoreFacts, derive: bool = True) -> tuple[list[Source], 
     notes: list[str] = []
     for layer in range(facts.n_layers):
         for ln in facts.lns():
-            stored = f"blocks.{layer}.{ln}.hook_normalized"
+            stored = block_name(layer, f"{ln}.hook_normalized")
             if stored in facts.arrays:
                 sources.append(Source(layer, ln, stored, "stored"))
                 continue
@@ -180,9 +174,9 @@ def plan_sources(facts: StoreFacts, derive: bool = True) -> tuple[list[Source], 
             resid = _resid_for(facts, layer)
             if resid and f"{ln}.w" in facts.ln and f"{ln}.b" in facts.ln:
                 sources.append(Source(layer, ln, resid, "resid"))
-            elif (ln == "ln2" and f"blocks.{layer}.ln1.hook_normalized" in facts.arrays
+            elif (ln == "ln2" and block_name(layer, "ln1.hook_normalized") in facts.arrays
                   and {"ln1.w", "ln1.b", "ln2.w", "ln2.b"} <= set(facts.ln)):
-                sources.append(Source(layer, ln, f"blocks.{layer}.ln1.hook_normalized", "ln1"))
+                sources.append(Source(layer, ln, block_name(layer, "ln1.hook_normalized"), "ln1"))
     derived = [s for s in sources if s.how != "stored"]
     if derived:
         for how in ("resid", "ln1"):
@@ -209,7 +203,7 @@ def plan_sources(facts: StoreFacts, derive: bool = True) -> tuple[list[Source], 
 
 
 def _template_of(name: str) -> str:
-    template, layer = parse_hook(name)
+    template, layer = split_name(name)
     return f"blocks.{{l-1}}.{template}" if template == "hook_resid_post" else (
         f"blocks.{{l}}.{template}" if layer is not None else template)
 
@@ -217,22 +211,6 @@ def _template_of(name: str) -> str:
 def layers_label(layers: list[int]) -> str:
     """``"layer 3"`` or ``"layers 0-2, 5"``."""
     return f"layer{'s' if len(set(layers)) > 1 else ''} {compact_layers(layers)}"
-
-
-def compact_layers(layers: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
-    layers = sorted(set(int(x) for x in layers))
-    if not layers:
-        return "none"
-    parts, start, prev = [], layers[0], layers[0]
-    for x in layers[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(parts)
 
 
 def residual_arrays(facts: StoreFacts) -> tuple[dict[int, str], str | None]:

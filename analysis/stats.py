@@ -404,11 +404,6 @@ def _sparse_sum(keys: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> State
             "sum": np.bincount(inv, sums, minlength=uniq.size)}
 
 
-def hist_chunk(block: Block, threshold: float) -> State:
-    idx = block.hits(threshold)
-    return hist_from_values(idx % max(block.dims, 1), block.x.ravel()[idx], threshold)
-
-
 def hist_combine(states: Sequence[State]) -> State:
     states = [s for s in states if s["key"].size]
     if not states:

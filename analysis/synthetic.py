@@ -18,11 +18,10 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harvest.hookpoints import HookPoint
+from harvest.hookpoints import HookPoint, split_name
 from harvest.shape import ArrayPlan, chunk_layout
 from harvest.store import RowMaps, create_store, mark_written
 
-from .source import parse_hook
 
 
 def write_store(
@@ -54,7 +53,7 @@ def write_store(
     path = Path(path)
     lengths = np.asarray(lengths, dtype=np.int64)
     n_rows, n_seq, max_len = int(lengths.sum()), len(lengths), int(lengths.max())
-    layers = [parse_hook(h)[1] for h in hooks]
+    layers = [split_name(h)[1] for h in hooks]
     n_layers = n_layers if n_layers is not None else 1 + max((x for x in layers if x is not None), default=-1)
     rng = np.random.default_rng(seed)
     if input_ids is None:
@@ -80,7 +79,7 @@ def write_store(
         rows, shard = chunk_rows, min(chunk_rows * chunks_per_shard, -(-n_rows // chunk_rows) * chunk_rows)
     arrays = []
     for name in hooks:
-        template, layer = parse_hook(name)
+        template, layer = split_name(name)
         arrays.append(ArrayPlan(HookPoint(name, template, layer, ("token", "d_model")), (n_rows, d_model), dtype,
                                 rows, shard))
     tokenizer_files = sorted(f for f in Path(tokenizer_dir).iterdir() if f.is_file()) if tokenizer_dir else []
@@ -128,7 +127,7 @@ def planted_store(path: str | Path, *, n_seq: int = 4, n_layers: int = 28, n_pos
     in_a, in_c = np.isin(np.arange(n_pos), pos_a), np.isin(np.arange(n_pos), pos_c)
 
     def values(name: str, lo: int, hi: int) -> np.ndarray:
-        template, layer = parse_hook(name)
+        template, layer = split_name(name)
         x = np.random.default_rng([seed, layer, lo, template == "hook_resid_post"]).standard_normal(
             (hi - lo, d), dtype=np.float32) * 0.5
         pos = np.arange(lo, hi) % n_pos

@@ -45,16 +45,19 @@ from typing import Any
 
 import numpy as np
 
-from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, heads_of, info, jsonable,
-                               layer_arrays, open_store_group, pyplot, read, require, result_group, scheduler,
-                               source_name, write_array)
+from harvest.errors import AnalysisError, HookNotInStoreError
+from harvest.hookpoints import compact_layers
+
+from .plots import figure_path, pyplot
+from .reading import dask_array, hook_layers, open_store, prompt_source, provenance, read, stored_heads
+from .results import format_table, jsonable, result_group, write_array
+from .runtime import dask_scheduler
 
 RESULT_GROUP = "translation_heads"
 PATTERN = "attn.hook_pattern"
 #: per-prompt translation scores: (query offset from p_j, whole span or last token)
 TRANSLATION_SCORES = {"ts_next": (-1, "span"), "ts_cur": (0, "span"),
                       "ts_next_last": (-1, "last"), "ts_cur_last": (0, "last")}
-CONTROLS = ("prev_token", "prefix_matching")
 #: a head's role in the table: thresholds on (delta, z) and on the controls
 ROLE_THRESHOLDS = {"delta": 0.2, "z": 3.0, "prev_token": 0.5, "prefix_matching": 0.3}
 SORT_KEYS = ("ts_next_delta", "ts_cur_delta", "ts_next_last_delta", "ts_cur_last_delta", "prev_token",
@@ -127,10 +130,15 @@ def control_block(pattern: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> 
 # --- reading a store ----------------------------------------------------------------------------------
 
 def _pattern_layers(group, path: Path) -> dict[int, str]:
-    layers = layer_arrays(group, PATTERN)
-    require(bool(layers), f"{path} has no attention patterns; harvest with capture.hooks: "
-                          "['blocks.*.attn.hook_pattern']")
-    return layers
+    try:
+        return hook_layers(group, PATTERN, path)
+    except HookNotInStoreError:
+        raise AnalysisError(f"{path} has no attention patterns; harvest with capture.hooks: "
+                            "['blocks.*.attn.hook_pattern']") from None
+
+
+def _pattern_heads(group, layers: dict[int, str]) -> np.ndarray:
+    return stored_heads(group, group[next(iter(layers.values()))].shape[1])
 
 
 def _per_sequence(group, layers: dict[int, str], fn, meta: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -216,49 +224,98 @@ def role(row: dict[str, Any], th: dict[str, float]) -> str:
     return ",".join(tags) or "-"
 
 
-def _controls(path: Path, layers: dict[int, str], heads: np.ndarray) -> dict[int, np.ndarray]:
+def _controls(path: Path, layers: dict[int, str], have: dict[int, str]) -> dict[int, np.ndarray]:
     """Per-sequence control scores (seq, head, 2) per layer of ``path``; NaN for layers it lacks."""
-    group = open_store_group(path)
-    have = _pattern_layers(group, path)
-    some = group[next(iter(have.values()))]
-    their_heads = heads_of(group, some.shape[1])
-    if not np.array_equal(their_heads, heads):
-        raise AnalysisError(f"control store {path} holds heads {their_heads.tolist()}, the translation store "
-                            f"{heads.tolist()}; harvest both with the same capture.heads")
+    group = open_store(path)
     ids = read(group, "input_ids")
     found = _per_sequence(group, {layer: have[layer] for layer in layers if layer in have}, control_block, [ids])
-    n_seq = ids.shape[0]
-    return {layer: found.get(layer, np.full((n_seq, len(heads), 2), np.nan)) for layer in layers}
+    n_heads = group[next(iter(have.values()))].shape[1]
+    return {layer: found.get(layer, np.full((ids.shape[0], n_heads, 2), np.nan)) for layer in layers}
+
+
+@dataclass
+class TranslationPlan:
+    """What an analysis will read, compute and write, checked from the stores' metadata alone."""
+
+    store: Path
+    layers: dict[int, str]  #: layer -> attention-pattern array
+    heads: np.ndarray  #: model head index of each stored head
+    n_prompts: int
+    words_per_prompt: int
+    text: Path  #: store of the previous-token control
+    repeated: Path  #: store of the prefix-matching control
+    controls: dict[Path, dict[int, str]]  #: control store -> its pattern arrays
+
+    def describe(self) -> str:
+        """The dry run's answer: what would be read and computed; nothing is."""
+        stores = {self.store: self.layers, **self.controls}
+        n_bytes = sum(_nbytes(open_store(path), names.values()) for path, names in stores.items())
+        lines = [f"would score {len(self.heads)} heads in layers {compact_layers(self.layers)} of {self.store} "
+                 f"({self.n_prompts} prompts, {self.words_per_prompt} words each)",
+                 f"  previous-token control on {self.text}, prefix matching on {self.repeated}",
+                 f"would read {n_bytes / 2**20:,.1f} MiB of attention patterns from {len(stores)} store(s)"]
+        return "\n".join(lines)
+
+    def outputs(self, write: bool = True, plot: bool = True) -> list[str]:
+        """The group and the heatmap the analysis would write."""
+        out = [f"{self.store}/analysis/{RESULT_GROUP} (replacing any earlier one)"] if write else []
+        return out + ([str(figure_path(self.store, RESULT_GROUP))] if plot else [])
+
+
+def _nbytes(group, names) -> int:
+    return sum(int(np.prod(group[name].shape)) * group[name].dtype.itemsize for name in names)
+
+
+def plan(store: str | Path, *, text: str | Path | None = None, repeated: str | Path | None = None) -> TranslationPlan:
+    """Check that the stores hold what the analysis needs (metadata only) and say what it will do."""
+    store = Path(store)
+    group = open_store(store)
+    meta = group["meta"] if "meta" in group else {}
+    if "src_span" not in meta or "tgt_span" not in meta:
+        raise AnalysisError(f"{store} was harvested with prompts.source = {prompt_source(group)!r}, which stores no "
+                            "word alignment (meta/src_span, meta/tgt_span); harvest the translation source")
+    layers = _pattern_layers(group, store)
+    heads = _pattern_heads(group, layers)
+    text_path = Path(text) if text is not None else store
+    repeated_path = Path(repeated) if repeated is not None else store
+    controls: dict[Path, dict[int, str]] = {}
+    for path in (text_path, repeated_path):
+        if path == store or path in controls:
+            continue
+        control = open_store(path)
+        have = _pattern_layers(control, path)
+        their_heads = _pattern_heads(control, have)
+        if not np.array_equal(their_heads, heads):
+            raise AnalysisError(f"control store {path} holds heads {their_heads.tolist()}, the translation store "
+                                f"{heads.tolist()}; harvest both with the same capture.heads")
+        controls[path] = have
+    n_prompts, words = meta["src_span"].shape[:2]
+    return TranslationPlan(store, layers, heads, int(n_prompts), int(words), text_path, repeated_path, controls)
 
 
 def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str | Path | None = None,
-            write: bool = True, plot: bool = True, address: str | None = None,
+            write: bool = True, plot: bool = True, scheduler: Any = None, num_workers: int | None = None,
             role_thresholds: dict[str, float] | None = None) -> TranslationHeads:
     """Score every harvested head of a translation store; write the results under ``analysis/translation_heads/``.
 
     ``text``: a store of attention patterns on natural text for the previous-token control (default:
     the translation prompts themselves). ``repeated``: a store harvested with the ``repeated_tokens``
     source for the prefix-matching control (default: the translation prompts, where few tokens
-    repeat, so the score may be NaN). ``address``: a ``dask.distributed`` scheduler (default: threads).
+    repeat, so the score may be NaN). ``scheduler``: see :func:`analysis.runtime.dask_scheduler`
+    (default: threads).
     """
-    store = Path(store)
-    group = open_store_group(store)
-    source = source_name(group)
-    require("meta" in group and "src_span" in group["meta"] and "tgt_span" in group["meta"],
-            f"{store} was harvested with prompts.source = {source!r}, which stores no word alignment "
-            "(meta/src_span, meta/tgt_span); harvest the translation source")
-    layers = _pattern_layers(group, store)
-    first = group[next(iter(layers.values()))]
-    heads = heads_of(group, first.shape[1])
+    job = plan(store, text=text, repeated=repeated)
+    store, layers, heads = job.store, job.layers, job.heads
+    group = open_store(store)
     src, tgt = read(group, "meta/src_span").astype(np.int64), read(group, "meta/tgt_span").astype(np.int64)
     thresholds = {**ROLE_THRESHOLDS, **(role_thresholds or {})}
 
-    with scheduler(address):
+    with dask_scheduler(scheduler, num_workers):
         per_layer = _per_sequence(group, layers, translation_block, [src, tgt])
-        text_path = Path(text) if text is not None else store
-        repeated_path = Path(repeated) if repeated is not None else store
-        prev = _controls(text_path, layers, heads)
-        prefix = prev if repeated_path == text_path else _controls(repeated_path, layers, heads)
+        text_path, repeated_path = job.text, job.repeated
+        prev = _controls(text_path, layers, job.controls.get(text_path, layers))
+        prefix = prev if repeated_path == text_path else _controls(repeated_path, layers,
+                                                                   job.controls.get(repeated_path, layers))
 
     scores: dict[str, np.ndarray] = {}
     per_prompt: dict[str, np.ndarray] = {}
@@ -280,7 +337,7 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
         "prefix_matching_offset": "+1: query i scores keys k with 1 <= k < i and ids[k-1] == ids[i]",
         "prev_token": "mean over queries i >= 1 of attention from i to i-1",
         "role_thresholds": thresholds,
-        "harvest_fingerprint": info(group).get("fingerprint"),
+        "harvest_fingerprint": provenance(group).get("fingerprint"),
     }
     result = TranslationHeads(store, np.asarray(list(layers)), heads, scores, per_prompt, params)
     if write:

@@ -1,9 +1,13 @@
 """Hook points as data: TransformerLens names, their dimensions, and the pattern language.
 
-Short names (``resid_post``, ``z``, ``pattern``, ``post`` ...) are normalised here, once, at the
-spec boundary; everything downstream sees canonical names such as
-``blocks.3.hook_resid_post``. Patterns: ``blocks.*.hook_z``, ``blocks.{0..3}.mlp.hook_post``
-(inclusive), ``blocks.{1,5,9}.ln1.hook_normalized``, or a bare short name for every layer.
+Short names (``resid_post``, ``z``, ``pattern``, ``post`` ...) are normalised here, once;
+everything downstream sees canonical names such as ``blocks.3.hook_resid_post``. Patterns:
+``blocks.*.hook_z``, ``blocks.{0..3}.mlp.hook_post`` (inclusive), ``blocks.{1,5,9}.ln1.hook_normalized``,
+or a bare short name for every layer.
+
+The one pattern language has two resolvers: :func:`expand` against a model (what ``harvest run``
+captures) and :func:`resolve` against the hook points a store holds (what an analysis or a query
+reads), so a name that works in a spec works the same in every ``harvest analyze`` command.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from .architectures import Architecture
-from .errors import HookNameError, did_you_mean
+from .errors import HookNameError, HookNotInStoreError, did_you_mean
 
 #: block-level templates -> trailing dims of one stored row (the leading axis is added below)
 BLOCK_DIMS: dict[str, tuple[str, ...]] = {
@@ -87,7 +91,7 @@ def _hook_point(template: str, layer: int | None) -> HookPoint:
     if layer is None:
         return HookPoint(template, template, None, ("token", *MODEL_DIMS[template]))
     axis = "sequence" if template in SEQUENCE_AXIS else "token"
-    return HookPoint(f"blocks.{layer}.{template}", template, layer, (axis, *BLOCK_DIMS[template]))
+    return HookPoint(block_name(layer, template), template, layer, (axis, *BLOCK_DIMS[template]))
 
 
 def topk_points() -> list[HookPoint]:
@@ -105,8 +109,48 @@ def describe_valid(arch: Architecture, n_layers: int) -> str:
     return f"{', '.join(list(MODEL_DIMS) + blocks)}; short names: {short}"
 
 
-def _normalise_suffix(suffix: str) -> str:
-    return ALIASES.get(suffix, suffix)
+def canonical_template(name: str) -> str:
+    """``resid_post`` -> ``hook_resid_post``; canonical templates pass through unchanged."""
+    return ALIASES.get(name, name)
+
+
+def parse_pattern(pattern: str) -> tuple[str | None, str]:
+    """(layer part as written or ``None`` for a bare name, canonical template) of a hook pattern.
+
+    ``blocks.{0..3}.resid_post`` -> ``("{0..3}", "hook_resid_post")``; ``z`` -> ``(None, "attn.hook_z")``.
+    """
+    m = re.fullmatch(r"blocks\.(\{[^}]*\}|[^.]+)\.(.+)", pattern.strip())
+    if m:
+        return m[1], canonical_template(m[2])
+    return None, canonical_template(pattern.strip())
+
+
+def block_name(layer: int, template: str) -> str:
+    """The canonical name (and store array) of a block hook point: ``blocks.{layer}.{template}``."""
+    return f"blocks.{layer}.{template}"
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """A canonical hook name's (template, layer): ``blocks.3.attn.hook_z`` -> ``("attn.hook_z", 3)``;
+    a model-level name -> ``(name, None)``."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    return (m[2], int(m[1])) if m else (name, None)
+
+
+def compact_layers(layers) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    layers = sorted(set(int(x) for x in layers))
+    if not layers:
+        return "none"
+    parts, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(parts)
 
 
 def _parse_layers(spec: str, n_layers: int, pattern: str) -> list[int]:
@@ -144,14 +188,12 @@ def expand(patterns: list[str], arch: Architecture, n_layers: int, layers: list[
     points: dict[str, HookPoint] = {}
     for pattern in patterns:
         pattern = pattern.strip()
-        m = re.fullmatch(r"blocks\.(\{[^}]*\}|[^.]+)\.(.+)", pattern)
-        if m:
-            layer_spec, suffix = m[1], _normalise_suffix(m[2])
+        layer_spec, suffix = parse_pattern(pattern)
+        if layer_spec is not None:
             found = _parse_layers(layer_spec, n_layers, pattern)
             if layer_spec == "*" and layers is not None:
                 found = [x for x in found if x in layers]
         else:
-            suffix = _normalise_suffix(pattern)
             found = [None] if suffix in MODEL_DIMS else list(layers if layers is not None else range(n_layers))
         if suffix not in templates or (found != [None] and suffix in MODEL_DIMS):
             raise HookNameError(
@@ -163,3 +205,62 @@ def expand(patterns: list[str], arch: Architecture, n_layers: int, layers: list[
             point = _hook_point(suffix, layer)
             points[point.name] = point
     return sorted(points.values(), key=lambda p: (p.order, templates.index(p.template)))
+
+
+def describe_names(names: list[str]) -> str:
+    """``hook_embed, hook_resid_post (layers 0-3)``: the hook points in ``names``, by template."""
+    by_template: dict[str, list[int]] = {}
+    for name in names:
+        template, layer = split_name(name)
+        by_template.setdefault(template, [])
+        if layer is not None:
+            by_template[template].append(layer)
+    return ", ".join(f"{t} (layers {compact_layers(ls)})" if ls else t for t, ls in by_template.items()) or "none"
+
+
+def resolve(patterns: str | list[str], names: list[str], where: str = "the store") -> list[str]:
+    """The hook names among ``names`` (a store's provenance ``hooks``) that ``patterns`` select.
+
+    The language of ``capture.hooks``, resolved against what a store holds instead of a model:
+    ``resid_post`` and ``blocks.*.hook_resid_post`` select every harvested layer of it,
+    ``blocks.{0..3}.resid_post`` exactly those layers. Returned in the order of ``names`` (forward
+    order in a harvest store). A name that is no hook point, or one the store lacks, raises
+    :class:`HookNotInStoreError` naming what the store does hold.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    layers_of: dict[str, dict[int | None, str]] = {}
+    for name in names:
+        template, layer = split_name(name)
+        layers_of.setdefault(template, {})[layer] = name
+    known = list(MODEL_DIMS) + list(BLOCK_DIMS) + list(TOPK_DIMS)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        pattern = pattern.strip()
+        layer_spec, template = parse_pattern(pattern)
+        named = repr(pattern) if pattern == template else f"{pattern!r} ({template})"
+        if template not in known:
+            hint = did_you_mean(template, list(layers_of) + known + list(ALIASES))
+            raise HookNotInStoreError(f"unknown hook point {pattern!r}{hint}; {where} holds: {describe_names(names)}")
+        have = layers_of.get(template, {})
+        if not have:
+            raise HookNotInStoreError(f"hook {named} was not harvested into {where}; "
+                                      f"it holds: {describe_names(names)}")
+        if layer_spec is None or layer_spec == "*":
+            found = list(have.values())
+        else:
+            if None in have:
+                raise HookNotInStoreError(f"hook {pattern!r}: {template} is a model-level hook point; "
+                                          f"write it without blocks.N.")
+            try:
+                wanted = _parse_layers(layer_spec, 1 << 30, pattern)
+            except HookNameError as exc:
+                raise HookNotInStoreError(str(exc)) from None
+            missing = [layer for layer in wanted if layer not in have]
+            if missing:
+                plural = "s" if len(missing) > 1 else ""
+                raise HookNotInStoreError(f"hook {named}: layer{plural} {compact_layers(missing)} not harvested into "
+                                          f"{where}; harvested layers of {template}: {compact_layers(have)}")
+            found = [have[layer] for layer in wanted]
+        chosen.update(found)
+    return [name for name in names if name in chosen]

@@ -110,7 +110,4 @@ def test_every_error_of_the_project_is_a_harvest_error():
     assert found and all(c.__module__ == "harvest.errors" for c in found), \
         {c.__qualname__: c.__module__ for c in found if c.__module__ != "harvest.errors"}
     assert all(issubclass(c, errors.HarvestError) for c in found)
-    from analysis import _circuits_common
-
-    assert _circuits_common.AnalysisError is errors.AnalysisError
     assert issubclass(errors.PlanDoesNotFitError, errors.SpecError)

@@ -15,8 +15,8 @@ import pytest
 import zarr
 
 from analysis import fourier
-from analysis._circuits_common import AnalysisError
-from harvest.store import write_files, write_provenance
+from harvest.errors import AnalysisError
+from harvest.store import read_provenance, write_files, write_provenance
 from organisms.common import word_tokenizer
 
 D = 48
@@ -32,7 +32,7 @@ def basis(n: np.ndarray, periods) -> np.ndarray:
 
 def base_store(path, source: str, seq: np.ndarray, pos: np.ndarray):
     group = zarr.open_group(str(path), mode="w")
-    write_provenance(group, {"prompts": {"source": source}, "selection": {}, "fingerprint": "test"})
+    write_provenance(group, {"prompts": {"source": source}, "selection": {}, "fingerprint": "test", "hooks": []})
     group.create_array("seq", data=seq.astype(np.int64), dimension_names=("token",))
     group.create_array("pos", data=pos.astype(np.int32), dimension_names=("token",))
     return group
@@ -41,6 +41,8 @@ def base_store(path, source: str, seq: np.ndarray, pos: np.ndarray):
 def activation(group, name: str, data: np.ndarray) -> None:
     group.create_array(name, data=data.astype(np.float32), chunks=(64, data.shape[1]),
                        dimension_names=("token", "d_model"))
+    provenance = read_provenance(group)
+    write_provenance(group, {**provenance, "hooks": provenance["hooks"] + [name]})
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,7 @@ def test_errors_name_the_fix(tmp_path, numbers_path):
     activation(group, "blocks.0.hook_resid_post", np.ones((6, 4)))
     with pytest.raises(AnalysisError, match="contiguous range"):
         fourier.analyze(tmp_path / "gap.zarr", write=False, plot=False)
-    with pytest.raises(AnalysisError, match="no blocks.*hook_mlp_out"):
+    with pytest.raises(AnalysisError, match="hook 'hook_mlp_out' was not harvested into"):
         fourier.analyze(numbers_path, hook="hook_mlp_out", include_embed=False, write=False, plot=False)
     with pytest.raises(AnalysisError, match="'auto'"):
         fourier.analyze(numbers_path, periods="sometimes", write=False, plot=False)
@@ -219,21 +221,19 @@ def test_errors_name_the_fix(tmp_path, numbers_path):
 
 
 def test_cli_report_and_json(numbers_path):
-    import typer
     from typer.testing import CliRunner
 
-    from analysis.cli_circuits import register
+    from analysis.cli import analyze_app as app
 
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
-    out = runner.invoke(app, ["fourier", numbers_path, "--shuffles", "2", "--dry-run", "--no-embed"])
+    out = runner.invoke(app, ["fourier", numbers_path, "--shuffles", "2", "--no-write", "--no-plots", "--no-embed"])
     assert out.exit_code == 0, out.output
     assert "helix fit" in out.output and "period #1" in out.output
-    out = runner.invoke(app, ["fourier", numbers_path, "--shuffles", "2", "--dry-run", "--json", "--periods", "auto"])
+    out = runner.invoke(app, ["fourier", numbers_path, "--shuffles", "2", "--no-write", "--no-plots", "--json",
+                              "--periods", "auto"])
     assert out.exit_code == 0, out.output
     layers = json.loads(out.output)["layers"]
     assert [entry["name"] for entry in layers] == ["embed", "0", "1"]
     assert sorted(p["period"] for p in layers[1]["top_periods"][:4]) == [2, 5, 10, 100]
-    out = runner.invoke(app, ["fourier", numbers_path, "--periods", "2,x", "--dry-run"])
+    out = runner.invoke(app, ["fourier", numbers_path, "--periods", "2,x", "--no-write"])
     assert isinstance(out.exception, AnalysisError)

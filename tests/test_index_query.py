@@ -108,8 +108,8 @@ def test_query_errors_are_clear(indexed, tmp_path):
     path, _ = indexed
     with pytest.raises(DimensionOutOfRangeError, match=r"dimension 256 is out of range .* 256 dims \(0\.\.255"):
         query_dim(path, 256)
-    with pytest.raises(HookNotInStoreError, match=r"hook 'post \(mlp.hook_post\)' was not harvested .*; hooks in the "
-                                                  "index: ln1.hook_normalized, hook_resid_post"):
+    with pytest.raises(HookNotInStoreError, match=r"hook 'post' \(mlp.hook_post\) was not harvested into .*; it holds: "
+                                                  r"ln1.hook_normalized \(layers 0-27\), hook_resid_post \(layers 0-3\)"):
         query_dim(path, 3, hook="post")
     with pytest.raises(HookNotInStoreError, match="did you mean 'hook_resid_post'"):
         query_dim(path, 3, hook="hook_resid_pots")

@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from analysis import translation_heads as th
-from analysis._circuits_common import AnalysisError
+from harvest.errors import AnalysisError
 from harvest.store import write_provenance
 
 N_HEADS, NEXT, CUR, PREV, INDUCTION, UNIFORM = 5, 0, 1, 2, 3, 4
@@ -77,7 +77,8 @@ def write_store(path, prompts, source: str, layers=(0, 1), heads=None) -> str:
     """A harvest-schema store holding planted patterns (layer 0 uniform, the last layer planted)."""
     n_k = max(len(p[0]) for p in prompts)
     group = zarr.open_group(str(path), mode="w")
-    write_provenance(group, {"prompts": {"source": source}, "selection": {"heads": heads}, "fingerprint": "test"})
+    write_provenance(group, {"prompts": {"source": source}, "selection": {"heads": heads}, "fingerprint": "test",
+                             "hooks": [f"blocks.{layer}.attn.hook_pattern" for layer in layers]})
     ids = np.full((len(prompts), n_k), -1, np.int32)
     lengths = np.array([len(p[0]) for p in prompts], np.int32)
     for i, p in enumerate(prompts):
@@ -272,20 +273,17 @@ def test_errors_name_the_fix(tmp_path, stores):
 
 
 def test_cli_prints_the_ranked_table_and_json(stores):
-    import typer
     from typer.testing import CliRunner
 
-    from analysis.cli_circuits import register
+    from analysis.cli import analyze_app as app
 
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     out = runner.invoke(app, ["translation-heads", stores["translation"], "--text", stores["text"],
-                              "--repeated", stores["repeated"], "--top", "3", "--dry-run"])
+                              "--repeated", stores["repeated"], "--top", "3", "--no-write", "--no-plots"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert "TS_next" in lines[1] and "translation(next)" in lines[3]
-    out = runner.invoke(app, ["translation-heads", stores["translation"], "--json", "--top", "2", "--dry-run",
+    out = runner.invoke(app, ["translation-heads", stores["translation"], "--json", "--top", "2", "--no-write", "--no-plots",
                               "--sort", "ts_cur_delta"])
     assert out.exit_code == 0, out.output
     heads = json.loads(out.output)["heads"]

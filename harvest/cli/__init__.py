@@ -19,7 +19,6 @@ from typing import Optional
 import typer
 
 from analysis.cli import analyze_app, index_command, query_app
-from analysis.cli_circuits import register as register_circuits
 from cluster.cli import register as register_jobs
 
 from ..errors import HarvestError
@@ -116,11 +115,10 @@ def demo(
     run_demo(workdir)
 
 
-# analyses over a store (analysis.cli, analysis.cli_circuits) and jobs on a Ray cluster (cluster.cli)
+# analyses over a store (analysis.cli) and jobs on a Ray cluster (cluster.cli)
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(query_app, name="query")
 app.command("index")(index_command)
-register_circuits(analyze_app)
 register_jobs(app)
 
 
