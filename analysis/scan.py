@@ -1,6 +1,6 @@
 """One pass over a store computes every statistic: the outlier analysis and the per-dimension index.
 
-The graph (dask.delayed over ``da.from_zarr(...).to_delayed()`` blocks)::
+The graph (dask.delayed over ``source.lazy_array(...).to_delayed()`` blocks)::
 
     for every activation array a and row block b (whole zarr chunks, ~block_mib each):
         scan_chunk(a, b)          reads the block once; computes everything that array is used for:
@@ -30,7 +30,8 @@ import numpy as np
 from harvest.errors import AnalysisError
 
 from . import stats
-from .source import ArrayInfo, Source, StoreFacts, plan_sources, residual_arrays, reweight_ln, sequence_starts
+from .source import (ArrayInfo, Source, StoreFacts, lazy_array, plan_sources, residual_arrays, reweight_ln,
+                     sequence_starts)
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,6 @@ def plan(facts: StoreFacts, params: ScanParams, *, index: bool, outliers: bool, 
 
 def build(facts: StoreFacts, params: ScanParams, *, index: bool = True, outliers: bool = True, derive: bool = True):
     """The delayed graph of one pass, and what it will compute."""
-    import dask.array as da
     from dask import delayed
 
     if params.aggregate not in ("sequence", "corpus"):
@@ -414,7 +414,7 @@ def build(facts: StoreFacts, params: ScanParams, *, index: bool = True, outliers
     for name, role in roles.items():
         info = facts.arrays[name]
         R = src_rows if role.sources else rows_per_block(info, params.block_mib, facts.n_rows)
-        x = da.from_zarr(group[name], chunks=(R, *info.trail))
+        x = lazy_array(group, name, chunks=(R, *info.trail))
         result.bytes_read += facts.n_rows * info.row_bytes
         chunk_states, kurt, mass = [], [], []
         for b, blk in enumerate(x.to_delayed().ravel()):

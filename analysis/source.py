@@ -116,6 +116,23 @@ class StoreFacts:
         return ("ln1", "ln2") if self.model_type == "gpt_neox" else ("ln1",)
 
 
+def lazy_array(group, name: str, chunks=None):
+    """A Dask array over one store array: where every analysis reads activation chunks.
+
+    A chunk that fails its crc32c raises :class:`harvest.errors.CorruptChunkError` naming the array,
+    chunk, rows and the repair (``harvest run SPEC --resume --redo-rows A:B``), not zarr's bare
+    "checksum do not match" deep in a Dask traceback.
+    """
+    import dask.array as da
+
+    from harvest.verify import CheckedArray
+
+    arr = group[name]
+    root = getattr(group.store, "root", None) or str(group.store)
+    return da.from_array(CheckedArray(arr, root, arr.path), chunks=chunks or arr.chunks, asarray=True,
+                         fancy=False, lock=False)
+
+
 def sequence_starts(group, n_rows: int, step: int = 1 << 22) -> np.ndarray:
     """Row index where each sequence begins, plus ``n_rows`` at the end; streamed from ``seq``.
 

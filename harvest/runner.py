@@ -330,10 +330,21 @@ class RunResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Harvest a job into its store (the library call behind ``harvest run``)."""
+def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        redo_rows: list[tuple[int, int]] | str | None = None) -> RunResult:
+    """Harvest a job into its store (the library call behind ``harvest run``).
+
+    ``redo_rows`` (with ``resume``): token row ranges to re-harvest first, e.g. those
+    ``harvest verify`` names as damaged; see :mod:`harvest.redo`.
+    """
     job = prepare(spec)
+    if redo_rows and not resume:
+        raise SpecError("--redo-rows repairs an existing store: give --resume with it")
     start = claim_store(job, resume=resume, overwrite=overwrite)
+    if redo_rows:  # issue 16: rewrite the shards holding these rows, then continue as a resume
+        from .redo import parse_rows, redo_rows as redo
+
+        redo(job, parse_rows(redo_rows, job.layout.n_rows) if isinstance(redo_rows, str) else redo_rows, progress)
     t0 = time.perf_counter()
     if len(job.stages) == 1:
         nonfinite = _run_in_process(job, start, progress)
