@@ -81,12 +81,13 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     rows = []
     for i, lay in enumerate(layers):
         row = {"layer": lay, "hook": t["hooks"][i], "count": int(data["count"][i]), "mean": float(data["mean"][i]),
-               "std": float(data["std"][i]), "max_abs": float(data["max_abs"][i]), "count_ge": int(data["count_ge"][i])}
+               "std": float(data["std"][i]), "max_abs": float(data["max_abs"][i]), "count_ge": int(data["count_ge"][i]),
+               "nonfinite": int(data["nonfinite"][i]) if "nonfinite" in data else 0}
         for name, w in ln.items():
             if 0 <= lay < len(w):
                 row[f"{name}_w"] = float(w[lay])
         rows.append(row)
-    pick = layers.index(layer) if layer is not None else int(np.argmax(data["max_abs"]))
+    pick = layers.index(layer) if layer is not None else int(np.argmax(np.nan_to_num(data["max_abs"], nan=-1.0)))
     examples = _examples(group, data, pick, context)
     result = {
         "store": str(path), "template": template, "dim": dim, "width": width,
@@ -177,7 +178,9 @@ def format_query(q: dict[str, Any]) -> str:
     lines.append(head + "".join(f" {k.replace('_w', '.w'):>8}" for k in lnk))
     for r in q["layers"]:
         lines.append(f"{r['layer'] if r['layer'] >= 0 else '-':>5} {r['count']:>9,} {r['mean']:>10.4g} {r['std']:>10.4g} {r['max_abs']:>10.4g} "
-                     f"{r['count_ge']:>8,}" + "".join(f" {r.get(k, float('nan')):>8.3g}" for k in lnk))
+                     f"{r['count_ge']:>8,}" + "".join(f" {r.get(k, float('nan')):>8.3g}" for k in lnk)
+                     + (f"  {r['nonfinite']:,} NaN/inf left out" if r.get("nonfinite") else "")
+                     + ("  (no finite value)" if r.get("nonfinite") and not r["count"] else ""))
     ex = q["examples"]
     where = f"layer {ex['layer']}" if ex["layer"] >= 0 else ex["hook"]
     lines.append(f"top {len(ex['items'])} tokens by |x| at {where} ({ex['chosen']}):")

@@ -1,0 +1,104 @@
+"""Issue 16 item 7: NaN/inf (a store harvested with ``on_nonfinite: flag``) are counted, left out of every
+statistic, and reported with where they are; a layer with no finite value is reported as such, never as 0."""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from analysis import stats
+from analysis.index import build_index
+from analysis.outliers import analyze_outliers
+from analysis.query import format_query, query_dim
+from analysis.scan import ScanParams
+from analysis.synthetic import write_store
+
+LENGTHS = [40, 50, 30, 60]
+D = 32
+HOOKS = [f"blocks.{l}.hook_resid_post" for l in range(4)] + [f"blocks.{l}.ln1.hook_normalized" for l in range(4)]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    n = sum(LENGTHS)
+    data = {h: rng.standard_normal((n, D)).astype(np.float32) for h in HOOKS}
+    data["blocks.1.ln1.hook_normalized"][:, 7] *= 20  # an outlier dim, so the report has something to show
+    data["blocks.2.hook_resid_post"][:] = np.nan  # float16 overflow in a layer: every value NaN
+    data["blocks.1.hook_resid_post"][[3, 77, 150], [0, 5, 5]] = [np.nan, np.inf, -np.inf]
+    data["blocks.3.ln1.hook_normalized"][100:104, :] = np.inf  # whole rows
+    path = tmp_path_factory.mktemp("nonfinite") / "flagged.zarr"
+    write_store(path, HOOKS, LENGTHS, D, lambda name, lo, hi: data[name][lo:hi], chunk_rows=32, chunks_per_shard=2)
+    return path, data
+
+
+def test_statistics_count_and_exclude_nonfinite_against_numpy(planted):
+    _, data = planted
+    for name, x in data.items():
+        got = stats.reduction(da.from_array(x, chunks=(29, D)), "nonfinite").compute()
+        bad = ~np.isfinite(x)
+        np.testing.assert_array_equal(got["nonfinite"], bad.sum(axis=0))
+        assert got["nonfinite_total"] == bad.sum() and got["nonfinite_rows"] == bad.any(axis=1).sum()
+        assert got["nonfinite_first_row"] == (int(np.flatnonzero(bad.any(axis=1))[0]) if bad.any() else -1)
+        assert got["no_finite"] == (not np.isfinite(x).any())
+        mx = stats.reduction(da.from_array(x, chunks=(29, D)), "max_abs").compute()["max_abs"]
+        ref = np.ma.masked_invalid(np.abs(x)).max(axis=0).filled(np.nan)
+        np.testing.assert_array_equal(mx, ref.astype(np.float32))  # NaN where a column has no finite value
+
+
+def test_kurtosis_of_a_sequence_with_no_finite_value_is_nan():
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    x[10:] = np.nan
+    block = stats.Block(x)
+    out = stats.seq_moments_aggregate(stats.seq_moments_chunk(block, np.repeat([0, 1], 10)))
+    assert np.isfinite(out["kurtosis"][0]) and np.isnan(out["kurtosis"][1]) and np.isnan(out["max_norm"][1])
+
+
+def test_outliers_report_nonfinite_and_a_dead_layer_as_such(planted):
+    path, data = planted
+    rep = analyze_outliers(path, ScanParams(block_mib=0.01), plots=False)
+    r = json.loads(rep.to_json())
+    kurt = {k["layer"]: k for k in r["kurtosis"]["layers"]}
+    # the fault as filed: kurtosis 0 and max |x| 0 for the all-NaN layer
+    assert kurt[2]["no_finite_value"] and kurt[2]["kurtosis"] is None and kurt[2]["max_norm"] is None
+    assert kurt[2]["nonfinite"] == sum(LENGTHS) * D
+    assert kurt[1]["nonfinite"] == 3 and not kurt[1]["no_finite_value"]
+    finite1 = np.ma.masked_invalid(data["blocks.1.hook_resid_post"])
+    assert kurt[1]["max_norm"] == pytest.approx(float(np.abs(finite1).max()))
+    nf = {a["array"]: a for a in r["nonfinite"]["arrays"]}
+    for name, x in data.items():
+        bad = int((~np.isfinite(x)).sum())
+        assert nf.get(name, {}).get("values", 0) == bad
+    assert nf["blocks.2.hook_resid_post"]["no_finite_value"]
+    assert nf["blocks.1.hook_resid_post"]["first_row"] == 3 and nf["blocks.1.hook_resid_post"]["rows"] == 3
+    assert nf["blocks.3.ln1.hook_normalized"] == {"array": "blocks.3.ln1.hook_normalized", "values": 4 * D,
+                                                 "rows": 4, "first_row": 100, "dims": D, "no_finite_value": False}
+    assert r["nonfinite"]["total"] == sum(int((~np.isfinite(x)).sum()) for x in data.values())
+    # the Dettmers statistics on ln1 left the inf rows of layer 3 out
+    states = {s["layer"]: s for s in r["nonfinite"]["hidden_states"]}
+    assert states[3]["values"] == 4 * D and not states[3]["no_finite_value"]
+    assert 7 in rep.outlier_dims
+    table = rep.format()
+    assert "2:no finite value" in table and "NaN/inf values left out" in table
+    assert "blocks.2.hook_resid_post" in table
+
+
+def test_index_and_query_count_nonfinite(planted):
+    path, data = planted
+    build_index(path, block_mib=0.01)
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")["analysis/index/hook_resid_post"]
+    resid = np.stack([data[f"blocks.{l}.hook_resid_post"] for l in range(4)])
+    np.testing.assert_array_equal(g["nonfinite"][...], (~np.isfinite(resid)).sum(axis=1))
+    np.testing.assert_array_equal(g["count"][...], np.isfinite(resid).sum(axis=1))
+    assert np.isnan(g["max_abs"][2]).all() and np.isnan(g["mean"][2]).all()
+    q = query_dim(path, 5, hook="resid_post")
+    rows = {r["layer"]: r for r in q["layers"]}
+    assert rows[1]["nonfinite"] == 2 and rows[2]["nonfinite"] == sum(LENGTHS) and rows[2]["count"] == 0
+    assert q["examples"]["layer"] != 2
+    text = format_query(q)
+    assert "no finite value" in text and "NaN/inf left out" in text
