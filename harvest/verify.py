@@ -204,7 +204,7 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
     hooks = set(info.get("hooks", []))
     rowmap = RowMap(group, info)
     try:
-        done = batches_done(group)
+        done = batches_done(group) if "_progress" in group else None  # no manifest: every row should be there
     except Exception as exc:  # noqa: BLE001 - the manifest's own files are checked below
         done = None
         report.damages.append(Damage("_progress", "_progress", f"progress manifest unreadable ({_short(exc)})",
