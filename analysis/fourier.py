@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from harvest.verify import names_damage
+
 from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, info, jsonable, layer_arrays,
                                open_store_group, pyplot, read, require, result_group, rows_at, scheduler,
                                source_name, write_array)
@@ -356,6 +358,7 @@ class Fourier:
         return jsonable(out)
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str = "hook_resid_post",
             periods: Any = DEFAULT_PERIODS, direction_periods: Any = None, n_components: int = 100,
             n_shuffles: int = 20, n_auto: int = 4, seed: int = 0, include_embed: bool = True,

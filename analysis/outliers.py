@@ -29,6 +29,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, StoreError
 from harvest.store import open_group
+from harvest.verify import names_damage
 
 from . import stats
 from .scan import ScanParams, ScanResult, run_scan
@@ -62,6 +63,7 @@ def _json_default(obj):
     return str(obj)
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, index: bool = True, derive: bool = True,
                      scheduler=None, num_workers: int | None = None, write: bool = True,
                      plots: bool | str | Path = True) -> OutlierReport:

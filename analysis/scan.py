@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from harvest.errors import AnalysisError
+from harvest.verify import names_damage
 
 from . import stats
 from .source import (ArrayInfo, Source, StoreFacts, lazy_array, plan_sources, residual_arrays, reweight_ln,
@@ -515,6 +516,7 @@ def _check_reachable(address: str) -> None:
             raise _unreachable(address, exc) from None
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def run_scan(path: str | Path, params: ScanParams | None = None, *, index: bool = True, outliers: bool = True,
              derive: bool = True, scheduler=None, num_workers: int | None = None) -> ScanResult:
     """One pass over the store; returns the aggregated statistics (nothing written)."""

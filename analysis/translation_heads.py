@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from harvest.verify import names_damage
+
 from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, heads_of, info, jsonable,
                                layer_arrays, open_store_group, pyplot, read, require, result_group, scheduler,
                                source_name, write_array)
@@ -231,6 +233,7 @@ def _controls(path: Path, layers: dict[int, str], heads: np.ndarray) -> dict[int
     return {layer: found.get(layer, np.full((n_seq, len(heads), 2), np.nan)) for layer in layers}
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str | Path | None = None,
             write: bool = True, plot: bool = True, address: str | None = None,
             role_thresholds: dict[str, float] | None = None) -> TranslationHeads:

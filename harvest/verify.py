@@ -341,11 +341,29 @@ def corrupt_chunk_error(path: str | Path, array: str | None = None, rows: tuple[
         def near(d: Damage) -> bool:
             return d.array == array and (rows is None or d.span is None or d.span[0] < rows[1] and rows[0] < d.span[1])
         damages = sorted(damages, key=lambda d: not near(d))
-    first = damages[0]
-    more = f" (and {len(damages) - 1} more)" if len(damages) > 1 else ""
+    shown = "; ".join(d.line() for d in damages[:3])
+    more = f" (and {len(damages) - 3} more)" if len(damages) > 3 else ""
     fixes = "; ".join(report.repair_commands())
-    return CorruptChunkError(f"store {path} is damaged: {first.line()}{more}. Repair: {fixes}; "
+    return CorruptChunkError(f"store {path} is damaged: {shown}{more}. Repair: {fixes}; "
                              f"then `harvest verify {path}` checks the whole store")
+
+
+def names_damage(fn):
+    """Decorator for a library call whose first argument is a store path: zarr's bare checksum error
+    from any read inside it (a row map, an index array...) becomes a one-line :class:`CorruptChunkError`
+    naming the damage found by a verify of that store and its repair."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except ValueError as exc:
+            if isinstance(exc, CorruptChunkError) or not is_checksum_error(exc):
+                raise
+            raise corrupt_chunk_error(path) from None
+
+    return wrapper
 
 
 class CheckedArray:

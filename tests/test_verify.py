@@ -179,3 +179,23 @@ def test_redo_rows_is_checked(stores):
             parse_rows(bad, 100)
     with pytest.raises(SpecError, match="--resume"):
         run(spec, redo_rows=[(0, 1)], progress=False)
+
+
+def test_query_and_row_map_damage_are_named_with_their_own_repair(stores):
+    _, path, _ = stores
+    from analysis.index import build_index
+    from analysis.outliers import analyze_outliers
+    from analysis.query import query_dim
+
+    build_index(path)
+    index_chunk = next(f for f in (path / "analysis/index/hook_resid_post/max_abs/c").rglob("*") if f.is_file())
+    flip(index_chunk, 2, 4)
+    with pytest.raises(CorruptChunkError, match=r"analysis/index/hook_resid_post/max_abs .*harvest index STORE"):
+        query_dim(path, 3, hook="resid_post")
+    done = cli("query", "dim", str(path), "3", "--hook", "resid_post")
+    assert done.returncode == 2 and "\n" not in done.stderr.strip() and "Traceback" not in done.stderr
+    assert "analysis/index/hook_resid_post/max_abs" in done.stderr and "harvest index" in done.stderr
+
+    flip(path / "seq" / "c" / "0", 2, 4)
+    with pytest.raises(CorruptChunkError, match=r"seq chunk 0 \(seq/c/0\): crc32c.*Repair: .*harvest run SPEC --overwrite"):
+        analyze_outliers(path, plots=False, write=False)
