@@ -181,10 +181,14 @@ def scan_chunk(values: np.ndarray, start: int, roles: Roles, params: ScanParams,
             if z is None:  # ln1 and ln2 of a parallel block normalise the same residual: once
                 z = normalize(raw.x, eps, scratch.get("z", raw.x.shape, np.float32))
             y = affine(z, ln[f"{name}.w"][layer], ln[f"{name}.b"][layer], scratch.get(f"{name}.y", z.shape, np.float32))
+            if raw.nonfinite is not None:  # LayerNorm of a row with a NaN/inf is NaN (raw.x holds 0 there)
+                y[raw.nonfinite.any(axis=1)] = np.nan
             block = stats.Block(y, start, scratch, f"{name}.")
         else:
             y = reweight_ln(raw.x, ln["ln1.w"][layer], ln["ln1.b"][layer], ln[f"{name}.w"][layer],
                             ln[f"{name}.b"][layer])
+            if raw.nonfinite is not None:
+                y[raw.nonfinite] = np.nan
             block = stats.Block(y, start, scratch, f"{name}.")
         parts.append((si, li, outlier_chunk(block, params.magnitude, groups)))
     if parts:

@@ -102,3 +102,51 @@ def test_index_and_query_count_nonfinite(planted):
     assert q["examples"]["layer"] != 2
     text = format_query(q)
     assert "no finite value" in text and "NaN/inf left out" in text
+
+
+def test_real_harvest_with_a_nan_layer_flagged_is_reported_not_zeroed(neox_ckpt, make_spec, tmp_path):
+    """A checkpoint whose layer-2 MLP bias is NaN: layers 2 and 3 hold no finite value; harvested with
+    ``on_nonfinite: flag``; the analysis must say so, not report kurtosis 0 and max |x| 0."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import zarr
+    from safetensors.torch import load_file, save_file
+
+    from harvest.runner import run
+
+    ckpt = tmp_path / "nan-ckpt"
+    shutil.copytree(neox_ckpt, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("layers.2.mlp.dense_4h_to_h.bias"))
+    tensors[key][:] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    spec = make_spec(ckpt, hooks=("blocks.*.hook_resid_post", "blocks.*.ln1.hook_normalized"),
+                     capture={"on_nonfinite": "flag"})
+    path = run(spec, progress=False).path
+    g = zarr.open_group(str(path), mode="r")
+    stored = {name: g[name][...] for name in g.attrs["harvest"]["hooks"]}
+    assert np.isnan(stored["blocks.2.hook_resid_post"]).all() and np.isfinite(stored["blocks.1.hook_resid_post"]).all()
+
+    rep = analyze_outliers(path, plots=False)
+    kurt = {k["layer"]: k for k in rep.report["kurtosis"]["layers"]}
+    assert [kurt[x]["no_finite_value"] for x in range(4)] == [False, False, True, True]
+    assert kurt[2]["kurtosis"] is None and kurt[2]["max_norm"] is None and kurt[1]["kurtosis"] > 0
+    nf = {a["array"]: a["values"] for a in rep.report["nonfinite"]["arrays"]}
+    assert nf == {name: int((~np.isfinite(x)).sum()) for name, x in stored.items() if not np.isfinite(x).all()}
+    # Dettmers' max |x|: ln1 of layer 3 reads the dead residual of layer 2 (also ln2, derived from it): NaN, not 0
+    max_abs = rep.arrays["max_abs"][0]
+    assert np.isnan(max_abs[3]).all() and np.isfinite(max_abs[:3]).all()
+    states = {s["layer"]: s for s in rep.report["nonfinite"]["hidden_states"]}
+    assert list(states) == [3] and states[3]["no_finite_value"]
+
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "harvest", "analyze", "outliers", str(path), "--no-plots"],
+                          capture_output=True, text=True, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    assert "2:no finite value" in done.stdout and "3:no finite value" in done.stdout
+    assert "NaN/inf values left out" in done.stdout
