@@ -133,6 +133,10 @@ class ChunkProblem:
     what: str  #: what is wrong, in words
 
 
+MISSING_SHARD = "shard file missing"
+MISSING_CHUNK = "chunk missing from its shard (reads as the fill value)"
+
+
 class ShardIndexError(ValueError):
     """A shard's index is unreadable: wrong size, bad checksum, or offsets outside the file."""
 
@@ -188,11 +192,12 @@ def check_chunk(data: bytes | memoryview, grid: ChunkGrid) -> str | None:
 def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> list[ChunkProblem]:
     """Every problem of one stored object (shard or plain chunk): [] when intact.
 
-    ``data`` None means the file is missing: that is reported by the caller only where rows are
-    claimed written (a missing object otherwise legitimately reads as the fill value).
+    ``data`` None means the file is missing (:data:`MISSING_SHARD`), and an in-bounds inner chunk the
+    index marks empty is :data:`MISSING_CHUNK`: both legitimately read as the fill value, so the caller
+    counts them as damage only where rows are claimed written.
     """
     if data is None:
-        return [ChunkProblem(None, "shard file missing")]
+        return [ChunkProblem(None, MISSING_SHARD)]
     if not grid.sharded:
         what = check_chunk(data, grid)
         return [ChunkProblem(grid.inner_coords(unit, 0), what)] if what else []
@@ -204,8 +209,11 @@ def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> l
     problems = []
     for i in range(grid.n_inner):
         offset, length = int(table[i, 0]), int(table[i, 1])
-        if offset == EMPTY:
-            continue  # never written: reads as the fill value
+        if offset == EMPTY:  # never written: reads as the fill value; the caller decides if rows were due
+            coords = grid.inner_coords(unit, i)
+            if grid.inner_in_bounds(coords):
+                problems.append(ChunkProblem(coords, MISSING_CHUNK))
+            continue
         what = check_chunk(view[offset: offset + length], grid)
         if what:
             problems.append(ChunkProblem(grid.inner_coords(unit, i), what))

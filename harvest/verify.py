@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CorruptChunkError, StoreError
-from .shards import ChunkGrid, ChunkProblem, check_shard
+from .shards import MISSING_CHUNK, MISSING_SHARD, ChunkGrid, ChunkProblem, check_shard
 
 #: stores larger than this get a progress bar (when asked for one)
 PROGRESS_BYTES = 256 * 2**20
@@ -254,8 +254,8 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
         report.objects += 1
         report.bytes_read += n
         for problem in problems:
-            if problem.what == "shard file missing":
-                span = _unit_span(grid, unit)
+            if problem.what in (MISSING_SHARD, MISSING_CHUNK):
+                span = _unit_span(grid, unit) if problem.coords is None else grid.lead_span(problem.coords)
                 if name not in hooks or not _claimed(claimed, axis, span, rowmap):
                     continue  # never written: reads as the fill value, as the manifest says
             report.damages.append(_damage(name, root, file, grid, axis, unit, problem, rowmap, hooks))

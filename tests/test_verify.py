@@ -148,6 +148,24 @@ def test_missing_shard_of_unwritten_batches_is_not_damage(stores):
     assert [d.what for d in verify_store(path).damages] == ["shard file missing"]
 
 
+def test_chunk_marked_empty_in_a_written_shard_is_named(stores):
+    from crc32c import crc32c
+
+    _, path, _ = stores
+    grid = ChunkGrid.from_metadata(zarr.open_group(str(path), mode="r")[ARRAY].metadata.to_dict())
+    shard = path / ARRAY / grid.key((0, 0))
+    data = bytearray(shard.read_bytes())
+    table = read_shard_index(bytes(data), grid).copy()
+    table[1] = 2**64 - 1  # a valid index that lost inner chunk 1: zarr would read zeros without a word
+    index = table.astype("<u8").tobytes()
+    data[-grid.index_bytes:] = index + crc32c(index).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")[ARRAY][grid.inner[0]:2 * grid.inner[0]], 0)
+    (d,) = verify_store(path).damages
+    assert (d.array, d.chunk, d.rows) == (ARRAY, (1, 0), (grid.inner[0], 2 * grid.inner[0]))
+    assert "missing" in d.what and f"--redo-rows {grid.inner[0]}:{2 * grid.inner[0]}" in verify_store(path).format()
+
+
 def test_analyses_stop_with_one_line_naming_the_chunk(stores):
     _, path, _ = stores
     grid = ChunkGrid.from_metadata(zarr.open_group(str(path), mode="r")[ARRAY].metadata.to_dict())
