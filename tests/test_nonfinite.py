@@ -150,3 +150,41 @@ def test_real_harvest_with_a_nan_layer_flagged_is_reported_not_zeroed(neox_ckpt,
     assert done.returncode == 0, done.stderr
     assert "2:no finite value" in done.stdout and "3:no finite value" in done.stdout
     assert "NaN/inf values left out" in done.stdout
+
+
+def test_fourier_leaves_out_nonfinite_rows_and_reports_a_dead_layer(tmp_path):
+    import zarr
+
+    from analysis import fourier
+    from harvest.store import ATTRS_KEY
+
+    rng = np.random.default_rng(0)
+    n = np.arange(120)
+    group = zarr.open_group(str(tmp_path / "numbers.zarr"), mode="w")
+    group.attrs[ATTRS_KEY] = {"prompts": {"source": "numbers"}, "selection": {}, "fingerprint": "test"}
+    group.create_array("seq", data=np.repeat(n, 2).astype(np.int64), dimension_names=("token",))
+    group.create_array("pos", data=np.tile([1, 2], len(n)).astype(np.int32), dimension_names=("token",))
+    meta = group.require_group("meta")
+    meta.create_array("n", data=n.astype(np.int64), dimension_names=("sequence",))
+    meta.create_array("n_span", data=np.stack([np.ones(len(n)), 2 * np.ones(len(n))], 1).astype(np.int32),
+                      dimension_names=("sequence", "bound"))
+    clean = np.cos(2 * np.pi * np.repeat(n, 2)[:, None] / 10) * rng.normal(size=(1, 16))
+    for layer in range(3):
+        h = clean + 0.01 * rng.normal(size=clean.shape)
+        if layer == 1:
+            h[::2][[5, 40]] = np.nan  # the rows of numbers 5 and 40 (one row per number is read)
+            h[1::2] = np.inf  # rows the analysis never reads (position 2)
+        if layer == 2:
+            h[:] = np.nan
+        group.create_array(f"blocks.{layer}.hook_resid_post", data=h.astype(np.float32), chunks=(64, 16),
+                           dimension_names=("token", "d_model"))
+    res = fourier.analyze(str(tmp_path / "numbers.zarr"), periods=[10], n_shuffles=2, include_embed=False,
+                          write=False, plot=False)
+    assert list(res.layers) == [0]  # layers 1 and 2 left out, not fitted on zeros
+    dead = " ".join(res.params["no_finite_value"])
+    assert "layer 2 left out (numbers): no finite value" in dead
+    assert "layer 1 left out (numbers): 2 number(s) have no row without NaN/inf" in dead
+    assert res.params["nonfinite"]["numbers layer 1"]["values"] == 2 * 16
+    assert res.params["nonfinite"]["numbers layer 2"]["values"] == 120 * 16
+    assert res.helix[0].r2["helix"] > 0.99
+    assert "NaN/inf" in res.report() and "no finite value" in res.report()
