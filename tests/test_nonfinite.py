@@ -188,3 +188,33 @@ def test_fourier_leaves_out_nonfinite_rows_and_reports_a_dead_layer(tmp_path):
     assert res.params["nonfinite"]["numbers layer 2"]["values"] == 120 * 16
     assert res.helix[0].r2["helix"] > 0.99
     assert "NaN/inf" in res.report() and "no finite value" in res.report()
+
+
+def test_translation_heads_count_nonfinite_and_name_a_dead_layer(tmp_path):
+    import zarr
+
+    from analysis import translation_heads as th
+    from test_translation_heads import translation_prompts
+    from test_translation_heads import write_store as write_patterns
+
+    path = write_patterns(tmp_path / "t.zarr", translation_prompts(20, 4, np.random.default_rng(0)), "translation",
+                         layers=(0, 1, 2))
+    g = zarr.open_group(path, mode="r+")
+    dead = g["blocks.0.attn.hook_pattern"]
+    dead[...] = np.full(dead.shape, np.nan, np.float32)
+    some = g["blocks.1.attn.hook_pattern"]
+    part = some[...]
+    part[[3, 7], 0, 2, 1] = np.inf  # two prompts, one head
+    some[...] = part
+    res = th.analyze(path, write=False, plot=False)
+    nf = res.params["nonfinite"]
+    assert nf["0"]["values"] == dead.size and nf["0"]["no_finite_value"]
+    assert nf["1"] == {"values": 2, "no_finite_value": False, "prompts_left_out": 2}
+    assert "2" not in nf
+    rows = res.ranked()
+    assert all(r["role"] == "no finite value" for r in rows if r["layer"] == 0)
+    assert not any(r["role"] == "no finite value" for r in rows if r["layer"] != 0)
+    assert np.isfinite(res.scores["ts_next"][1]).all()  # the two prompts are left out, not zeros
+    table = res.table(top=None)
+    assert "layer 0: " in table and "(no finite value)" in table and "2 prompt(s) left out" in table
+    assert json.loads(json.dumps(res.to_dict()))["params"]["nonfinite"]["1"]["values"] == 2
