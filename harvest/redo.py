@@ -49,6 +49,13 @@ def parse_rows(text: str, n_rows: int | None = None) -> list[tuple[int, int]]:
     return ranges
 
 
+def check_redo(rows: str | list[tuple[int, int]], resume: bool, n_rows: int) -> list[tuple[int, int]]:
+    """The ranges of ``--redo-rows``, checked against the job's rows; it needs ``--resume``."""
+    if not resume:
+        raise SpecError("--redo-rows repairs an existing store: give --resume with it")
+    return parse_rows(rows if isinstance(rows, str) else ",".join(f"{a}:{b}" for a, b in rows), n_rows)
+
+
 @dataclass(frozen=True)
 class Target:
     """Rows [start, stop) of one array to rewrite: whole shards."""
@@ -100,8 +107,7 @@ def redo_rows(job: "Job", ranges: list[tuple[int, int]], progress: bool = False)
     from .stage import Stage, resolve_device
     from .writer import ArrayWriter, EventLoops, _explain
 
-    ranges = [(a, b) for a, b in ranges]
-    parse_rows(",".join(f"{a}:{b}" for a, b in ranges), job.layout.n_rows)  # same checks as the CLI's
+    ranges = check_redo(ranges, True, job.layout.n_rows)
     group = zarr.open_group(str(job.path), mode="r+")
     arrays = {p.name: group[p.name] for p in job.hooks}
     plan = plan_redo(job, ranges, {name: (arr.shards or arr.chunks)[0] for name, arr in arrays.items()})

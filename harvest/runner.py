@@ -338,13 +338,13 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     ``harvest verify`` names as damaged; see :mod:`harvest.redo`.
     """
     job = prepare(spec)
-    if redo_rows and not resume:
-        raise SpecError("--redo-rows repairs an existing store: give --resume with it")
-    start = claim_store(job, resume=resume, overwrite=overwrite)
     if redo_rows:  # issue 16: rewrite the shards holding these rows, then continue as a resume
-        from .redo import parse_rows, redo_rows as redo
+        from .redo import check_redo, redo_rows as redo
 
-        redo(job, parse_rows(redo_rows, job.layout.n_rows) if isinstance(redo_rows, str) else redo_rows, progress)
+        redo_rows = check_redo(redo_rows, resume, job.layout.n_rows)  # before the store is touched
+    start = claim_store(job, resume=resume, overwrite=overwrite)
+    if redo_rows:
+        redo(job, redo_rows, progress)
     t0 = time.perf_counter()
     if len(job.stages) == 1:
         nonfinite = _run_in_process(job, start, progress)
