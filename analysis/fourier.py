@@ -41,9 +41,10 @@ import numpy as np
 
 from harvest.errors import AnalysisError
 from harvest.hookpoints import compact_layers, split_name
+from harvest.verify import names_damage
 
 from .plots import figure_path, pyplot
-from .reading import (dask_array, hook_layers, open_store, prompt_source, provenance, read, rows_at,
+from .reading import (lazy_array, hook_layers, open_store, prompt_source, provenance, read, rows_at,
                       store_hooks)
 from .results import format_table, jsonable, result_group, write_array
 from .runtime import dask_scheduler
@@ -170,10 +171,14 @@ class Regression:
     sum_g: np.ndarray  # (p,)
     gtg: np.ndarray  # (p, p)
     gtx: np.ndarray  # (p, d)
+    nonfinite: int = 0  #: NaN/inf values in the rows read; their rows are left out of every sum
+    rows_left_out: int = 0
 
     def fit(self, cols: list[int]) -> tuple[float, np.ndarray]:
         """Fraction of variance of X explained by features ``cols`` (plus intercept), and their directions."""
         cols = list(cols)
+        if self.n == 0:  # no row with finite values: nothing to fit (NaN, never 0)
+            return float("nan"), np.zeros((len(cols), self.sum_x.shape[0]))
         mean_x, mean_g = self.sum_x / self.n, self.sum_g[cols] / self.n
         gcg = self.gtg[np.ix_(cols, cols)] - self.n * np.outer(mean_g, mean_g)
         gcx = self.gtx[cols] - self.n * np.outer(mean_g, mean_x)
@@ -241,20 +246,32 @@ def _group_means(group, layers: dict[int, str], rows: np.ndarray, values: np.nda
     distinct, inverse = np.unique(values, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
 
-    def block_sums(x: np.ndarray, which: np.ndarray) -> np.ndarray:
+    def block_sums(x: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Sums and row counts per value over rows with no NaN/inf; the NaN/inf values and rows left out."""
+        x = np.asarray(x, dtype=np.float64)
+        ok = np.isfinite(x).all(axis=1)
         out = np.zeros((len(distinct), x.shape[1]))
-        np.add.at(out, which, np.asarray(x, dtype=np.float64))
-        return out
+        np.add.at(out, which[ok], x[ok])
+        return out, np.bincount(which[ok], minlength=len(distinct)), int((~np.isfinite(x)).sum()), int((~ok).sum())
+
+    def total(parts):
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                sum(p[3] for p in parts))
 
     lazy = {}
     for layer, name in layers.items():
-        x = dask_array(group, name)[rows].rechunk({1: -1})
+        x = lazy_array(group, name)[rows].rechunk({1: -1})
         starts = np.concatenate([[0], np.cumsum(x.chunks[0])])
         parts = [dask.delayed(block_sums)(b, inverse[s0:s1])
                  for b, s0, s1 in zip(x.to_delayed().ravel(), starts[:-1], starts[1:])]
-        lazy[layer] = dask.delayed(sum)(parts)
+        lazy[layer] = dask.delayed(total)(parts)
     computed = dask.compute(lazy)[0]
-    return distinct, {layer: v / counts[:, None] for layer, v in computed.items()}
+    nonfinite = {layer: {"values": v[2], "rows_left_out": v[3], "values_without_rows": int((v[1] == 0).sum()),
+                         "n_values": len(distinct), "n_rows": len(rows)}
+                 for layer, v in computed.items() if v[2]}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = {layer: v[0] / v[1][:, None] for layer, v in computed.items()}
+    return distinct, means, nonfinite
 
 
 def _regressions(group, layers: dict[int, str], rows: np.ndarray, features: np.ndarray) -> dict[int, Regression]:
@@ -266,13 +283,16 @@ def _regressions(group, layers: dict[int, str], rows: np.ndarray, features: np.n
     rows, features = rows[order], features[order]
     lazy = {}
     for layer, name in layers.items():
-        x = dask_array(group, name)[rows].astype(np.float64)
-        g = da.from_array(features, chunks=(x.chunks[0], features.shape[1]))
-        lazy[layer] = (x.sum(axis=0), (x ** 2).sum(), g.T @ g, g.T @ x)
+        x = lazy_array(group, name)[rows].astype(np.float64)
+        ok = da.isfinite(x).all(axis=1)  # rows with a NaN/inf are left out (and counted)
+        x = da.where(ok[:, None], x, 0.0)
+        g = da.from_array(features, chunks=(x.chunks[0], features.shape[1])) * ok[:, None]
+        lazy[layer] = (x.sum(axis=0), (x ** 2).sum(), g.T @ g, g.T @ x, ok.sum(), g.sum(axis=0),
+                       (~da.isfinite(lazy_array(group, name)[rows])).sum())
     computed = dask.compute(lazy)[0]
-    n, sum_g = len(rows), features.sum(axis=0)
-    return {layer: Regression(n, np.asarray(sx), float(sq), sum_g, np.asarray(gtg), np.asarray(gtx))
-            for layer, (sx, sq, gtg, gtx) in computed.items()}
+    return {layer: Regression(int(n), np.asarray(sx), float(sq), np.asarray(sum_g), np.asarray(gtg), np.asarray(gtx),
+                              nonfinite=int(bad), rows_left_out=len(rows) - int(n))
+            for layer, (sx, sq, gtg, gtx, n, sum_g, bad) in computed.items()}
 
 
 def answer_tokens(group, answers: np.ndarray, answer_prefix: str) -> np.ndarray:
@@ -348,6 +368,11 @@ class Fourier:
             parts.append(f"accuracy (top-1 = first token of a+b): {self.accuracy:.1%} of {len(self.correct)} prompts")
         elif "accuracy_note" in self.params:
             parts.append(f"accuracy: {self.params['accuracy_note']}")
+        if self.params.get("nonfinite") or self.params.get("no_finite_value"):
+            where = "; ".join(f"{k}: {v['values']:,} NaN/inf, {v['rows_left_out']:,} rows left out"
+                              for k, v in self.params.get("nonfinite", {}).items())
+            dead = "; ".join(self.params.get("no_finite_value", []))
+            parts.append("non-finite values (left out of every sum and fit): " + "; ".join(x for x in (where, dead) if x))
         return "\n\n".join(parts)
 
     def to_dict(self, top: int = 5) -> dict[str, Any]:
@@ -438,6 +463,7 @@ def plan(store: str | Path, *, numbers: str | Path | None = None, hook: str = "h
                        addition and "unembed.topk_ids" in group)
 
 
+@names_damage  # a bad checksum anywhere inside is named in one line
 def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str = "hook_resid_post",
             periods: Any = DEFAULT_PERIODS, direction_periods: Any = None, n_components: int = 100,
             n_shuffles: int = 20, n_auto: int = 4, seed: int = 0, include_embed: bool = True,
@@ -496,19 +522,46 @@ def _numbers_part(result: Fourier, job: FourierPlan, n_components: int, n_shuffl
         if num_path != job.store:
             raise
         return  # an addition store whose operand tokens were not captured: directions and accuracy only
-    distinct, means = _group_means(num_group, {layer: job.numbers_layers[layer] for layer in job.layers}, rows,
-                                   values)
+    layers = job.layers  # shared with the addition part: a layer dropped here is dropped there too
+    distinct, means, nonfinite = _group_means(num_group, {layer: job.numbers_layers[layer] for layer in layers}, rows,
+                                              values)
+    _drop_dead_layers(result, layers, {layer: nf for layer, nf in nonfinite.items() if nf["values_without_rows"]},
+                      "numbers")
+    result.params.setdefault("nonfinite", {}).update({f"numbers layer {k}": v for k, v in nonfinite.items()})
     if len(distinct) < 4 or not np.array_equal(distinct, np.arange(distinct[0], distinct[0] + len(distinct))):
         raise AnalysisError(f"{num_path}: the numbers must form a contiguous range of at least 4 (found "
                             f"{len(distinct)} values from {int(distinct[0])} to {int(distinct[-1])}); harvest the "
                             "numbers source over a range")
-    layers = job.layers
     result.numbers = distinct
     result.power = np.stack([spectrum(means[layer]) for layer in layers])
     result.peaks = [list(zip(*(x.tolist() for x in top_periods(p, len(distinct), 10)))) for p in result.power]
     result.helix = [helix_fit(distinct, means[layer], job.periods, n_components=n_components, n_shuffles=n_shuffles,
                               seed=seed, n_auto=n_auto) for layer in layers]
     result.params.update(numbers_store=str(num_path), numbers_from=where)
+
+
+def _drop_dead_layers(result: Fourier, layers: dict[int, str], dead: dict[int, dict], where: str) -> None:
+    """Leave out layers with no finite value to fit (from ``layers``, in place, and what is already computed),
+    and say so: reported as 'no finite value', never fitted on zeros."""
+    if not dead:
+        return
+    keep = [i for i, layer in enumerate(result.layers) if int(layer) not in dead]
+    for layer in dead:
+        layers.pop(layer, None)
+    result.params.setdefault("no_finite_value", []).extend(
+        f"layer {result.layer_name(layer)} left out ({where}): " + (
+            "no finite value" if nf.get("values_without_rows", 0) in (0, nf.get("n_values"))
+            and nf.get("rows_left_out") == nf.get("n_rows", nf.get("rows_left_out"))
+            else f"{nf.get('values_without_rows')} number(s) have no row without NaN/inf")
+        for layer, nf in dead.items())
+    if not layers:
+        raise AnalysisError(f"{result.store}: every analysed layer has NaN/inf where the analysis reads it "
+                            f"({where}); nothing to fit. Harvest with model.dtype float32 or bfloat16")
+    result.layers = result.layers[keep]
+    if result.power is not None:
+        result.power = result.power[keep]
+        result.peaks = [result.peaks[i] for i in keep]
+        result.helix = [result.helix[i] for i in keep]
 
 
 def _addition_part(result: Fourier, store: Path, group, layers, periods, direction_periods, seed,
@@ -528,6 +581,11 @@ def _addition_part(result: Fourier, store: Path, group, layers, periods, directi
     features = np.concatenate([period_features(total, result.direction_periods),
                                period_features(shuffled_total, result.direction_periods)], axis=1)
     stats = _regressions(group, layers, rows, features)
+    bad = {layer: {"values": r.nonfinite, "rows_left_out": r.rows_left_out, "n_rows": len(rows)}
+           for layer, r in stats.items() if r.nonfinite}
+    result.params.setdefault("nonfinite", {}).update({f"'=' rows layer {k}": v for k, v in bad.items()})
+    _drop_dead_layers(result, layers, {layer: bad[layer] for layer, r in stats.items() if r.n == 0}, "'=' rows")
+    stats = {layer: stats[layer] for layer in layers}
     fve = np.zeros((len(layers), n_p))
     fve_shuffled = np.zeros_like(fve)
     fve_linear = np.zeros(len(layers))

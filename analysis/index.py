@@ -4,7 +4,7 @@ reads a few small chunks instead of the data.
 
 Layout (one group per hook template, layers stacked; ``dim`` is the flattened trailing index)::
 
-    analysis/index/{template}/count, mean, std, max_abs, count_ge     (layer, dim)
+    analysis/index/{template}/count, mean, std, max_abs, count_ge, nonfinite   (layer, dim)
     analysis/index/{template}/top_values, top_rows, top_seq, top_pos  (layer, rank, dim), by |x| descending
 
 Chunks are narrow along ``dim`` so that reading one dimension touches one chunk per array.
@@ -26,7 +26,7 @@ from harvest.store import open_group
 from .scan import ScanParams, ScanResult, run_scan
 
 GROUP = "analysis/index"
-STATS = ("count", "mean", "std", "max_abs", "count_ge")
+STATS = ("count", "mean", "std", "max_abs", "count_ge", "nonfinite")  #: count: finite values; nonfinite: NaN/inf left out
 TOPS = ("top_values", "top_rows", "top_seq", "top_pos")
 
 
@@ -76,7 +76,8 @@ def write_index(scan: ScanResult) -> dict[str, Any]:
         cols = min(width, 1024)
         tcols = min(width, 64)
         for key in STATS:
-            data = np.stack([scan.index[a.name][key] for a in arrays])
+            data = np.stack([scan.nonfinite[a.name]["nonfinite"] if key == "nonfinite" else scan.index[a.name][key]
+                             for a in arrays])
             _array(g, key, data, ("layer", "dim"), (n, cols))
         top_rows = np.full((n, k, width), -1, np.int64)
         top_values = np.zeros((n, k, width), np.float32)
@@ -93,7 +94,9 @@ def write_index(scan: ScanResult) -> dict[str, Any]:
         templates[template] = {"hooks": [a.name for a in arrays],
                                "layers": [-1 if a.layer is None else int(a.layer) for a in arrays],
                                "trail": list(arrays[0].trail), "trail_dims": list(arrays[0].dims[1:]),
-                               "width": width}
+                               "width": width,
+                               "nonfinite": {a.name: scan.nonfinite[a.name]["nonfinite_total"] for a in arrays
+                                             if scan.nonfinite[a.name]["nonfinite_total"]}}
     meta = {"top_k": params.top_k, "threshold": params.count_threshold, "rows": facts.n_rows,
             "sequences": len(scan.starts) - 1, "templates": templates,
             "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -113,7 +116,7 @@ def index_meta(group: zarr.Group, path: str | Path) -> dict[str, Any]:
 def read_dim(group: zarr.Group, template: str, dim: int, top: int) -> dict[str, np.ndarray]:
     """One dimension's per-layer statistics and top rows: reads one chunk of each index array."""
     g = group[f"{GROUP}/{template}"]
-    out = {key: np.asarray(g[key][:, dim]) for key in STATS}
+    out = {key: np.asarray(g[key][:, dim]) for key in STATS if key in g}  # an older index has no nonfinite
     for key in TOPS:
         out[key] = np.asarray(g[key][:, :top, dim])
     return out

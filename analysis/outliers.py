@@ -30,6 +30,7 @@ import numpy as np
 from harvest.errors import AnalysisError, StoreError
 from harvest.hookpoints import split_name
 from harvest.store import open_group
+from harvest.verify import names_damage
 
 from . import stats
 from .scan import ScanParams, ScanResult, run_scan
@@ -63,6 +64,7 @@ def _json_default(obj):
     return str(obj)
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, index: bool = True, derive: bool = True,
                      scheduler=None, num_workers: int | None = None, write: bool = True,
                      plots: bool | str | Path = True) -> OutlierReport:
@@ -134,9 +136,12 @@ def build_report(scan: ScanResult) -> OutlierReport:
     per_layer_max = np.zeros((L, d), np.float32)
     per_layer_hits = np.zeros((L, d), np.int64)
     per_layer_share = np.zeros((L, d))
+    per_layer_bad = np.zeros((L, d), np.int64)  # NaN/inf left out of every statistic
     for li in range(L):
         sel = src_layer == li
-        per_layer_max[li] = o["max"][sel].max(axis=0)
+        per_layer_bad[li] = o["nonfinite"][sel].sum(axis=0)
+        # a (layer, dim) with no finite value has no maximum: NaN, never 0
+        per_layer_max[li] = np.where(per_layer_bad[li] >= o["rows"] * sel.sum(), np.nan, o["max"][sel].max(axis=0))
         per_layer_hits[li] = o["hits"][sel].sum(axis=0)
         per_layer_share[li] = o["share_hits"][sel].sum(axis=0) / np.maximum(per_layer_hits[li], 1)
     hits_dim = o["hits"].sum(axis=0)
@@ -158,8 +163,8 @@ def build_report(scan: ScanResult) -> OutlierReport:
             "layer_seq_frac": [float(v) for v in layer_seq_frac[:, dim]],
             "sign": "+" if neg == 0 and pos else "-" if pos == 0 and neg else "±",
             "one_sided": (neg == 0) != (pos == 0), "negative": neg, "positive": pos,
-            "quartiles": [q1, q2, q3], "max_abs": float(per_layer_max[:, dim].max()),
-            "max_abs_per_layer": [float(v) for v in per_layer_max[:, dim]],
+            "quartiles": [q1, q2, q3], "max_abs": _nanmax(per_layer_max[:, dim]),
+            "max_abs_per_layer": [None if np.isnan(v) else float(v) for v in per_layer_max[:, dim]],
             "outlier_values": int(hits_dim[dim]),
             "share_sq_norm": float(o["share_hits"][:, dim].sum() / max(hits_dim[dim], 1)),
             "share_sq_norm_per_layer": [float(v) for v in per_layer_share[:, dim]],
@@ -167,8 +172,9 @@ def build_report(scan: ScanResult) -> OutlierReport:
         }
 
     near = []
-    for dim in np.flatnonzero(~is_outlier & ((hits_dim > 0) | (per_layer_max.max(axis=0) >= 0.9 * p.magnitude))):
-        mx = float(per_layer_max[:, dim].max())
+    dim_max = np.nan_to_num(np.fmax.reduce(per_layer_max, axis=0), nan=-1.0)  # -1: no finite value in the dim
+    for dim in np.flatnonzero(~is_outlier & ((hits_dim > 0) | (dim_max >= 0.9 * p.magnitude))):
+        mx = _nanmax(per_layer_max[:, dim]) or 0.0  # listed only with a hit or a value: never all NaN
         score = (min(1, layer_frac[dim] / max(p.layer_frac, 1e-12)) + min(1, pos_frac[dim] / max(p.pos_frac, 1e-12))
                  + min(1, mx / p.magnitude))
         if mx < p.magnitude:
@@ -215,11 +221,15 @@ def build_report(scan: ScanResult) -> OutlierReport:
         },
         "massive": _massive_report(scan),
         "kurtosis": _kurtosis_report(scan),
+        "nonfinite": _nonfinite_report(scan, per_layer_bad, layers, int(o["rows"]) * d),
     }
+    if report["nonfinite"]["total"]:
+        warnings.append(report["nonfinite"]["summary"])
     arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
         "layers": (np.asarray(layers, np.int64), ("layer",)),
         "max_abs": (per_layer_max, ("layer", "d_model")),
         "hits": (per_layer_hits, ("layer", "d_model")),
+        "nonfinite": (per_layer_bad, ("layer", "d_model")),
         "layer_seq_frac": (layer_seq_frac, ("layer", "d_model")),
         "share_sq_norm": (per_layer_share.astype(np.float32), ("layer", "d_model")),
         "layer_frac": (layer_frac, ("d_model",)), "pos_frac": (pos_frac, ("d_model",)),
@@ -227,7 +237,7 @@ def build_report(scan: ScanResult) -> OutlierReport:
         "outlier_dims": (np.asarray(outlier_dims, np.int64), ("outlier",)),
         "hits_per_sequence": (per_group.astype(np.int64), ("sequence",) if p.aggregate == "sequence" else ("corpus",)),
     }
-    hist_dims = outlier_dims or [int(x) for x in np.argsort(-per_layer_max.max(axis=0), kind="stable")[:4]]
+    hist_dims = outlier_dims or [int(x) for x in np.argsort(-dim_max, kind="stable")[:4]]
     hc = np.stack([stats.hist_column(o["hist"], dim, p.magnitude)[0] for dim in hist_dims])
     hs = np.stack([stats.hist_column(o["hist"], dim, p.magnitude)[1] for dim in hist_dims])
     arrays["hist_dims"] = (np.asarray(hist_dims, np.int64), ("hist_dim",))
@@ -283,18 +293,66 @@ def _massive_report(scan: ScanResult) -> dict[str, Any]:
     return rep
 
 
+def _nanmax(a: np.ndarray) -> float | None:
+    """The largest non-NaN value, or None when there is none (a layer with no finite value)."""
+    a = np.asarray(a, np.float64)
+    return float(np.max(a[~np.isnan(a)])) if (~np.isnan(a)).any() else None
+
+
+def _nonfinite_report(scan: ScanResult, per_layer_bad: np.ndarray, layers: list[int], per_layer_values: int
+                      ) -> dict[str, Any]:
+    """How many NaN/inf values every statistic left out, and where (arrays, rows, analysed layers)."""
+    arrays = []
+    for name, nf in sorted(scan.nonfinite.items()):
+        if nf["nonfinite_total"]:
+            arrays.append({"array": name, "values": nf["nonfinite_total"], "rows": nf["nonfinite_rows"],
+                           "first_row": nf["nonfinite_first_row"], "dims": int((nf["nonfinite"] > 0).sum()),
+                           "no_finite_value": nf["no_finite"]})
+    states = [{"layer": int(layers[li]), "values": int(per_layer_bad[li].sum()),
+               "no_finite_value": bool(per_layer_values and per_layer_bad[li].sum() >= per_layer_values
+                                       * max(1, sum(1 for s in scan.sources if s.layer == layers[li])))}
+              for li in range(len(layers)) if per_layer_bad[li].any()]
+    total = sum(a["values"] for a in arrays)
+    summary = ""
+    if total:
+        dead = [a["array"] for a in arrays if a["no_finite_value"]]
+        summary = (f"{total:,} NaN/inf values left out of every statistic, in {len(arrays)} array(s): "
+                   + ", ".join(f"{a['array']} {a['values']:,} (rows from {a['first_row']})" for a in arrays[:4])
+                   + (f", ... ({len(arrays) - 4} more, --json)" if len(arrays) > 4 else "")
+                   + (f"; no finite value at all in {', '.join(dead[:4])}: their statistics are NaN, not 0"
+                      if dead else ""))
+    return {"total": total, "arrays": arrays, "hidden_states": states, "summary": summary,
+            "rule": "NaN and inf are counted and excluded from every statistic (moments, max |x|, hits, top rows, "
+                    "kurtosis); a layer or dimension with no finite value has NaN statistics"}
+
+
 def _kurtosis_report(scan: ScanResult) -> dict[str, Any]:
     if not scan.kurtosis:
         return {"source": None, "layers": []}
     out = []
     for layer in sorted(scan.kurtosis):
         k = scan.kurtosis[layer]
-        out.append({"layer": int(layer), "kurtosis": float(np.mean(k["kurtosis"])),
-                    "kurtosis_max": float(np.max(k["kurtosis"])), "max_norm": float(np.max(k["max_norm"])),
-                    "max_norm_mean": float(np.mean(k["max_norm"]))})
+        some = ~np.isnan(k["kurtosis"])
+        name = (residual_name(scan, layer) or "")
+        bad = scan.nonfinite.get(name, {}).get("nonfinite_total", 0)
+        if not some.any():  # every value NaN/inf: no kurtosis, no max (never 0)
+            out.append({"layer": int(layer), "kurtosis": None, "kurtosis_max": None, "max_norm": None,
+                        "max_norm_mean": None, "no_finite_value": True, "nonfinite": bad})
+            continue
+        out.append({"layer": int(layer), "kurtosis": float(np.mean(k["kurtosis"][some])),
+                    "kurtosis_max": float(np.max(k["kurtosis"][some])), "max_norm": float(np.max(k["max_norm"][some])),
+                    "max_norm_mean": float(np.mean(k["max_norm"][some])), "no_finite_value": False, "nonfinite": bad,
+                    "sequences_without_finite_values": int((~some).sum())})
     return {"source": scan.residual_kind,
             "definition": "non-excess kurtosis mean((x-mu)^4)/(sigma^4+1e-6) of each sequence's flattened tensor, "
                           "averaged over sequences; max-norm = max |x|", "layers": out}
+
+
+def residual_name(scan: ScanResult, layer: int) -> str | None:
+    """The residual array kurtosis and massive activations of ``layer`` were computed on."""
+    from .source import residual_arrays
+
+    return residual_arrays(scan.facts)[0].get(layer)
 
 
 def _lookup_rows(rep: OutlierReport, scan: ScanResult, group) -> None:
@@ -439,7 +497,8 @@ def format_report(r: dict[str, Any]) -> str:
     k = r["kurtosis"]
     if k["layers"]:
         lines.append(f"kurtosis per layer ({k['source']}; Gaussian = 3) and max |x|:")
-        row = "  ".join(f"{x['layer']}:{x['kurtosis']:.3g}/{x['max_norm']:.3g}" for x in k["layers"])
+        row = "  ".join(f"{x['layer']}:no finite value" if x.get("no_finite_value") else
+                        f"{x['layer']}:{x['kurtosis']:.3g}/{x['max_norm']:.3g}" for x in k["layers"])
         lines.append(f"  {row}")
     if r.get("index"):
         lines.append(f"index      per-dimension index written to {r['index']} (query: harvest query dim STORE D)")

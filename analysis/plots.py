@@ -41,8 +41,9 @@ def save_plots(rep, folder: str | Path) -> list[Path]:
     saved = []
 
     fig, ax = plt.subplots(figsize=(min(16, 4 + max_abs.shape[1] / 64), min(10, 2 + len(layers) / 4)))
-    data = np.maximum(max_abs, 1e-3)
-    norm = LogNorm(vmin=max(data.min(), 1e-3), vmax=max(data.max(), alpha))
+    data = np.fmax(max_abs, 1e-3)  # NaN (no finite value) stays NaN: drawn blank, not as a small value
+    finite = data[np.isfinite(data)]
+    norm = LogNorm(vmin=max(finite.min(initial=1.0), 1e-3), vmax=max(finite.max(initial=alpha), alpha))
     im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=norm, cmap="viridis",
                    extent=(-0.5, data.shape[1] - 0.5, len(layers) - 0.5, -0.5))
     ax.set_yticks(range(len(layers)))

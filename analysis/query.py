@@ -17,6 +17,7 @@ import numpy as np
 from harvest.errors import AnalysisError, DimensionOutOfRangeError, HookNotInStoreError
 from harvest.hookpoints import compact_layers, parse_pattern, resolve, split_name
 from harvest.store import open_group
+from harvest.verify import names_damage
 
 from .index import index_meta, read_dim
 from .reading import store_hooks
@@ -46,6 +47,7 @@ def resolve_hook(hook: str | None, layer: int | None, templates: dict[str, Any],
     return template, layer
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int | None = None, top: int = 10,
               context: int = 8) -> dict[str, Any]:
     """Per-layer statistics of dimension ``dim``, its outlier verdict, LN weights, and its top-k
@@ -75,12 +77,13 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     rows = []
     for i, lay in enumerate(layers):
         row = {"layer": lay, "hook": t["hooks"][i], "count": int(data["count"][i]), "mean": float(data["mean"][i]),
-               "std": float(data["std"][i]), "max_abs": float(data["max_abs"][i]), "count_ge": int(data["count_ge"][i])}
+               "std": float(data["std"][i]), "max_abs": float(data["max_abs"][i]), "count_ge": int(data["count_ge"][i]),
+               "nonfinite": int(data["nonfinite"][i]) if "nonfinite" in data else 0}
         for name, w in ln.items():
             if 0 <= lay < len(w):
                 row[f"{name}_w"] = float(w[lay])
         rows.append(row)
-    pick = layers.index(layer) if layer is not None else int(np.argmax(data["max_abs"]))
+    pick = layers.index(layer) if layer is not None else int(np.argmax(np.nan_to_num(data["max_abs"], nan=-1.0)))
     examples = _examples(group, data, pick, context)
     result = {
         "store": str(path), "template": template, "dim": dim, "width": width,
@@ -171,7 +174,9 @@ def format_query(q: dict[str, Any]) -> str:
     lines.append(head + "".join(f" {k.replace('_w', '.w'):>8}" for k in lnk))
     for r in q["layers"]:
         lines.append(f"{r['layer'] if r['layer'] >= 0 else '-':>5} {r['count']:>9,} {r['mean']:>10.4g} {r['std']:>10.4g} {r['max_abs']:>10.4g} "
-                     f"{r['count_ge']:>8,}" + "".join(f" {r.get(k, float('nan')):>8.3g}" for k in lnk))
+                     f"{r['count_ge']:>8,}" + "".join(f" {r.get(k, float('nan')):>8.3g}" for k in lnk)
+                     + (f"  {r['nonfinite']:,} NaN/inf left out" if r.get("nonfinite") else "")
+                     + ("  (no finite value)" if r.get("nonfinite") and not r["count"] else ""))
     ex = q["examples"]
     where = f"layer {ex['layer']}" if ex["layer"] >= 0 else ex["hook"]
     lines.append(f"top {len(ex['items'])} tokens by |x| at {where} ({ex['chosen']}):")

@@ -15,6 +15,7 @@ import numpy as np
 from harvest.errors import AnalysisError
 from harvest.hookpoints import resolve, split_name
 from harvest.store import open_group, read_provenance
+from harvest.verify import CheckedArray
 
 
 def open_store(path: str | Path, mode: str = "r"):
@@ -48,12 +49,19 @@ def hook_layers(group, hook: str, path: str | Path) -> dict[int, str]:
     return dict(sorted(layers.items()))
 
 
-def dask_array(group, name: str):
-    """A Dask array over one store array, one Dask chunk per Zarr chunk."""
+def lazy_array(group, name: str, chunks=None):
+    """A Dask array over one store array: where every analysis reads activation chunks.
+
+    A chunk that fails its crc32c raises :class:`harvest.errors.CorruptChunkError` naming the array,
+    chunk, rows and the repair (``harvest run SPEC --resume --redo-rows A:B``), not zarr's bare
+    "checksum do not match" deep in a Dask traceback.
+    """
     import dask.array as da
 
     arr = group[name]
-    return da.from_zarr(arr, chunks=arr.chunks)
+    root = getattr(group.store, "root", None) or str(group.store)
+    return da.from_array(CheckedArray(arr, root, arr.path), chunks=chunks or arr.chunks, asarray=True,
+                         fancy=False, lock=False)
 
 
 def read(group, name: str) -> np.ndarray:

@@ -109,6 +109,8 @@ class StoreFacts:
         return ("ln1", "ln2") if self.model_type == "gpt_neox" else ("ln1",)
 
 
+
+
 def sequence_starts(group, n_rows: int, step: int = 1 << 22) -> np.ndarray:
     """Row index where each sequence begins, plus ``n_rows`` at the end; streamed from ``seq``.
 

@@ -173,15 +173,44 @@ def moments_aggregate(state: State) -> dict[str, np.ndarray]:
 # --- max |x| ------------------------------------------------------------------------------------
 
 def max_abs_chunk(block: Block) -> State:
-    return {"max": block.colmax.copy()}
+    return {"max": block.colmax.copy(), "n": block.n.copy()}
 
 
 def max_abs_combine(states: Sequence[State]) -> State:
-    return {"max": np.maximum.reduce([s["max"] for s in states])}
+    return {"max": np.maximum.reduce([s["max"] for s in states]), "n": np.sum([s["n"] for s in states], axis=0)}
 
 
 def max_abs_aggregate(state: State) -> dict[str, np.ndarray]:
-    return {"max_abs": state["max"]}
+    """max |x| over finite values; NaN for a column with no finite value (never a made-up 0)."""
+    return {"max_abs": np.where(state["n"] > 0, state["max"], np.float32(np.nan)).astype(np.float32)}
+
+
+# --- non-finite values: how many, in which columns, from which row ------------------------------
+
+def nonfinite_chunk(block: Block) -> State:
+    """NaN/inf per column, rows holding any, and the first such row (-1: none). The other statistics
+    leave these values out; this one says how many were left out, and where."""
+    if block.nonfinite is None:
+        return {"count": np.zeros(block.dims, np.int64), "rows": 0, "first_row": -1, "n_rows": block.rows}
+    bad_rows = np.flatnonzero(block.nonfinite.any(axis=1))
+    return {"count": block.nonfinite.sum(axis=0, dtype=np.int64), "rows": int(bad_rows.size),
+            "first_row": int(bad_rows[0]) + block.start if bad_rows.size else -1, "n_rows": block.rows}
+
+
+def nonfinite_combine(states: Sequence[State]) -> State:
+    firsts = [s["first_row"] for s in states if s["first_row"] >= 0]
+    return {"count": np.sum([s["count"] for s in states], axis=0), "rows": sum(s["rows"] for s in states),
+            "first_row": min(firsts) if firsts else -1, "n_rows": sum(s["n_rows"] for s in states)}
+
+
+def nonfinite_aggregate(state: State) -> dict[str, Any]:
+    """``nonfinite`` per column, ``nonfinite_total``, rows with any, the first such row, and
+    ``no_finite``: True when not one finite value was seen (the statistics of those columns are NaN)."""
+    total = int(state["count"].sum())
+    return {"nonfinite": state["count"], "nonfinite_total": total, "nonfinite_rows": int(state["rows"]),
+            "nonfinite_first_row": int(state["first_row"]),
+            "no_finite": bool(state["n_rows"] * state["count"].size > 0
+                              and total == state["n_rows"] * state["count"].size)}
 
 
 # --- count of |x| >= threshold ------------------------------------------------------------------
@@ -362,8 +391,11 @@ def seq_moments_aggregate(state: State, eps: float = 1e-6) -> dict[str, np.ndarr
     """Per sequence: non-excess kurtosis ``mean((x-μ)⁴) / (σ⁴ + eps)`` (Bondarenko et al.) and max |x|."""
     n = np.maximum(state["n"], 1)
     var = state["m2"] / n
-    return {"seq": state["seq"], "kurtosis": (state["m4"] / n) / (var**2 + eps), "max_norm": state["max"],
-            "mean": state["mean"], "std": np.sqrt(var)}
+    some = state["n"] > 0  # a sequence with no finite value has no kurtosis and no max: NaN, never 0
+    nan = np.float64(np.nan)
+    return {"seq": state["seq"], "kurtosis": np.where(some, (state["m4"] / n) / (var**2 + eps), nan),
+            "max_norm": np.where(some, state["max"], nan), "mean": np.where(some, state["mean"], nan),
+            "std": np.where(some, np.sqrt(var), nan), "n": state["n"]}
 
 
 # --- sparse signed log histogram of values with |x| >= threshold, per column -------------------
@@ -458,6 +490,7 @@ def _chunk_from_array(chunk: Callable, block: np.ndarray, start: int, kwargs: di
 STATISTICS: dict[str, tuple[Callable, Callable, Callable]] = {
     "moments": (moments_chunk, moments_combine, moments_aggregate),
     "max_abs": (max_abs_chunk, max_abs_combine, max_abs_aggregate),
+    "nonfinite": (nonfinite_chunk, nonfinite_combine, nonfinite_aggregate),
     "count_ge": (count_ge_chunk, count_ge_combine, count_ge_aggregate),
     "topk": (topk_chunk, topk_combine, topk_aggregate),
 }

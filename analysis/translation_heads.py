@@ -47,9 +47,10 @@ import numpy as np
 
 from harvest.errors import AnalysisError, HookNotInStoreError
 from harvest.hookpoints import compact_layers
+from harvest.verify import names_damage
 
 from .plots import figure_path, pyplot
-from .reading import dask_array, hook_layers, open_store, prompt_source, provenance, read, stored_heads
+from .reading import lazy_array, hook_layers, open_store, prompt_source, provenance, read, stored_heads
 from .results import format_table, jsonable, result_group, write_array
 from .runtime import dask_scheduler
 
@@ -141,20 +142,44 @@ def _pattern_heads(group, layers: dict[int, str]) -> np.ndarray:
     return stored_heads(group, group[next(iter(layers.values()))].shape[1])
 
 
-def _per_sequence(group, layers: dict[int, str], fn, meta: list[np.ndarray]) -> dict[int, np.ndarray]:
-    """``fn(pattern_block, *meta_block, lengths_block)`` over every block of every layer, concatenated."""
+def _count_nonfinite(block: np.ndarray) -> tuple[int, int, int]:
+    """NaN/inf values in a block of patterns, its size, and the prompts holding any."""
+    bad = ~np.isfinite(block)
+    return int(bad.sum()), int(block.size), int(bad.reshape(block.shape[0], -1).any(axis=1).sum())
+
+
+def _excluding_nonfinite(fn, block: np.ndarray, *args) -> np.ndarray:
+    """``fn``'s per-(prompt, head) scores, NaN where that prompt's pattern for that head holds a NaN/inf:
+    such a prompt is left out of every mean (``_nanmean0``), not scored on broken probabilities."""
+    out = np.array(fn(block, *args), dtype=np.float64)
+    bad = ~np.isfinite(block).reshape(block.shape[0], block.shape[1], -1).all(axis=-1)
+    out[bad] = np.nan
+    return out
+
+
+def _per_sequence(group, layers: dict[int, str], fn, meta: list[np.ndarray],
+                  nonfinite: dict[int, dict[str, int]] | None = None) -> dict[int, np.ndarray]:
+    """``fn(pattern_block, *meta_block, lengths_block)`` over every block of every layer, concatenated.
+
+    ``nonfinite``: filled with each layer's NaN/inf count (same read of each block)."""
     import dask
 
     lengths = read(group, "seq_length").astype(np.int64)
-    tasks = {}
+    tasks, counts = {}, {}
     for layer, name in layers.items():
-        arr = dask_array(group, name)
+        arr = lazy_array(group, name)
         arr = arr.rechunk({1: -1, 2: -1, 3: -1})
         starts = np.concatenate([[0], np.cumsum(arr.chunks[0])])
         blocks = arr.to_delayed().ravel()
-        tasks[layer] = [dask.delayed(fn)(b, *(m[s0:s1] for m in meta), lengths[s0:s1])
+        tasks[layer] = [dask.delayed(_excluding_nonfinite)(fn, b, *(m[s0:s1] for m in meta), lengths[s0:s1])
                         for b, s0, s1 in zip(blocks, starts[:-1], starts[1:])]
-    computed = dask.compute(tasks)[0]
+        if nonfinite is not None:
+            counts[layer] = [dask.delayed(_count_nonfinite)(b) for b in blocks]
+    computed, counted = dask.compute(tasks, counts)
+    for layer, parts in counted.items():
+        bad, size, prompts = (sum(p[i] for p in parts) for i in range(3))
+        if bad:
+            nonfinite[layer] = {"values": bad, "no_finite_value": bad == size, "prompts_left_out": prompts}
     return {layer: np.concatenate(parts) for layer, parts in computed.items()}
 
 
@@ -192,6 +217,8 @@ class TranslationHeads:
                 row = {"layer": int(layer), "head": int(head)}
                 row.update({k: float(v[li, hi]) for k, v in self.scores.items()})
                 row["role"] = role(row, self.params.get("role_thresholds", ROLE_THRESHOLDS))
+                if (self.params.get("nonfinite") or {}).get(str(int(layer)), {}).get("no_finite_value"):
+                    row["role"] = "no finite value"
                 rows.append(row)
         key = np.array([r[sort] for r in rows])
         order = np.argsort(np.where(np.isfinite(key), -key, np.inf), kind="stable")
@@ -203,7 +230,14 @@ class TranslationHeads:
                 ("ts_next_last_delta", "Δnext_last"), ("prev_token", "prev_tok"),
                 ("prefix_matching", "prefix"), ("role", "role")]
         rows = self.ranked(sort)[:top]
-        return format_table([c[1] for c in cols], [[r[c[0]] for c in cols] for r in rows], floats="{:.3f}")
+        table = format_table([c[1] for c in cols], [[r[c[0]] for c in cols] for r in rows], floats="{:.3f}")
+        bad = self.params.get("nonfinite") or {}
+        if bad:  # say what was left out, and where
+            table += "\nnon-finite: " + "; ".join(
+                f"layer {layer}: {nf['values']:,} NaN/inf" + (" (no finite value)" if nf["no_finite_value"] else
+                                                             f", {nf['prompts_left_out']} prompt(s) left out")
+                for layer, nf in bad.items())
+        return table
 
     def to_dict(self, top: int | None = None, sort: str = "ts_next_delta") -> dict[str, Any]:
         return jsonable({"store": self.store, "params": self.params, "figure": self.figure,
@@ -293,6 +327,7 @@ def plan(store: str | Path, *, text: str | Path | None = None, repeated: str | P
     return TranslationPlan(store, layers, heads, int(n_prompts), int(words), text_path, repeated_path, controls)
 
 
+@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
 def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str | Path | None = None,
             write: bool = True, plot: bool = True, scheduler: Any = None, num_workers: int | None = None,
             role_thresholds: dict[str, float] | None = None) -> TranslationHeads:
@@ -311,7 +346,8 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
     thresholds = {**ROLE_THRESHOLDS, **(role_thresholds or {})}
 
     with dask_scheduler(scheduler, num_workers):
-        per_layer = _per_sequence(group, layers, translation_block, [src, tgt])
+        nonfinite: dict[int, dict[str, int]] = {}
+        per_layer = _per_sequence(group, layers, translation_block, [src, tgt], nonfinite)
         text_path, repeated_path = job.text, job.repeated
         prev = _controls(text_path, layers, job.controls.get(text_path, layers))
         prefix = prev if repeated_path == text_path else _controls(repeated_path, layers,
@@ -338,6 +374,8 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
         "prev_token": "mean over queries i >= 1 of attention from i to i-1",
         "role_thresholds": thresholds,
         "harvest_fingerprint": provenance(group).get("fingerprint"),
+        "nonfinite": {str(layer): nf for layer, nf in nonfinite.items()},
+        "nonfinite_rule": "a prompt whose attention pattern holds NaN/inf scores NaN and is left out of every mean",
     }
     result = TranslationHeads(store, np.asarray(list(layers)), heads, scores, per_prompt, params)
     if write:

@@ -116,3 +116,11 @@ class JobNotFoundError(ClusterError, LookupError):
 
 class StoreNotWritableError(StoreError, PermissionError):
     """The store location cannot be written from where the job runs (or is not a usable location)."""
+
+
+class ShardIndexError(StoreError, ValueError):
+    """A shard's index is unreadable: wrong size, bad checksum, or offsets outside the file."""
+
+
+class CorruptChunkError(StoreError, ValueError):
+    """A stored chunk failed its checksum (zarr's ValueError, with the array, chunk, rows and repair named)."""

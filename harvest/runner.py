@@ -32,6 +32,8 @@ from .hookpoints import HookPoint
 from .layout import Layout
 from .prompts import build_source, pad_meta
 from .quantize import check_quantization
+from .redo import check_redo
+from .redo import redo_rows as redo
 from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, single_stage, store_dtype_for,
                     workload_of)
 from .spec import JobSpec
@@ -267,10 +269,19 @@ class RunResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Harvest a job into its store (the library call behind ``harvest run``)."""
+def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        redo_rows: list[tuple[int, int]] | str | None = None) -> RunResult:
+    """Harvest a job into its store (the library call behind ``harvest run``).
+
+    ``redo_rows`` (with ``resume``): token row ranges to re-harvest first, e.g. those
+    ``harvest verify`` names as damaged; see :mod:`harvest.redo`.
+    """
     job = prepare(spec)
+    if redo_rows:  # rewrite the shards holding these rows, then continue as a resume
+        redo_rows = check_redo(redo_rows, resume, job.layout.n_rows)  # before the store is touched
     start = claim_store(job, resume=resume, overwrite=overwrite)
+    if redo_rows:
+        redo(job, redo_rows, progress)
     t0 = time.perf_counter()
     if len(job.stages) == 1:
         nonfinite = _run_in_process(job, start, progress)

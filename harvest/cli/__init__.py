@@ -24,6 +24,7 @@ from cluster.cli import register as register_jobs
 from ..errors import HarvestError
 from ..spec import load_spec
 from ..summary import format_summary, human, summarize
+from ..verify import verify_store
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -43,6 +44,9 @@ def run(
     store_root: Optional[str] = StoreRoot,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and plan; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    redo_rows: Optional[str] = typer.Option(None, "--redo-rows", help="With --resume: re-harvest the batches "
+                                            "covering these token rows (A:B[,C:D]), rewriting their shards; "
+                                            "the repair `harvest verify` prints."),
 ) -> None:
     """Harvest the activations a job spec asks for into its Zarr store.
 
@@ -51,6 +55,7 @@ def run(
       harvest run jobs/demo.yaml
       harvest run jobs/demo.yaml --resume      # after a crash: ends byte-identical
       harvest run my.yaml --dry-run            # check the spec, hooks and rows first
+      harvest run jobs/demo.yaml --resume --redo-rows 0:512   # repair what `harvest verify` names
     """
     from ..runner import prepare
     from ..runner import run as run_job
@@ -65,7 +70,7 @@ def run(
         return
     if resume and overwrite:
         raise HarvestError("--resume and --overwrite exclude each other; pick one")
-    result = run_job(job_spec, resume=resume, overwrite=overwrite, progress=not quiet)
+    result = run_job(job_spec, resume=resume, overwrite=overwrite, progress=not quiet, redo_rows=redo_rows)
     typer.echo(f"harvested {result.tokens} tokens in {result.seconds:.1f} s "
                f"({result.tokens_per_second:,.0f} tokens/s) into {result.path}")
     for name, count in result.nonfinite.items():
@@ -99,10 +104,20 @@ def plan(
 def inspect(
     store: Path = typer.Argument(..., help="Path of a harvest store (a .zarr directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every chunk's checksum (as `harvest verify`); "
+                                "exit 1 when damaged."),
 ) -> None:
     """Arrays, shapes, chunking, bytes on disk, progress and provenance of a store."""
     summary = summarize(store)
-    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+    if not verify:
+        typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+        return
+    report = verify_store(store, progress=not as_json)
+    summary["verify"] = report.to_dict()
+    typer.echo(json.dumps(summary, indent=2, default=str) if as_json
+               else format_summary(summary) + "\n\n" + report.format())
+    if not report.ok:
+        raise SystemExit(1)
 
 
 @app.command()
@@ -114,6 +129,28 @@ def demo(
 
     run_demo(workdir)
 
+
+def verify_command(
+    store: Path = typer.Argument(..., help="Path of a harvest store (a .zarr directory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Files read in parallel (default: 2 per core, "
+                                          "up to 8)."),
+) -> None:
+    """Read every chunk of every array and check its crc32c and each shard index; name each damaged
+    chunk with its token rows and batches, and the repair. Exit 0 when intact, 1 when damaged.
+
+    \b
+    Examples:
+      harvest verify stores/demo.zarr
+      harvest run jobs/demo.yaml --resume --redo-rows 0:512   # the repair it prints
+    """
+    report = verify_store(store, workers=workers, progress=not as_json)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+app.command("verify")(verify_command)
 
 # analyses over a store (analysis.cli) and jobs on a Ray cluster (cluster.cli)
 app.add_typer(analyze_app, name="analyze")
@@ -134,6 +171,14 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; the store keeps every batch written so far (continue with --resume)", err=True)
         sys.exit(130)
+    except ValueError as exc:  # zarr's bare crc32c error from a read outside the analyses' arrays (issue 16)
+        from ..verify import is_checksum_error
+
+        if not is_checksum_error(exc):
+            raise
+        typer.echo("error: a stored chunk failed its crc32c check: the store is damaged; `harvest verify STORE` "
+                   "names each damaged chunk and its repair", err=True)
+        sys.exit(2)
     except Exception as exc:  # click usage errors
         import click
 
