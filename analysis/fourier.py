@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from harvest.store import consolidate
+
 from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, info, jsonable, layer_arrays,
                                open_store_group, pyplot, read, require, result_group, rows_at, scheduler,
                                source_name, write_array)
@@ -388,6 +390,7 @@ def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str =
         raise AnalysisError(f"{store} is neither an addition nor a numbers store; nothing to analyse")
     if write:
         _write(result)
+        consolidate(result.store)  # the store is finished again: xarray opens it in one read
     if plot:
         _plot(result)
     return result

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from harvest.store import consolidate
+
 from ._circuits_common import (AnalysisError, dask_array, figure_path, format_table, heads_of, info, jsonable,
                                layer_arrays, open_store_group, pyplot, read, require, result_group, scheduler,
                                source_name, write_array)
@@ -285,6 +287,7 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
     result = TranslationHeads(store, np.asarray(list(layers)), heads, scores, per_prompt, params)
     if write:
         _write(result)
+        consolidate(result.store)  # the store is finished again: xarray opens it in one read
     if plot:
         result.figure = heatmap(result, figure_path(store, RESULT_GROUP))
     return result

@@ -50,7 +50,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from harvest.errors import (ClusterError, ClusterResourcesError, ClusterUnreachableError, HarvestError,
+from harvest.errors import (ClusterError, ClusterResourcesError, ClusterUnreachableError, HarvestError, Interrupted,
                             JobNotFoundError, SpecError, StoreNotWritableError)
 
 #: tags of the lines the job prints for ``submit`` and ``status`` to read from its log
@@ -682,6 +682,9 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
         spec = load_spec(spec_path, base_dir=base, store_root=root)
     store = store_location(spec)
     warnings = []
+    unchecked = check_locally(spec)  # a typo is an error here, not a job that fails on the cluster
+    if unchecked:
+        warnings.append(unchecked)
     if spec.model.device == "auto" and spec.run.stages > 1:
         warnings.append("model.device is 'auto': a pipeline's stages take GPUs only when the node running its "
                         "driver has one; set model.device: cuda to put every stage on a GPU")
@@ -727,6 +730,24 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
         shutil.rmtree(workdir, ignore_errors=True)
     state = _await_start(client, job_id, wait_s, py, ship_code) if wait_s > 0 else "PENDING"
     return SubmittedJob(job_id, url, str(store), command, state, env, tuple(warnings), resumes_from)
+
+
+def check_locally(spec) -> str | None:
+    """Check hooks, layers, heads, neurons and stages against the model's config.json before submitting.
+
+    Needs only the config (as ``harvest plan``); when the model is not readable from here (a path
+    that exists only on the cluster, a hub name), returns a warning and the job checks it itself.
+    """
+    from harvest.runner import check_selection
+    from sharding.plan import _hooks, build_plan, estimate_workload, planning_checkpoint
+
+    if not (spec.resolve(spec.model.path) / "config.json").is_file():
+        return (f"model {spec.model.path} has no config.json here; its hooks and stages are checked when the job "
+                "starts on the cluster")
+    ckpt = planning_checkpoint(spec)
+    check_selection(spec, ckpt)
+    build_plan(ckpt, _hooks(spec, ckpt), spec, estimate_workload(spec, "checked before submitting"))
+    return None
 
 
 def check_no_other_writer(client, store: str) -> None:
@@ -834,7 +855,7 @@ def format_jobs(jobs: list[JobStatus]) -> str:
 # --- inside the job: ``python -m jobs.submit spec.yaml ...`` -----------------------------------------
 
 def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def run_job(spec_file: str, *, base_dir: str, store_root: str | None, resume: bool, overwrite: bool,
@@ -876,20 +897,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-every", type=float, default=10.0)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)  # `harvest stop`: end like Ctrl-C, writers abort cleanly
+    # `harvest stop` (Ray sends SIGTERM) ends like Ctrl-C: the run writes what it computed, then we exit 143
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return run_job(args.spec, base_dir=args.base_dir, store_root=args.store_root, resume=args.resume,
                        overwrite=args.overwrite, progress_every=args.progress_every)
     except HarvestError as exc:
         print(f"{ERROR_TAG} {type(exc).__name__}: {exc}", flush=True)
         return 2
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # ray.init in a pipeline's driver replaces our SIGTERM handler with one that exits with 15
-        if isinstance(exc, SystemExit) and exc.code not in (signal.SIGTERM, -signal.SIGTERM):
+    except Interrupted as exc:
+        print(f"[harvest] stopped: {exc.message('submitting the same spec again')}", flush=True)
+        return exc.exit_code
+    except SystemExit as exc:
+        # a handler that ray.init installed (should ours not be back in place) exits with the signal number
+        if exc.code not in (signal.SIGTERM, -signal.SIGTERM):
             raise
         print("[harvest] stopped: the store keeps every batch written so far; submitting the spec again "
               "resumes it", flush=True)
-        return 143
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":
