@@ -159,7 +159,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     catch_signals()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="harvest")
     except Interrupted as exc:
         typer.echo(f"error: {exc.message(getattr(exc, 'resume_command', None))}", err=True)
         sys.exit(exc.exit_code)

@@ -293,8 +293,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         remove_store(path)
         create_store(job)
         return 0
-    group = open_group(path, mode="r+")
-    info = dict(group.attrs[ATTRS_KEY])
+    info = dict(open_group(path).attrs[ATTRS_KEY])  # read-only until the store is ours to continue
     if not resume:
         raise StoreExistsError(
             f"a store already exists at {path} (status: {info.get('status')}); "
@@ -305,6 +304,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         create_store(job)
         return 0
     _check_fingerprint(info, job, path)
+    group = open_group(path, mode="r+")
     n_stages_before = len(info.get("stages", []))
     start = first_incomplete(group)
     if n_stages_before != len(job.stages):
