@@ -144,3 +144,36 @@ def test_interrupt_flushes_and_resume_is_byte_identical(job, signum, stages):
     assert a.keys() == b.keys()
     differing = [k for k in a if a[k] != b[k]]
     assert not differing, f"files differ after interrupt and resume: {differing[:5]}"
+
+
+@pytest.mark.timeout(600)
+def test_a_submitted_job_stopped_by_ray_flushes_and_exits_143(job):
+    """What Ray runs for `harvest submit` (``python -m jobs.submit``) gets SIGTERM from `harvest stop`."""
+    d, raw, _ = job
+    spec = d / "job-entry.yaml"
+    spec.write_text(yaml.safe_dump({**raw, "store": {**raw["store"], "path": "entry.zarr", "chunk_mib": 0.05,
+                                                     "chunks_per_shard": 2}}))
+    store = d / "stores" / "entry.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.submit", str(spec), "--base-dir", str(d),
+                             "--progress-every", "0.2"], cwd=d, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def done() -> int:
+        try:
+            return int(zarr.open_group(str(store), mode="r")["_progress/stage_0"][...].sum())
+        except Exception:  # noqa: BLE001 - not created yet
+            return 0
+
+    while (seen := done()) < 3:  # a job that never writes hangs here: the test's timeout fails it
+        assert proc.poll() is None, f"the job ended before it could be stopped: {proc.communicate()[0][-2000:]}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode == 143, log[-3000:]
+    info = zarr.open_group(str(store), mode="r").attrs["harvest"]
+    saved = done()
+    assert info["status"] == "interrupted" and seen <= saved < info["layout"]["n_batches"]
+    assert f"[harvest] stopped: interrupted by SIGTERM; {saved}/{info['layout']['n_batches']} batches are saved" \
+        in log, log[-3000:]
+    assert "Traceback" not in log
