@@ -150,7 +150,7 @@ class Interrupted(BaseException):
         kept = ""
         if self.store is not None and self.batches_done is not None:
             kept = f"; {self.batches_done}/{self.n_batches} batches are saved in {self.store}"
-        elif self.store is None:
-            kept = "; nothing was written"
+        elif resume_command:  # a run stopped before its store existed
+            kept = "; nothing was written yet"
         hint = f"; continue with: {resume_command}" if resume_command and self.store is not None else ""
         return f"interrupted by {self.signal_name}{kept}{hint}"

@@ -206,7 +206,8 @@ def _typed(section: str, raw: dict[str, Any], cls: type, convert: dict[str, Any]
     for key, given in raw.items():
         value = convert[key](given) if convert and key in convert else given
         if not _is_a(value, hints[key]):
-            raise SpecError(f"{section}.{key} must be {_describe(hints[key])}, got {given!r}")
+            lowest = MINIMUM.get(f"{section}.{key}")
+            raise SpecError(f"{section}.{key} must be {_describe(hints[key], lowest)}, got {given!r}")
         values[key] = value
     required = [
         f.name for f in fields.values()
@@ -245,13 +246,20 @@ def _is_a(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _describe(hint: Any) -> str:
+#: the smallest value of numeric keys, named in the message of a wrong type too
+MINIMUM = {"run.batch_size": 1, "run.stages": 1, "run.write_queue": 1, "run.threads": 1, "run.write_threads": 1,
+           "run.max_in_flight": 1, "run.max_restarts": 0, "capture.top_k": 0, "store.chunks_per_shard": 1,
+           "store.level": 0}
+
+
+def _describe(hint: Any, minimum: float | None = None) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
+        return " or ".join(_describe(h, minimum) for h in typing.get_args(hint))
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+    bound = f" >= {minimum}" if minimum is not None and hint in (int, float) else ""
+    return {type(None): "null", bool: "true or false", int: f"an integer{bound}", float: f"a number{bound}",
             str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 

@@ -81,8 +81,8 @@ def test_every_spec_key_rejects_a_wrong_type(neox_ckpt, make_spec, section, key,
 
 
 def test_the_issue_s_numbers(neox_ckpt, make_spec):
-    for section, key, value, message in [("run", "batch_size", 2.5, "must be an integer"),
-                                         ("run", "stages", 1.5, "must be an integer"),
+    for section, key, value, message in [("run", "batch_size", 2.5, "must be an integer >= 1"),
+                                         ("run", "stages", 1.5, "must be an integer >= 1"),
                                          ("model", "device", 5, "must be a string")]:
         raw = make_spec(neox_ckpt, raw=True)
         raw[section][key] = value
