@@ -191,8 +191,8 @@ def create_store(job: Job) -> None:
 
     spec, layout, path = job.spec, job.layout, job.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs[ATTRS_KEY] = _provenance(job, status="creating")
+    # the provenance goes in with the group's first zarr.json: no reader ever sees a store without it
+    group = zarr.open_group(str(path), mode="w", attributes={ATTRS_KEY: _provenance(job, status="creating")})
     for point in job.hooks:
         create_activation_array(
             group, point.name, job.array_shape(point), point.dims, point.dtype or job.store_dtype,
