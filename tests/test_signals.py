@@ -82,9 +82,13 @@ def with_stages(raw: dict, path: str, stages: int) -> dict:
     return {**raw, "store": {**raw["store"], "path": path}, "run": {**raw["run"], "stages": stages}}
 
 
-def interrupt_midway(cmd: list[str], cwd: Path, signum: int) -> tuple[int, str]:
-    """Start ``cmd``, send ``signum`` once its progress bar is between 20% and 70%; (exit code, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def interrupt_midway(cmd: list[str], cwd: Path, signum: int, group: bool = False) -> tuple[int, str]:
+    """Start ``cmd``, send ``signum`` once its progress bar is between 20% and 70%; (exit code, stderr).
+
+    ``group``: to the whole process group, as a terminal's Ctrl-C does (Ray's processes included).
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=group)
     chunks: list[bytes] = []
     midway = threading.Event()
 
@@ -99,24 +103,28 @@ def interrupt_midway(cmd: list[str], cwd: Path, signum: int) -> tuple[int, str]:
     reader.start()
     while not midway.wait(0.05):  # a run that never shows progress hangs here: the test's timeout fails it
         assert proc.poll() is None, f"the run ended before it could be interrupted: {b''.join(chunks)[-2000:]!r}"
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     code = proc.wait(timeout=120)
     reader.join(timeout=10)
     return code, b"".join(chunks).decode(errors="replace")
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("signum,stages", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)],
-                         ids=["SIGINT", "SIGTERM", "SIGTERM-2-stages"])
-def test_interrupt_flushes_and_resume_is_byte_identical(job, signum, stages):
+@pytest.mark.parametrize("signum,stages,group", [(signal.SIGINT, 1, False), (signal.SIGTERM, 1, False),
+                                                 (signal.SIGTERM, 2, False), (signal.SIGINT, 2, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-2-stages", "Ctrl-C-to-the-group-2-stages"])
+def test_interrupt_flushes_and_resume_is_byte_identical(job, signum, stages, group):
     d, raw, clean_for = job
     clean = clean_for(stages)
-    name = f"{signal.Signals(signum).name.lower()}-{stages}.zarr"
+    name = f"{signal.Signals(signum).name.lower()}-{stages}{'-group' if group else ''}.zarr"
     spec = d / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(with_stages(raw, name, stages)))
     store = d / "stores" / name
 
-    code, err = interrupt_midway(harvest_cmd("run", str(spec)), d, signum)
+    code, err = interrupt_midway(harvest_cmd("run", str(spec)), d, signum, group)
 
     assert code == 128 + signum, err[-3000:]
     last = err.replace("\r", "\n").strip().splitlines()[-1]
