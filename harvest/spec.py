@@ -380,7 +380,7 @@ def load_spec(path: str | Path, base_dir: Path | str = ".", store_root: str | No
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the spec as UTF-8") from None
+        raise SpecError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
