@@ -41,6 +41,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError
 from harvest.hookpoints import compact_layers, split_name
+from harvest.store import consolidate
 from harvest.verify import names_damage
 
 from .plots import figure_path, pyplot
@@ -496,6 +497,7 @@ def analyze(store: str | Path, *, numbers: str | Path | None = None, hook: str =
         raise AnalysisError(f"{store} is neither an addition nor a numbers store; nothing to analyse")
     if write:
         _write(result)
+        consolidate(result.store)  # the store is finished again: xarray opens it in one read
     if plot:
         _plot(result)
     return result

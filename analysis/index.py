@@ -21,7 +21,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from harvest.errors import IndexNotBuiltError
-from harvest.store import open_group
+from harvest.store import consolidate, open_group
 
 from .scan import ScanParams, ScanResult, run_scan
 
@@ -101,6 +101,7 @@ def write_index(scan: ScanResult) -> dict[str, Any]:
             "sequences": len(scan.starts) - 1, "templates": templates,
             "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     out.attrs["index"] = meta
+    consolidate(facts.path)  # the store is finished again: xarray opens it in one read
     return {"path": str(facts.path), "group": GROUP, **meta}
 
 

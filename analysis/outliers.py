@@ -29,7 +29,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, StoreError
 from harvest.hookpoints import split_name
-from harvest.store import open_group
+from harvest.store import consolidate, open_group
 from harvest.verify import names_damage
 
 from . import stats
@@ -431,6 +431,7 @@ def write_results(rep: OutlierReport, path: str | Path) -> None:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "report": {k: v for k, v in rep.report.items() if k not in ("params", "hidden_states")},
     }, default=_json_default))
+    consolidate(path)  # the store is finished again: xarray opens it in one read
 
 
 def read_results(path: str | Path) -> dict[str, Any] | None:

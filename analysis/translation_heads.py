@@ -47,6 +47,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, HookNotInStoreError
 from harvest.hookpoints import compact_layers
+from harvest.store import consolidate
 from harvest.verify import names_damage
 
 from .plots import figure_path, pyplot
@@ -380,6 +381,7 @@ def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str 
     result = TranslationHeads(store, np.asarray(list(layers)), heads, scores, per_prompt, params)
     if write:
         _write(result)
+        consolidate(result.store)  # the store is finished again: xarray opens it in one read
     if plot:
         result.figure = heatmap(result, figure_path(store, RESULT_GROUP))
     return result

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import harvest
-from harvest.errors import HarvestError, StoreNotWritableError
+from harvest.errors import HarvestError, Interrupted, StoreNotWritableError
 from harvest.runner import run
 from harvest.spec import load_spec
 
@@ -54,7 +54,7 @@ def _user() -> str:
 
 
 def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def run_job(spec_file: str, *, base_dir: str, store_root: str | None, resume: bool, overwrite: bool,
@@ -90,21 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-every", type=float, default=10.0)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)  # `harvest stop`: end like Ctrl-C, writers abort cleanly
+    # `harvest stop` (Ray sends SIGTERM) ends like Ctrl-C: the run writes what it computed, then we exit 143
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return run_job(args.spec, base_dir=args.base_dir, store_root=args.store_root, resume=args.resume,
                        overwrite=args.overwrite, progress_every=args.progress_every)
     except HarvestError as exc:
         print(error_line(exc), flush=True)
         return 2
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # ray.init in a pipeline's driver replaces our SIGTERM handler with one that exits with 15
-        if isinstance(exc, SystemExit) and exc.code not in (signal.SIGTERM, -signal.SIGTERM):
+    except Interrupted as exc:
+        print(f"[harvest] stopped: {exc.message('submitting the same spec again')}", flush=True)
+        return exc.exit_code
+    except SystemExit as exc:
+        # a handler that ray.init installed (should ours not be back in place) exits with the signal number
+        if exc.code not in (signal.SIGTERM, -signal.SIGTERM):
             raise
         print("[harvest] stopped: the store keeps every batch written so far; submitting the spec again "
               "resumes it", flush=True)
-        return 143
-
+        return 128 + signal.SIGTERM
 
 if __name__ == "__main__":
     sys.exit(main())

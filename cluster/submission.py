@@ -31,8 +31,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from harvest.errors import ClusterError, HarvestError, SpecError, StoreNotWritableError
+from harvest.runner import check_selection
+from harvest.shape import estimate_workload, job_hooks
 from harvest.spec import load_spec
 from harvest.store import read_progress
+
+from sharding.plan import build_plan, planning_checkpoint
 
 from .connection import connect, dashboard_url, first_line, is_local
 from .progress import Progress
@@ -148,6 +152,9 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
         spec = load_spec(spec_path, base_dir=base, store_root=root)
     store = spec.store_path()  # inside the store root: ``harvest.spec.confine``
     warnings = []
+    unchecked = check_locally(spec)  # a typo is an error here, not a job that fails on the cluster
+    if unchecked:
+        warnings.append(unchecked)
     if spec.model.device == "auto" and spec.run.stages > 1:
         warnings.append("model.device is 'auto': a pipeline's stages take GPUs only when the node running its "
                         "driver has one; set model.device: cuda to put every stage on a GPU")
@@ -193,6 +200,21 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
         shutil.rmtree(workdir, ignore_errors=True)
     state = _await_start(client, job_id, wait_s, py, ship_code) if wait_s > 0 else "PENDING"
     return SubmittedJob(job_id, url, str(store), command, state, env, tuple(warnings), resumes_from)
+
+
+def check_locally(spec) -> str | None:
+    """Check hooks, layers, heads, neurons and stages against the model's config.json before submitting.
+
+    Needs only the config (as ``harvest plan``); when the model is not readable from here (a path
+    that exists only on the cluster, a hub name), returns a warning and the job checks it itself.
+    """
+    if not (spec.resolve(spec.model.path) / "config.json").is_file():
+        return (f"model {spec.model.path} has no config.json here; its hooks and stages are checked when the job "
+                "starts on the cluster")
+    ckpt = planning_checkpoint(spec)
+    check_selection(spec, ckpt)
+    build_plan(ckpt, job_hooks(spec, ckpt.arch, ckpt.n_layers), spec, estimate_workload(spec, "checked before submitting"))
+    return None
 
 
 def check_no_other_writer(client, store: str) -> None:

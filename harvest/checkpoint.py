@@ -68,9 +68,13 @@ class Checkpoint:
         """Tensor name -> file holding it, read from the safetensors headers only."""
         mapping: dict[str, Path] = {}
         for file in self.weight_files:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    mapping[key] = file
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        mapping[key] = file
+            except Exception as exc:  # SafetensorError: a truncated or damaged file (headers, sizes)
+                raise ModelError(f"{file} is not a readable safetensors file ({' '.join(str(exc).split())}); "
+                                 "it may be truncated: download or copy it again") from None
         return mapping
 
     @property

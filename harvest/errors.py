@@ -124,3 +124,43 @@ class ShardIndexError(StoreError, ValueError):
 
 class CorruptChunkError(StoreError, ValueError):
     """A stored chunk failed its checksum (zarr's ValueError, with the array, chunk, rows and repair named)."""
+# --- signals ---------------------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop computing, make what was computed durable, exit 128 + signal.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` on the way
+    swallows it, but not a ``KeyboardInterrupt``, which typer turns into a returned exit code.
+    The runner fills in ``store`` and ``batches_done`` once the store is flushed; the CLI adds the
+    command that resumes.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.store: str | None = None
+        self.batches_done: int | None = None
+        self.n_batches: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def message(self, resume_command: str | None = None) -> str:
+        """The one line the CLI prints: what stopped, what is kept, how to continue."""
+        kept = ""
+        if self.store is not None and self.batches_done is not None:
+            kept = f"; {self.batches_done}/{self.n_batches} batches are saved in {self.store}"
+        elif resume_command:  # a run stopped before its store existed
+            kept = "; nothing was written yet"
+        hint = f"; continue with: {resume_command}" if resume_command and self.store is not None else ""
+        return f"interrupted by {self.signal_name}{kept}{hint}"

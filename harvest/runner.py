@@ -26,8 +26,9 @@ from transformers import AutoTokenizer
 from sharding.plan import partition_stages
 
 from ._version import __version__
-from .checkpoint import Checkpoint, resolve_checkpoint
-from .errors import FingerprintMismatchError, SpecError, StoreError, StoreExistsError
+from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_checkpoint
+from .errors import (FingerprintMismatchError, HarvestError, Interrupted, ModelError, SpecError, StoreError,
+                     StoreExistsError)
 from .hookpoints import HookPoint
 from .layout import Layout
 from .prompts import build_source, pad_meta
@@ -37,9 +38,11 @@ from .redo import redo_rows as redo
 from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, single_stage, store_dtype_for,
                     workload_of)
 from .spec import JobSpec
-from .store import FORMAT_VERSION, MetaArray, RowMaps, create_manifest, dumps, first_incomplete, mark_written
+from .stage import check_tensors
+from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
+                    first_incomplete, mark_written)
 from .store import create_store as create_store_layout
-from .store import open_group, read_provenance, remove_store, update_provenance
+from .store import open_group, read_provenance, remove_store, write_provenance
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
@@ -74,6 +77,7 @@ class Job:
             batch_starts={"token": np.concatenate([[0], self.layout.batch_ends("token")[:-1]]),
                           "sequence": np.concatenate([[0], self.layout.batch_ends("sequence")[:-1]])},
             on_nonfinite=self.spec.capture.on_nonfinite,
+            compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
         )
 
     def stage_options(self) -> StageOptions:
@@ -89,9 +93,12 @@ def prepare(spec: JobSpec) -> Job:
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
     hooks = job_hooks(spec, arch, ckpt.n_layers)
-    _check_index("heads", spec.capture.heads, config.num_attention_heads)
-    _check_index("neurons", spec.capture.neurons, arch.d_mlp(config))
+    check_selection(spec, ckpt)
     check_quantization(spec.model.quantization, hooks)
+    if not ckpt.tokenizer_files():
+        # transformers would build an empty tokenizer and every text would become [] (GOTCHAS.md)
+        raise ModelError(f"no tokenizer in {ckpt.directory}: none of {', '.join(TOKENIZER_FILES)} is there; "
+                         "copy the model's tokenizer files into that directory")
     tokenizer = AutoTokenizer.from_pretrained(ckpt.directory)
     source = build_source(spec.prompts, base_dir=spec.base_dir, tokenizer=tokenizer)
     prompts = list(source.prompts())
@@ -106,10 +113,21 @@ def prepare(spec: JobSpec) -> Job:
         stages = [single_stage(hooks, ckpt.n_layers)]
     else:
         stages = partition_stages(ckpt, hooks, spec, layout=layout)
+    if spec.run.stages == 1:  # (partition_stages checks a pipeline's stages)
+        check_tensors(ckpt, stages)  # a missing tensor fails here, not after the store is laid out
     arrays = array_plans(hooks, ModelDims.of(config, arch), spec, workload_of(layout))
     job = Job(spec, ckpt, hooks, layout, source, stages, store_dtype_for(spec.model.dtype, spec.capture.dtype), arrays)
     job.fingerprint_fields = _fingerprint_fields(job, tokenizer)
     return job
+
+
+def check_selection(spec: JobSpec, ckpt: Checkpoint) -> None:
+    """capture.layers, heads and neurons against the model's config (no weights needed)."""
+    config, arch = ckpt.config, ckpt.arch
+    if spec.capture.layers is not None and spec.capture.layers[-1] >= ckpt.n_layers:
+        raise SpecError(f"capture.layers includes {spec.capture.layers[-1]}, but the model has {ckpt.n_layers} layers")
+    _check_index("heads", spec.capture.heads, config.num_attention_heads)
+    _check_index("neurons", spec.capture.neurons, arch.d_mlp(config))
 
 
 def _check_index(name: str, values: tuple[int, ...] | None, size: int) -> None:
@@ -220,8 +238,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         remove_store(path)
         create_store(job)
         return 0
-    group = open_group(path, mode="r+")
-    info = read_provenance(group)
+    info = read_provenance(open_group(path))  # read-only until the store is ours to continue
     if not resume:
         raise StoreExistsError(
             f"a store already exists at {path} (status: {info.get('status')}); "
@@ -232,6 +249,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         create_store(job)
         return 0
     _check_fingerprint(info, job, path)
+    group = open_group(path, mode="r+")
     n_stages_before = len(info.get("stages", []))
     start = first_incomplete(group)
     if n_stages_before != len(job.stages):
@@ -239,7 +257,9 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         create_manifest(group, len(job.stages), job.layout.n_batches)
         for i in range(len(job.stages)):
             mark_written(group, i, start)
-    update_provenance(group, status="running", stages=_provenance(job, "running")["stages"])
+    info.pop("stopped", None)
+    info.update(status="running", stages=_provenance(job, "running")["stages"])
+    write_provenance(group, info)
     return start
 
 
@@ -248,10 +268,33 @@ def _check_fingerprint(info: dict[str, Any], job: Job, path: Path) -> None:
         return
     before, now = info.get("fingerprint_fields", {}), job.fingerprint_fields
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    keys = changed_keys(info.get("spec") or {}, job.spec.to_dict())
+    what = f"{', '.join(keys or differ) or 'format'} differ"  # spec keys when the spec says which
     raise FingerprintMismatchError(
-        f"cannot resume {path}: it was written by a different job ({', '.join(differ) or 'format'} differ). "
+        f"cannot resume {path}: it was written by a different job ({what}). "
         "Resuming would mix two jobs' rows; use --overwrite to start again, or a new store.path"
     )
+
+
+#: spec keys that change who computes a row or where the store is, not the stored bytes
+_NOT_FINGERPRINTED = {"name", "store.path", "store.root", "model.device", "model.hash_weights", "run.stages",
+                      "run.threads", "run.write_queue", "run.write_threads", "run.address", "run.max_in_flight",
+                      "run.memory_gib", "run.max_restarts", "run.dashboard"}
+
+
+def changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted spec keys whose values differ between two resolved specs (``capture.hooks``), run-only keys left out."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        name = f"{prefix}{key}"
+        if name in _NOT_FINGERPRINTED:
+            continue
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{name}.")
+        elif dumps(a) != dumps(b):
+            out.append(name)
+    return out
 
 
 # --- running -------------------------------------------------------------------------------------------
@@ -283,20 +326,60 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     if redo_rows:
         redo(job, redo_rows, progress)
     t0 = time.perf_counter()
-    if len(job.stages) == 1:
-        nonfinite = _run_in_process(job, start, progress)
-    else:
-        # Ray (~30 MiB and a second of start-up) is imported by multi-stage jobs only
-        from sharding.pipeline import run_pipeline
+    try:
+        if len(job.stages) == 1:
+            nonfinite = _run_in_process(job, start, progress)
+        else:
+            # Ray (~30 MiB and a second of start-up) is imported by multi-stage jobs only
+            from sharding.pipeline import run_pipeline
 
-        nonfinite = run_pipeline(job, start, progress)
+            nonfinite = run_pipeline(job, start, progress)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted(2)
+        done = record_stop(job.path, "interrupted", f"stopped by {stopped.signal_name}")
+        stopped.store, stopped.batches_done, stopped.n_batches = str(job.path), done, job.layout.n_batches
+        if stopped is not exc:
+            raise stopped from None
+        raise
+    except BaseException as exc:
+        record_stop(job.path, "failed", describe_failure(exc))
+        raise
     seconds = time.perf_counter() - t0
     tokens = job.layout.tokens_before(job.layout.n_batches) - job.layout.tokens_before(start)
-    update_provenance(open_group(job.path, mode="r+"), status="complete",
-                      completed=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      last_run={"batches": job.layout.n_batches - start, "tokens": tokens, "seconds": round(seconds, 3)},
-                      nonfinite=nonfinite)
+    group = open_group(job.path, mode="r+")
+    info = read_provenance(group)
+    info.pop("stopped", None)
+    info.update(status="complete", completed=_now(),
+                last_run={"batches": job.layout.n_batches - start, "tokens": tokens, "seconds": round(seconds, 3)},
+                nonfinite=nonfinite)
+    write_provenance(group, info)
+    consolidate(job.path)
     return RunResult(job.path, job.layout.n_batches - start, tokens, seconds, nonfinite)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The reason a failed run records: our errors' own message, else the exception's type and message."""
+    return str(exc) if isinstance(exc, HarvestError) else f"{type(exc).__name__}: {exc}"
+
+
+def record_stop(path: Path, status: str, reason: str) -> int | None:
+    """Mark a run that did not complete (``failed`` or ``interrupted``) with why and when; returns batches done.
+
+    Best effort: the store may be what failed (a full disk), and the original error matters more.
+    ``--resume`` continues such a store once the cause is fixed.
+    """
+    try:
+        group = open_group(path, mode="r+")
+        info = read_provenance(group)
+        info.update(status=status, stopped={"reason": reason, "time": _now()})
+        write_provenance(group, info)
+        return int(batches_done(group).sum())
+    except Exception:  # noqa: BLE001 - never hide the error that stopped the run
+        return None
 
 
 def _run_in_process(job: Job, start: int, progress: bool) -> dict[str, int]:
@@ -311,6 +394,14 @@ def _run_in_process(job: Job, start: int, progress: bool) -> dict[str, int]:
             worker.process(batch, None)
             bar.update(int(batch.lengths.sum()))
         return worker.close()
+    except (Interrupted, KeyboardInterrupt):
+        # keep what was computed: the writer flushes every batch it was given, partial shards included,
+        # and advances the manifest, so a resume redoes only the batch that was being computed
+        try:
+            worker.close()
+        except Exception:  # noqa: BLE001 - the interrupt is what the user must hear about
+            worker.abort()
+        raise
     except BaseException:
         worker.abort()
         raise

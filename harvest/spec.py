@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,10 +201,13 @@ def _typed(section: str, raw: dict[str, Any], cls: type, convert: dict[str, Any]
         raise SpecError(f"section {section!r} must be a mapping of keys to values, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     check_keys(section, raw, fields)
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if convert and key in convert:
-            value = convert[key](value)
+    for key, given in raw.items():
+        value = convert[key](given) if convert and key in convert else given
+        if not _is_a(value, hints[key]):
+            lowest = MINIMUM.get(f"{section}.{key}")
+            raise SpecError(f"{section}.{key} must be {_describe(hints[key], lowest)}, got {given!r}")
         values[key] = value
     required = [
         f.name for f in fields.values()
@@ -211,6 +216,51 @@ def _typed(section: str, raw: dict[str, Any], cls: type, convert: dict[str, Any]
     if required:
         raise SpecError(f"section {section!r} is missing required key(s): {', '.join(required)}")
     return cls(**values)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a spec value fits a field's annotation (YAML gives ints where floats are asked: fine).
+
+    One check at the boundary for every key, so that a wrong type is a one-line error here rather
+    than a traceback deep in torch or zarr (``batch_size: 2.5``, ``device: 5``). ``bool`` is not
+    accepted as a number, although Python counts it as one.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+#: the smallest value of numeric keys, named in the message of a wrong type too
+MINIMUM = {"run.batch_size": 1, "run.stages": 1, "run.write_queue": 1, "run.threads": 1, "run.write_threads": 1,
+           "run.max_in_flight": 1, "run.max_restarts": 0, "capture.top_k": 0, "store.chunks_per_shard": 1,
+           "store.level": 0}
+
+
+def _describe(hint: Any, minimum: float | None = None) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h, minimum) for h in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    bound = f" >= {minimum}" if minimum is not None and hint in (int, float) else ""
+    return {type(None): "null", bool: "true or false", int: f"an integer{bound}", float: f"a number{bound}",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _int_list(key: str):
@@ -243,7 +293,7 @@ def _positive(section: str, value: Any, minimum: float = 1) -> None:
 
 def _check_pipeline(run: RunSpec) -> None:
     if run.max_in_flight is not None:
-        _positive("run.max_in_flight", run.max_in_flight)
+        _integer("run.max_in_flight", run.max_in_flight, 1)
     _integer("run.max_restarts", run.max_restarts, 0)
     if run.address is not None and not isinstance(run.address, str):
         raise SpecError(f"run.address must be a Ray address such as 'ray://host:10001' or 'auto', got {run.address!r}")
@@ -288,11 +338,11 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
         _choice("capture.dtype", capture.dtype, ("float32", "float16"))
     run = _typed("run", raw.get("run") or {}, RunSpec,
                  convert={"memory_gib": lambda v: tuple(v) if isinstance(v, list) else v})
-    _positive("run.batch_size", run.batch_size)
-    _positive("run.stages", run.stages)
-    _positive("run.write_queue", run.write_queue)
+    _integer("run.batch_size", run.batch_size, 1)
+    _integer("run.stages", run.stages, 1)
+    _integer("run.write_queue", run.write_queue, 1)
     if run.threads is not None:
-        _positive("run.threads", run.threads)
+        _integer("run.threads", run.threads, 1)
     if run.write_threads is not None:
         _integer("run.write_threads", run.write_threads, 1, "or null: 1 on CPU, up to 8 on a GPU")
     _check_pipeline(run)
@@ -302,7 +352,8 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     store = _typed("store", store_raw, StoreSpec)
     _choice("store.compressor", store.compressor, COMPRESSORS)
     _positive("store.chunk_mib", store.chunk_mib, 1 / 1024)
-    _positive("store.chunks_per_shard", store.chunks_per_shard)
+    _integer("store.chunks_per_shard", store.chunks_per_shard, 1)
+    _integer("store.level", store.level, 0)
     prompts = raw["prompts"]
     if not isinstance(prompts, dict) or "source" not in prompts:
         raise SpecError("section 'prompts' must be a mapping with a 'source' (text, addition or translation)")
@@ -313,16 +364,30 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     return spec
 
 
+def _tab_near(text: str, mark, problem: str) -> bool:
+    """Whether a YAML error is about a tab: YAML's own message ("found character '\\t'") or a tab before its column."""
+    if "'\\t'" in problem:
+        return True
+    lines = text.splitlines()
+    return mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
+
+
 def load_spec(path: str | Path, base_dir: Path | str = ".", store_root: str | None = None) -> JobSpec:
     """Read and validate a YAML job spec."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"no job spec at {path}; pass the path of a YAML file such as jobs/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+        if _tab_near(text, mark, problem):
+            problem = "a tab character; indent with spaces (YAML does not allow tabs for indentation)"
         raise SpecError(f"{path} is not valid YAML{where}: {problem}") from None
     return parse_spec(raw, base_dir=base_dir, store_root=store_root)

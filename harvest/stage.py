@@ -38,7 +38,8 @@ class StageModel(nn.Module):
     """The modules of one stage, materialised from the checkpoint; everything else stays unbuilt."""
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, dtype: torch.dtype, device: torch.device,
-                 attn_implementation: str):
+                 attn_implementation: str, load: bool = True):
+        """``load=False``: the skeleton only, on the meta device (to check the files before a run)."""
         super().__init__()
         arch = ckpt.arch
         self.arch, self.plan = arch, plan
@@ -55,6 +56,8 @@ class StageModel(nn.Module):
         with torch.device(device):
             # rotary tables are buffers computed at construction, not weights in the files
             self.rotary = type(getattr(base, arch.rotary))(self.config)
+        if not load:
+            return
         quantization = ckpt.spec.quantization
         self._load_weights(ckpt, dtype, torch.device("cpu") if quantization else device)
         if quantization:  # bitsandbytes swaps the blocks' linear layers, quantising them onto `device`
@@ -74,7 +77,20 @@ class StageModel(nn.Module):
         return f"{arch.base}.{module}.{rest}"
 
     def _load_weights(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
-        available = ckpt.available_keys()
+        wanted = self.file_keys(ckpt, ckpt.available_keys())
+        tensors = ckpt.load_tensors(set(wanted.values()))
+        uses = Counter(wanted.values())  # tied weights: one file tensor, two parameters
+        for name, key in wanted.items():
+            uses[key] -= 1
+            value = tensors[key] if uses[key] else tensors.pop(key)  # free each file tensor once used
+            set_module_tensor_to_device(self, name, device, value=value, dtype=dtype)
+        still_meta = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
+        if still_meta:
+            # a meta-weight layer fed a real tensor returns garbage, not an error
+            raise ModelError(f"stage {self.plan.index}: parameters left unloaded: {', '.join(still_meta[:5])}")
+
+    def file_keys(self, ckpt: Checkpoint, available: set[str]) -> dict[str, str]:
+        """Parameter name -> tensor name in the files; raises naming the tensors the files lack."""
         wanted: dict[str, str] = {}
         missing: list[str] = []
         for name, _ in self.named_parameters(remove_duplicate=False):  # tied weights load twice
@@ -94,16 +110,7 @@ class StageModel(nn.Module):
                 f"({self.plan.describe()}) needs, e.g. {', '.join(missing[:3])}; the files are incomplete "
                 "or belong to a different config"
             )
-        tensors = ckpt.load_tensors(set(wanted.values()))
-        uses = Counter(wanted.values())  # tied weights: one file tensor, two parameters
-        for name, key in wanted.items():
-            uses[key] -= 1
-            value = tensors[key] if uses[key] else tensors.pop(key)  # free each file tensor once used
-            set_module_tensor_to_device(self, name, device, value=value, dtype=dtype)
-        still_meta = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
-        if still_meta:
-            # a meta-weight layer fed a real tensor returns garbage, not an error
-            raise ModelError(f"stage {self.plan.index}: parameters left unloaded: {', '.join(still_meta[:5])}")
+        return wanted
 
     def _unembed_in_files(self, ckpt: Checkpoint, name: str, available: set[str]) -> str | None:
         """NeoX files call the unembedding ``embed_out``; tied models reuse the embedding."""
@@ -172,3 +179,16 @@ class Stage:
         with self.capture.attached(index) as captured:
             out = self.model(input_ids, hidden, index.flat_rows)
         return out, captured
+
+
+def check_tensors(ckpt: Checkpoint, plans: list[StagePlan]) -> None:
+    """Raise ``ModelError`` when the checkpoint lacks a tensor any stage needs: before a store exists.
+
+    Builds each stage's skeleton on the meta device (no weights read) and resolves its parameter
+    names against the files' index, exactly as loading will.
+    """
+    available = ckpt.available_keys()
+    for plan in plans:
+        skeleton = StageModel(ckpt, plan, dtype=torch.float32, device=torch.device("meta"),
+                              attn_implementation="eager", load=False)
+        skeleton.file_keys(ckpt, available)

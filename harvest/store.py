@@ -57,9 +57,8 @@ def codecs_for(compressor: str, level: int) -> list:
 def create_group(path: str | Path, info: dict[str, Any]) -> zarr.Group:
     """A new, empty store at ``path`` (replacing whatever Zarr group was there) with its provenance."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
-    write_provenance(group, info)
-    return group
+    # the provenance goes in with the group's first zarr.json: no reader ever sees a store without it
+    return zarr.open_group(str(path), mode="w", attributes={ATTRS_KEY: info})
 
 
 def create_activation_array(group: zarr.Group, array: ArrayPlan, *, compressor: str, level: int) -> zarr.Array:
@@ -209,18 +208,24 @@ def first_incomplete(group: zarr.Group) -> int:
 # --- opening ------------------------------------------------------------------------------------
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group. Opened to write, it first drops the consolidated metadata (see ``consolidate``)."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"no harvest store at {path}: it has no zarr.json. Run `harvest run SPEC` to create one")
-    group = zarr.open_group(str(path), mode=mode)
+    if mode == "r":
+        group = zarr.open_group(str(path), mode=mode)
+    else:
+        group = zarr.open_group(str(path), mode=mode, use_consolidated=False)
     if ATTRS_KEY not in group.attrs:
         raise StoreError(f"{path} is a Zarr group but not a harvest store (no '{ATTRS_KEY}' attributes)")
+    if mode != "r" and has_consolidated_metadata(path):
+        group.update_attributes(dict(group.attrs))  # rewrites zarr.json without the consolidated copy
     return group
 
 
 def open_for_writing(path: str | Path) -> zarr.Group:
     """The store's group opened for a stage's writer (which then writes only its own arrays)."""
-    return zarr.open_group(str(path), mode="r+")
+    return zarr.open_group(str(path), mode="r+", use_consolidated=False)
 
 
 # --- provenance: the job that wrote the store, and its status -------------------------------------
@@ -239,6 +244,25 @@ def update_provenance(group: zarr.Group, **fields: Any) -> dict[str, Any]:
     info.update(fields)
     write_provenance(group, info)
     return info
+def has_consolidated_metadata(path: str | Path) -> bool:
+    try:
+        return "consolidated_metadata" in json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def consolidate(path: str | Path) -> None:
+    """Copy every array's and group's metadata into the root zarr.json, so readers open it in one read.
+
+    xarray warns without it (and opens slower). zarr readers trust the copy over the files, so an
+    array added later would be invisible: the copy is written only when a store is finished (a run
+    completes, an analysis has written its results), and ``open_group`` drops it before any write.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification yet": known, and read back by zarr
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
 
 
 def provenance(path: str | Path) -> dict[str, Any]:

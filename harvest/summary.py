@@ -38,6 +38,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "status": info.get("status"),
+        "stopped": info.get("stopped"),  #: why and when a run ended before completing (failed, interrupted)
         "progress": {"batches_done": int(done.sum()), "batches": int(done.size)},
         "layout": info.get("layout"),
         "model": {k: info["model"].get(k) for k in ("name", "model_type", "dtype", "quantization", "revision")},
@@ -67,7 +68,8 @@ def format_summary(s: dict[str, Any], max_arrays: int = 40) -> str:
     lay, prog, tot = s["layout"] or {}, s["progress"], s["totals"]
     lines = [
         f"store     {s['path']}",
-        f"status    {s['status']}  ({prog['batches_done']}/{prog['batches']} batches written)",
+        f"status    {s['status']}  ({prog['batches_done']}/{prog['batches']} batches written)"
+        + (f" at {s['stopped']['time']}: {s['stopped']['reason']}" if s.get("stopped") else ""),
         f"model     {s['model']['name']} ({s['model']['model_type']}, {s['model']['dtype']}"
         f"{', ' + s['model']['quantization'] if s['model']['quantization'] else ''}) -> stored as {s['store_dtype']}",
         f"rows      {lay.get('n_rows')} tokens captured from {lay.get('n_sequences')} sequences "

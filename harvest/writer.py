@@ -133,6 +133,8 @@ class StageStoreInfo:
     batch_ends: dict[str, Any]  #: axis -> ends of every batch along it (numpy arrays)
     batch_starts: dict[str, Any]
     on_nonfinite: str
+    compute_dtype: str = "float32"  #: for the advice of the non-finite error
+    store_dtype: str = "float32"
 
 
 class StageWriter:
@@ -166,13 +168,14 @@ class StageWriter:
         self.raise_if_failed()
         if batch != self.next_batch:
             raise StoreError(f"stage {self.info.stage}: batch {batch} submitted, expected {self.next_batch}")
-        self.next_batch += 1
         while True:
             try:
                 self._queue.put((batch, rows, captures), timeout=0.5)
-                return
+                break
             except queue.Full:
                 self.raise_if_failed()
+        # counted only once queued: an interrupt while waiting must not let close() mark this batch
+        self.next_batch += 1
 
     def close(self) -> None:
         """Write everything still buffered and the final manifest; re-raise a writer failure."""
@@ -242,7 +245,7 @@ class StageWriter:
         if self.info.on_nonfinite == "fail":
             raise NonFiniteActivationError(
                 f"{count} NaN/inf value(s) in {name}, batch {batch}. Nothing of this batch is marked "
-                "written. Try model.dtype: float32 or bfloat16 (float16 overflows on large activations), "
+                f"written. {nonfinite_advice(self.info.compute_dtype, self.info.store_dtype)}, "
                 "or set capture.on_nonfinite: flag to store them and record where"
             )
         self.nonfinite[name] = self.nonfinite.get(name, 0) + count
@@ -258,6 +261,17 @@ class StageWriter:
         if frontier > self.marked:
             mark_written(self.group, self.info.stage, frontier, start=self.marked)
             self.marked = frontier
+
+
+def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:
+    """What to try against NaN/inf, given the dtypes in use: a float16 that overflows, else the weights."""
+    if compute_dtype == "float16":
+        return "Try model.dtype: float32 or bfloat16 (float16 overflows on large activations)"
+    if store_dtype == "float16":
+        return ("Try capture.dtype: float32 (values beyond float16's range, 65504, become inf when stored "
+                "as float16)")
+    return (f"The model already computes in {compute_dtype} and stores {store_dtype}, so the values come from "
+            "the checkpoint or the inputs: check the weights for NaN/inf")
 
 
 def remove_unfinished_writes(array_dir: Path) -> int:

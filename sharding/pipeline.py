@@ -30,6 +30,8 @@ import dataclasses
 import os
 import re
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from harvest.errors import HarvestError, StageError
+from harvest.errors import HarvestError, Interrupted, StageError
 from harvest.shape import Resources, cluster_capacity, stage_resources
 from harvest.store import stage_frontier
 from harvest.worker import StageWorker
@@ -49,6 +51,8 @@ from harvest.writer import StageStoreInfo
 
 #: seconds an actor may take to start (import, load its weights) before the job fails
 START_TIMEOUT_S = float(os.environ.get("HARVEST_START_TIMEOUT_S", 900))
+#: seconds the stages get, after an interrupt, to write the batches they hold
+FLUSH_TIMEOUT_S = float(os.environ.get("HARVEST_FLUSH_TIMEOUT_S", 120))
 #: how Ray words a worker killed for memory (its memory monitor, the kernel's OOM killer)
 _OOM = re.compile(r"out of memory|\boom\b|memory monitor|memory pressure|low on memory", re.IGNORECASE)
 #: Ray errors that mean "the object was lost", not "the stage failed"
@@ -158,6 +162,7 @@ class RaySession:
         if ray.is_initialized():
             return self
         address = self.address or os.environ.get("RAY_ADDRESS")
+        on_term = signal.getsignal(signal.SIGTERM)
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
@@ -165,6 +170,9 @@ class RaySession:
             if self.dashboard:
                 kwargs["dashboard_host"] = "127.0.0.1"
             ray.init(num_cpus=self.num_cpus, **kwargs)
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            # ray.init installs a SIGTERM handler that exits at once; ours flushes the stages first
+            signal.signal(signal.SIGTERM, on_term)
         self.started = True
         return self
 
@@ -401,6 +409,18 @@ class Pipeline:
                                      f"{_first_line(str(exc))}") from None
         return out
 
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """After an interrupt: every stage finishes the batches it was sent and writes them, partial shards
+        included, and advances its manifest; nothing new is sent. Best effort within ``timeout``."""
+        refs = []
+        for actor in self.actors:
+            try:
+                refs.append(actor.close.remote())
+            except Exception:  # noqa: BLE001 - a dead actor has nothing to flush
+                pass
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
     def _close(self) -> dict[str, int]:
         counts = self._get("close", START_TIMEOUT_S)
         merged: dict[str, int] = {}
@@ -456,6 +476,9 @@ def run_pipeline(job, start_batch: int, progress: bool, *, on_batch=None) -> dic
         try:
             pipeline.start()
             return pipeline.run(bar)
+        except (Interrupted, KeyboardInterrupt):
+            pipeline.flush()
+            raise
         finally:
             bar.close()
             pipeline.stop()

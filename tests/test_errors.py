@@ -113,7 +113,7 @@ def test_existing_store_needs_resume_or_overwrite(neox_ckpt, make_spec):
 def test_resume_refuses_a_different_job(neox_ckpt, make_spec):
     run(make_spec(neox_ckpt), progress=False)
     other = make_spec(neox_ckpt, hooks=["blocks.*.hook_resid_pre"], run={"batch_size": 2})
-    with pytest.raises(FingerprintMismatchError, match=r"\(batch size, capture differ\)"):
+    with pytest.raises(FingerprintMismatchError, match=r"\(capture.hooks, run.batch_size differ\)"):
         run(other, resume=True, progress=False)
 
 
@@ -141,7 +141,8 @@ def test_nonfinite_fails_by_default_and_marks_nothing(inf_checkpoint, make_spec,
         run(spec, progress=False)
     g = zarr.open_group(str(spec.store_path()), mode="r")
     assert g["_progress/stage_0"][...].sum() == 0  # resumable, nothing claimed as written
-    assert g.attrs["harvest"]["status"] == "running"
+    assert g.attrs["harvest"]["status"] == "failed"
+    assert "NaN/inf" in g.attrs["harvest"]["stopped"]["reason"] and g.attrs["harvest"]["stopped"]["time"]
 
 
 @pytest.mark.parametrize("write_threads", [1, 3])

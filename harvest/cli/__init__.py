@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,10 +22,10 @@ import typer
 from analysis.cli import analyze_app, index_command, query_app
 from cluster.cli import register as register_jobs
 
-from ..errors import HarvestError
+from ..errors import HarvestError, Interrupted
 from ..spec import load_spec
 from ..summary import format_summary, human, summarize
-from ..verify import verify_store
+from ..verify import is_checksum_error, verify_store
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -70,7 +71,12 @@ def run(
         return
     if resume and overwrite:
         raise HarvestError("--resume and --overwrite exclude each other; pick one")
-    result = run_job(job_spec, resume=resume, overwrite=overwrite, progress=not quiet, redo_rows=redo_rows)
+    try:
+        result = run_job(job_spec, resume=resume, overwrite=overwrite, progress=not quiet, redo_rows=redo_rows)
+    except Interrupted as exc:
+        root = f" --store-root {store_root}" if store_root else ""
+        exc.resume_command = f"harvest run {spec}{root} --resume"
+        raise
     typer.echo(f"harvested {result.tokens} tokens in {result.seconds:.1f} s "
                f"({result.tokens_per_second:,.0f} tokens/s) into {result.path}")
     for name, count in result.nonfinite.items():
@@ -159,33 +165,64 @@ app.command("index")(index_command)
 register_jobs(app)
 
 
+def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Interrupted(signum)
+
+
+def catch_signals() -> None:
+    """SIGINT and SIGTERM raise ``Interrupted``: the run flushes what it computed, then ``main`` exits 128 + N.
+
+    Not ``KeyboardInterrupt``: typer turns that into an exit code it *returns* (0 to a shell that
+    ignores it), and libraries catch it in places; an exception of our own reaches ``main``.
+    """
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+
+
 def main() -> None:
+    """The console script: every error a user can cause ends as one line on stderr and a non-zero exit."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    catch_signals()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="harvest")
+    except Interrupted as exc:
+        typer.echo(f"error: {exc.message(getattr(exc, 'resume_command', None))}", err=True)
+        sys.exit(exc.exit_code)
     except HarvestError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted; the store keeps every batch written so far (continue with --resume)", err=True)
+        typer.echo("error: interrupted; the store keeps every batch written so far (continue with --resume)", err=True)
         sys.exit(130)
-    except ValueError as exc:  # zarr's bare crc32c error from a read outside the analyses' arrays (issue 16)
-        from ..verify import is_checksum_error
-
+    except ValueError as exc:  # zarr's bare crc32c error from a read outside the analyses' arrays
         if not is_checksum_error(exc):
             raise
         typer.echo("error: a stored chunk failed its crc32c check: the store is damaged; `harvest verify STORE` "
                    "names each damaged chunk and its repair", err=True)
         sys.exit(2)
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:  # usage errors: typer's vendored click or click itself
+        usage = _usage_error(exc)
+        if usage is None:
+            raise
+        typer.echo(usage[0], err=True)
+        sys.exit(usage[1])
+    if isinstance(code, int) and code:  # typer returns, not raises, some exits under standalone_mode=False
+        sys.exit(code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _usage_error(exc: Exception) -> tuple[str, int] | None:
+    """(one line, exit code) for a command-line usage error, else None; never typer's traceback panel."""
+    import click
+    from typer.exceptions import TyperException
+
+    if not isinstance(exc, (click.ClickException, TyperException)) or not hasattr(exc, "format_message"):
+        return None
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "harvest"
+    return f"error: {message} (see `{where} --help`)", getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,19 @@ class TextSource(ConfiguredSource):
 
     def prompts(self) -> Iterator[Prompt]:
         windows = self._packed() if self.mode == "packed" else self._windowed()
-        return itertools.islice(windows, self.max_sequences)
+        return itertools.islice(self._named_if_empty(windows), self.max_sequences)
+
+    def _named_if_empty(self, windows: Iterator[Prompt]) -> Iterator[Prompt]:
+        """``windows``, or an error naming the corpus files that hold no text when there are none."""
+        any_window = False
+        for window in windows:
+            any_window = True
+            yield window
+        if not any_window:
+            empty = [label for label, path in self.files.items() if not path.read_bytes().strip()]
+            if empty:
+                raise SpecError(f"prompts.paths: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty and "
+                                "no other file gave a window; put text in the corpus or point prompts.paths elsewhere")
 
     def _packed(self) -> Iterator[Prompt]:
         eos = self.tokenizer.eos_token_id
