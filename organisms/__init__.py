@@ -72,7 +72,8 @@ def ensure_organisms(names: list[str], workdir: str | Path = DEFAULT_WORKDIR, lo
 
     workdir = Path(workdir)
     todo = [n for n in names if _module(n)[1] and not is_complete(workdir / n)]  # untrained ones are instant
-    processes = min(len(todo), processes or len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(len(todo), processes or cores)
     if processes > 1:
         # spawn, not fork: the parent may hold threads (Ray, Dask, torch) that a fork would copy half-made
         with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
