@@ -11,6 +11,7 @@ The analyses are checked on structure a real model has, not only on planted arra
 
 ``ensure_organism(name, workdir)`` trains only when ``workdir/name`` holds no finished checkpoint
 (``organism.json`` is written last), so the demo and the slow tests pay for training once.
+``ensure_organisms(names, workdir)`` trains the missing ones side by side, one process each.
 ``harvest_organism(name, workdir)`` harvests its stores through ``harvest.runner.run`` — the
 same path as ``harvest run SPEC`` — and returns their paths.
 """
