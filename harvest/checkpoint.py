@@ -35,6 +35,8 @@ class Checkpoint:
 
     directory: Path
     spec: ModelSpec
+    #: the commit hash of a hub snapshot (``None`` for a local directory)
+    revision: str | None = None
 
     @cached_property
     def config(self):
@@ -94,7 +96,7 @@ class Checkpoint:
         return {
             "files": hashes,
             "config": _sha256_bytes((self.directory / "config.json").read_bytes()),
-            "revision": self.spec.revision,
+            "revision": self.revision or self.spec.revision,
         }
 
     def resolve_key(self, key: str, available: set[str] | None = None) -> str | None:
@@ -136,30 +138,20 @@ class Checkpoint:
 
 def resolve_checkpoint(spec: ModelSpec, base_dir: Path) -> Checkpoint:
     """Find the checkpoint and check it is one we can and may load, before anything is created."""
-    local = Path(spec.path).expanduser()
-    if not local.is_absolute():
-        local = base_dir / local
-    if local.is_dir():
-        directory = local
-    elif _looks_like_hub_name(spec.path):
-        directory = _download(spec)
-    else:
-        raise CheckpointNotFoundError(
-            f"no checkpoint at {local}: the directory does not exist. Give model.path as a local "
-            "directory holding config.json and *.safetensors (or a hub name such as "
-            "'EleutherAI/pythia-160m' on a machine with network)"
-        )
+    directory, revision = checkpoint_directory(spec, base_dir)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"{directory} has no config.json; is it a transformers checkpoint directory?")
     model_type = json.loads(config_file.read_text()).get("model_type")
     architecture_for(model_type or "<missing>")
-    ckpt = Checkpoint(directory, spec)
+    ckpt = Checkpoint(directory, spec, revision)
     if ckpt.uses_pickle:
         if not ckpt.pickle_files:
+            where = (f"the cached snapshot of {spec.path!r} ({directory})" if revision else str(directory))
             raise CheckpointNotFoundError(
-                f"{directory} holds no weights: expected model.safetensors, "
+                f"{where} holds no weights: expected model.safetensors, "
                 "model.safetensors.index.json or pytorch_model*.bin"
+                + (f"; download them where there is network (`hf download {spec.path}`)" if revision else "")
             )
         if not spec.allow_pickle:
             raise ModelError(
@@ -170,24 +162,75 @@ def resolve_checkpoint(spec: ModelSpec, base_dir: Path) -> Checkpoint:
     return ckpt
 
 
-def _looks_like_hub_name(name: str) -> bool:
+def checkpoint_directory(spec: ModelSpec, base_dir: Path, *, weights: bool = True) -> tuple[Path, str | None]:
+    """The checkpoint's directory and, for a hub model, the commit hash of its snapshot.
+
+    A local directory wins over a hub name of the same spelling. ``weights=False`` (planning)
+    asks the hub for config and tokenizer files only.
+    """
+    local = Path(spec.path).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    if local.is_dir():
+        return local, None
+    if looks_like_hub_name(spec.path):
+        snapshot = hub_snapshot(spec, weights=weights)
+        return snapshot, snapshot.name  # the hub cache names each snapshot by its commit hash
+    raise CheckpointNotFoundError(
+        f"no checkpoint at {local}: the directory does not exist. Give model.path as a local "
+        "directory holding config.json and *.safetensors, or a hub name such as 'EleutherAI/pythia-160m'"
+    )
+
+
+def looks_like_hub_name(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def _download(spec: ModelSpec) -> Path:
-    """Fetch config, tokenizer and safetensors weights of a hub model (needs network)."""
-    try:
-        from huggingface_hub import snapshot_download
+def hub_snapshot(spec: ModelSpec, *, weights: bool = True) -> Path:
+    """The model's snapshot directory in the Hugging Face cache, downloaded first where there is network.
 
-        patterns = ["*.json", "*.txt", "*.model", "*.safetensors"] + (["*.bin"] if spec.allow_pickle else [])
-        return Path(snapshot_download(spec.path, revision=spec.revision, allow_patterns=patterns))
-    except Exception as exc:  # network, auth, missing repo: all need the same advice
+    Goes through ``huggingface_hub.snapshot_download``, so the cache is the one every Hugging Face
+    tool shares (``HF_HOME`` / ``HF_HUB_CACHE``) in its own layout, and ``HF_HUB_OFFLINE=1`` reads
+    it without touching the network. The snapshot's files are symlinks into the cache's blobs;
+    they load through the same safetensors code as a local checkpoint.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    name, revision = spec.path, spec.revision or "main"
+    patterns = ["*.json", "*.txt", "*.model"]
+    if weights:
+        patterns += ["*.safetensors"] + (["*.bin"] if spec.allow_pickle else [])
+    offline = bool(constants.HF_HUB_OFFLINE)
+    fix = (f"download it where there is network (`hf download {name}"
+           + (f" --revision {spec.revision}" if spec.revision else "")
+           + "`) into this cache, or give model.path as a local checkpoint directory")
+    try:
+        return Path(snapshot_download(name, revision=spec.revision, allow_patterns=patterns,
+                                      local_files_only=offline))
+    except RevisionNotFoundError:
         raise CheckpointNotFoundError(
-            f"no local directory {spec.path!r}, and fetching it from the Hugging Face Hub failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Download the checkpoint on a machine with network and point model.path at the directory"
-        ) from None
+            f"the Hugging Face Hub has {name!r} but no revision {revision!r}; check model.revision") from None
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        why = "is gated: accept its terms on the Hub" if isinstance(exc, GatedRepoError) else "was not found"
+        raise CheckpointNotFoundError(
+            f"no local directory {name!r}, and the Hugging Face Hub model {name!r} {why} "
+            "(log in with `hf auth login` if it is private); check model.path") from None
+    except IncompleteSnapshotError:
+        raise CheckpointNotFoundError(
+            f"the cached snapshot of {name!r} (revision {revision!r}) in {constants.HF_HUB_CACHE} is missing "
+            f"files and the Hub cannot be reached to complete it: {fix}") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise CheckpointNotFoundError(
+            f"model {name!r} is neither a local directory nor in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"(revision {revision!r}), and {why}: {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - network, proxy, disk: all need the same advice
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointNotFoundError(
+            f"fetching {name!r} from the Hugging Face Hub failed ({type(exc).__name__}: {first}): {fix}") from None
 
 
 def _sha256(path: Path) -> str:

@@ -202,7 +202,8 @@ def _provenance(job: Job, status: str) -> dict[str, Any]:
         "fingerprint": job.fingerprint,
         "fingerprint_fields": job.fingerprint_fields,
         "model": {
-            "path": str(job.ckpt.directory), "name": spec.model.path, "revision": spec.model.revision,
+            "path": str(job.ckpt.directory), "name": spec.model.path,
+            "revision": job.ckpt.revision or spec.model.revision,  # a hub snapshot's commit hash
             "model_type": job.ckpt.config.model_type, "config": job.ckpt.config.to_diff_dict(),
             "dtype": spec.model.dtype, "quantization": spec.model.quantization,
             "weights": job.ckpt.identity(),

@@ -1,8 +1,8 @@
 """The demo's organism step: train (once), harvest through the runner, analyse, print.
 
-``show(workdir)`` ensures the translation and addition organisms (and their untrained twins) under
-``workdir``, harvests their stores with ``harvest.runner.run`` and prints the translation-head
-table and the addition spectrum, trained beside untrained.
+``show(workdir)`` ensures the translation and addition organisms (trained side by side, one process
+each) and the untrained adder under ``workdir``, harvests their stores with ``harvest.runner.run``
+and prints the translation-head table and the addition spectrum, trained beside untrained.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import ensure_organism, harvest_organism, record
+from . import ensure_organisms, harvest_organism, record
 
 
 def show(workdir: str | Path = Path("build/organisms"), log=print) -> dict:
@@ -18,9 +18,8 @@ def show(workdir: str | Path = Path("build/organisms"), log=print) -> dict:
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
-    for name in ("translation", "addition", "addition-untrained"):
-        ensure_organism(name, workdir, log=log)
-    log(f"organisms ready in {workdir} ({time.perf_counter() - t0:.1f} s; trained once, then cached)")
+    ensure_organisms(["translation", "addition", "addition-untrained"], workdir, log=log)
+    log(f"organisms ready in {workdir} ({time.perf_counter() - t0:.1f} s; trained once, both at once, then cached)")
 
     rec = record("translation", workdir)
     acc = rec["accuracy"]

@@ -31,8 +31,11 @@ MIN_REPEAT, MAX_REPEAT = 4, 10
 SEED = 0
 MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
              max_position_embeddings=32, rotary_pct=0.5)
+#: translation is learnt by step ~300, induction later; measured (1 thread, 2026-11-28): both ≥ 0.99 at
+#: step 1100 (~45 s), where the tests' circuits are already clean (at step 300 the previous-token
+#: heads still carried translation score); stopping at 0.995 took 1700 steps (73 s) for no gain
 TRAIN = TrainConfig(steps=2500, batch_size=128, lr=3e-3, weight_decay=0.05, warmup=100, eval_every=100,
-                    seed=SEED, stop_at=0.995)
+                    seed=SEED, stop_at={"translation": 0.99, "induction": 0.99})
 
 
 def made_up_words(n: int, rng: random.Random, syllables: int) -> list[str]:

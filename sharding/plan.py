@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harvest.architectures import architecture_for
-from harvest.checkpoint import Checkpoint
+from harvest.checkpoint import Checkpoint, checkpoint_directory, looks_like_hub_name
 from harvest.errors import CheckpointNotFoundError, ModelError, PlanDoesNotFitError, SpecError
 from harvest.hookpoints import HookPoint
 from harvest.layout import Layout
@@ -520,14 +520,20 @@ def _budgets(spec: JobSpec, n_stages: int, device: str) -> tuple[list[int | None
 
 
 def planning_checkpoint(spec: JobSpec) -> Checkpoint:
-    """The checkpoint directory; only config.json is needed (no weights, no tokenizer)."""
+    """The checkpoint directory; only config.json is needed (no weights, no tokenizer).
+
+    A hub name resolves through the Hugging Face cache (config and tokenizer files only).
+    """
     directory = spec.resolve(spec.model.path)
+    revision = None
+    if not directory.is_dir() and looks_like_hub_name(spec.model.path):
+        directory, revision = checkpoint_directory(spec.model, spec.base_dir, weights=False)
     if not (directory / "config.json").is_file():
         raise CheckpointNotFoundError(
             f"no config.json in {directory}: planning needs a local directory with the model's config.json "
-            "(weights and tokenizer are optional), e.g. jobs/configs/gpt-j-6b"
+            "(weights and tokenizer are optional), e.g. jobs/configs/gpt-j-6b, or a hub name"
         )
-    ckpt = Checkpoint(directory, spec.model)
+    ckpt = Checkpoint(directory, spec.model, revision)
     architecture_for(ckpt.config.model_type)
     return ckpt
 

@@ -55,8 +55,39 @@ def demo_spec(workdir: Path):
     return parse_spec(raw, base_dir=Path.cwd())
 
 
+#: (title, wall start, CPU start, wall seconds, CPU seconds) of each step, in order
+_STEPS: list[list] = []
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its child processes that have ended (not the Ray actors')."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+def _end_step() -> None:
+    if _STEPS and _STEPS[-1][3] is None:
+        step = _STEPS[-1]
+        step[3], step[4] = time.perf_counter() - step[1], _cpu_seconds() - step[2]
+        print(f"--- step {step[0].split('.')[0]}: {step[3]:.1f} s (CPU {step[4]:.1f} s)")
+
+
 def section(title: str) -> None:
+    """Start a step: the previous one ends, and its wall and CPU time are printed."""
+    _end_step()
     print(f"\n=== {title} " + "=" * max(0, 72 - len(title)))
+    _STEPS.append([title, time.perf_counter(), _cpu_seconds(), None, None])
+
+
+def timings() -> None:
+    """End the last step and print every step's time (the demo's budget: about 3 minutes on 2 cores)."""
+    _end_step()
+    print("\ntime per step (wall; CPU of this process and its finished child processes)")
+    for title, _, _, wall, cpu in _STEPS:
+        print(f"  {wall:6.1f} s  CPU {cpu:6.1f} s  {title}")
+    print(f"  {sum(s[3] for s in _STEPS):6.1f} s  CPU {sum(s[4] for s in _STEPS):6.1f} s  in all")
 
 
 def main(workdir: Path = Path("build/demo")) -> None:
@@ -97,6 +128,5 @@ def main(workdir: Path = Path("build/demo")) -> None:
     print(format_query(query_dim(result.path, dim, top=5, context=6)))
 
     section("6. model organisms: translation heads and the Fourier features of addition")
-    t0 = time.perf_counter()
-    show(workdir.parent / "organisms")  # trained once (a few CPU-minutes), cached under build/organisms
-    print(f"organisms step: {time.perf_counter() - t0:.1f} s")
+    show(workdir.parent / "organisms")  # trained once (about a CPU-minute each), cached under build/organisms
+    timings()
