@@ -95,6 +95,10 @@ def test_a_packed_shard_is_byte_identical_to_zarrs(tmp_path, rows, row_shape, ch
     monkeypatch.setattr(harvest.shards, "RECORD_ALIGN", 0)
     write(ours, data, [5, 9])
     write(theirs, data, [5, 9], engine="zarr")
+    # and a shard flushed part-way (a partial last chunk, absent chunks after it)
+    stop = chunk * cps + chunk // 2 + 1 if rows > chunk * cps + chunk else rows // 2 + 1
+    write(make_array(tmp_path / "a.zarr", "y", rows, row_shape, chunk, cps, "float16"), data[:stop], [5])
+    write(make_array(tmp_path / "b.zarr", "y", rows, row_shape, chunk, cps, "float16"), data[:stop], [5], engine="zarr")
     assert files(tmp_path / "a.zarr") == files(tmp_path / "b.zarr")
 
 
