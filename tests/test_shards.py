@@ -67,7 +67,7 @@ def files(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int32"])
 @pytest.mark.parametrize("rows,row_shape,chunk,cps", SHAPES)
 def test_every_reader_sees_the_written_values(tmp_path, dtype, rows, row_shape, chunk, cps):
-    import tensorstore as ts
+    ts = pytest.importorskip("tensorstore")  # the test extra
     import xarray as xr
 
     array = make_array(tmp_path / "s.zarr", "x", rows, row_shape, chunk, cps, dtype)
@@ -261,7 +261,7 @@ HOOKS = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post", "blocks.{1..2}.at
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_harvest_reads_back_the_same_through_every_reader(neox_ckpt, make_spec, dtype):
     """Every array of a store written by the shard writer holds, element by element, what zarr's path stores."""
-    import tensorstore as ts
+    ts = pytest.importorskip("tensorstore")  # the test extra
     import xarray as xr
 
     store = {"chunk_mib": 0.004, "chunks_per_shard": 3}
