@@ -23,17 +23,20 @@ offsets and lengths on 4 KiB), and needs chunks whose bytes are a multiple of 40
 
 Copies per byte, from the captured batch (pinned host memory on a GPU) to the file:
 
-* a whole chunk inside one batch: **none** in Python. ``crc32c`` reads it in place and
-  ``os.pwritev`` hands the slice plus its 4-byte checksum to the kernel, which copies it once into
-  the page cache (buffered) or DMAs it to the device (``O_DIRECT``, zero CPU copies);
-* a chunk split across two batches, the last chunk of the array or of a shard flushed part-way,
-  and (``O_DIRECT`` only) a chunk whose slice is not 4 KiB-aligned in memory: **one**, into the
-  writer's one chunk-sized staging buffer, allocated once per array;
+* buffered (the default): **none** in Python, for every row. A chunk's rows go to their place in
+  its record straight from their slice of the batch, the crc32c computed over the slice in place
+  and carried from one batch to the next when a chunk spans two; ``os.pwritev`` hands slice and
+  checksum to the kernel, which copies them once into the page cache. The rows missing from a
+  short chunk (past the array's end, or in a shard flushed part-way) are a hole in the file, which
+  reads as the fill value 0, and are checksummed from a small zero buffer;
+* ``O_DIRECT``: none for a whole chunk inside one batch at a 4 KiB-aligned address (the device
+  DMAs it from the batch); **one**, into the writer's one chunk-sized staging buffer (allocated once
+  per array, on first use), for a chunk that spans two batches, a short chunk, or an unaligned slice;
 * per-sequence arrays (attention patterns) narrower than the store's extent: one more, done by the
-  caller (``ArrayWriter``) into its zero-padded buffer, as before.
+  caller (``ArrayWriter``) into its zero-padded buffer, reused across batches, as before.
 
-The hot loop makes a memoryview slice and an int per chunk (chunks are megabytes: negligible), no
-shard buffer, no ``np.append``, no per-shard allocation (the index and checksum buffers are reused).
+The hot loop makes a memoryview slice and a few ints per chunk piece (chunks are megabytes), no
+shard buffer, no ``np.append``, no per-shard allocation (index and checksum buffers are reused).
 
 Crash safety: a shard is written to ``<key>.<token>.partial`` beside its final name and renamed
 over it when complete, so the final name always holds a whole shard (old or new); a process killed
@@ -74,6 +77,7 @@ EMPTY = 2**64 - 1
 FSYNC_POLICIES = ("shard", "none")
 #: suffix of a shard being written (zarr's LocalStore uses the same one for its own)
 PARTIAL_SUFFIX = ".partial"
+_ZEROS = np.zeros(1 << 16, dtype=np.uint8)  #: checksummed in place of a short chunk's missing rows
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,10 @@ class ShardFileWriter:
         self.durable = start  #: rows [.., durable) are in renamed shard files
         self.cursor = start  #: the next row expected
         g = geometry
-        # one chunk plus its checksum page: the record of every chunk that cannot go from its slice
-        self._stage = aligned_empty(g.chunk_bytes + SECTOR)
-        self._staged = 0  #: rows in the staging buffer
+        self._stage: np.ndarray | None = None  #: O_DIRECT only (``_staging``)
+        self._staged = 0  #: O_DIRECT: rows in the staging buffer
+        self._in_chunk = 0  #: buffered: rows of the open chunk already written
+        self._crc = 0  #: buffered: crc32c of those rows
         self._tail = aligned_empty(SECTOR)  #: a record's checksum, then zeros up to the next page
         self._index = aligned_empty(-(-g.index_bytes // SECTOR) * SECTOR)
         self._token = uuid.uuid4().hex
@@ -278,13 +283,15 @@ class ShardFileWriter:
                 if self._fd is None:
                     self._open_shard()
                 shard_end = g.shard_end(self.cursor // g.shard_rows)
-                if not self._staged and left >= g.chunk_rows and self.cursor + g.chunk_rows <= shard_end:
-                    self._write_slice(flat[pos: pos + g.chunk_bytes])
-                    take = g.chunk_rows
-                else:  # part of a chunk: gather it in the staging buffer
-                    take = min(left, g.chunk_rows - self._staged, shard_end - self.cursor)
+                take = min(left, g.chunk_rows - self._in_chunk - self._staged, shard_end - self.cursor)
+                piece = flat[pos: pos + take * g.row_bytes]
+                if not self.direct:  # straight to its place in the record, the checksum carried over
+                    self._write_piece(piece, take)
+                elif not self._staged and take == g.chunk_rows:
+                    self._write_slice(piece)
+                else:  # O_DIRECT, part of a chunk: gather it in the staging buffer
                     at = self._staged * g.row_bytes
-                    self._stage[at: at + take * g.row_bytes] = flat[pos: pos + take * g.row_bytes]
+                    self._staging()[at: at + len(piece)] = piece
                     self._staged += take
                     if self._staged == g.chunk_rows:
                         self._write_staged()
@@ -315,14 +322,47 @@ class ShardFileWriter:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
-        self._staged, self._chunks, self.cursor = 0, 0, self.durable
+        self._staged, self._in_chunk, self._crc, self._chunks, self.cursor = 0, 0, 0, 0, self.durable
 
     # --- records ---------------------------------------------------------------------------------
+
+    def _write_piece(self, piece: memoryview, rows: int) -> None:
+        """Buffered: rows of the open chunk at their offset in its record, whatever batch they came in."""
+        g = self.geometry
+        at = self._chunks * g.stride + self._in_chunk * g.row_bytes
+        self._crc = crc32c.crc32c(piece, self._crc)
+        self._in_chunk += rows
+        if self._in_chunk < g.chunk_rows:
+            self._pwritev([piece], at)
+            return
+        struct.pack_into("<I", self._tail, 0, self._crc)
+        self._pwritev([piece, self._tail[:4]], at)
+        self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
+
+    def _end_piecewise_record(self) -> None:
+        """Buffered: close a chunk cut short (array end, flush). Its missing rows are the fill value, 0:
+        left as a hole in the file, which reads as zeros, and fed to the checksum as zeros."""
+        g = self.geometry
+        missing = (g.chunk_rows - self._in_chunk) * g.row_bytes
+        crc = self._crc
+        while missing:
+            n = min(missing, len(_ZEROS))
+            crc = crc32c.crc32c(_ZEROS[:n], crc)
+            missing -= n
+        struct.pack_into("<I", self._tail, 0, crc)
+        self._pwritev([self._tail[:4]], self._chunks * g.stride + g.chunk_bytes)
+        self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
+
+    def _staging(self) -> np.ndarray:
+        """O_DIRECT: one chunk plus its checksum page, allocated once, for records that cannot go from their slice."""
+        if self._stage is None:
+            self._stage = aligned_empty(self.geometry.chunk_bytes + SECTOR)
+        return self._stage
 
     def _write_slice(self, chunk: memoryview) -> None:
         """One whole chunk from its slice of the batch: checksum in place, no copy."""
         if self.direct and (_address(chunk) % SECTOR):
-            self._stage[: len(chunk)] = chunk  # O_DIRECT needs an aligned source
+            self._staging()[: len(chunk)] = chunk  # O_DIRECT needs an aligned source
             self._staged = self.geometry.chunk_rows
             self._write_staged()
             return
@@ -334,6 +374,7 @@ class ShardFileWriter:
     def _write_staged(self) -> None:
         """The staging buffer as one record; rows past ``_staged`` are the fill value."""
         g = self.geometry
+        self._staging()
         used = self._staged * g.row_bytes
         if used < g.chunk_bytes:
             self._stage[used: g.chunk_bytes] = 0
@@ -380,6 +421,8 @@ class ShardFileWriter:
         g = self.geometry
         if self._staged:
             self._write_staged()
+        if self._in_chunk:
+            self._end_piecewise_record()
         index = encode_shard_index(self._chunks, g, self._index)
         at = self._chunks * g.stride
         if self.direct:  # whole pages from an aligned buffer, then cut the file to its size
