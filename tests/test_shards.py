@@ -286,3 +286,16 @@ def test_a_harvest_reads_back_the_same_through_every_reader(neox_ckpt, make_spec
         assert np.array_equal(t.read().result(), expected), name
         assert np.array_equal(ds[name].values, expected), name
     assert group["_progress/stage_0"][...].all()
+
+
+def test_buffered_writes_copy_no_row_in_python(tmp_path, monkeypatch):
+    """Chunks spanning batches, a short last chunk and a partial flush: nothing goes through a staging copy."""
+    def no_copy(self):
+        raise AssertionError("a buffered write used the staging buffer")
+
+    monkeypatch.setattr(ShardFileWriter, "_staging", no_copy)
+    data = values(50, (16,), "float32")
+    array = make_array(tmp_path / "s.zarr", "x", 50, (16,), 4, 3, "float32")
+    write(array, data[:17], [3, 5])  # flushed inside a chunk
+    write(array, data, [7], start=17)
+    assert np.array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "x"), mode="r")[...], data)
