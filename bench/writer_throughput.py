@@ -61,15 +61,15 @@ VARIANTS = {
 }
 
 
-def cpu_now(children: bool = False) -> float:
-    """CPU seconds of this process (and of its waited-for children), at the scheduler's resolution."""
+def cpu_now() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process and its waited-for children.
+
+    User time is the writer's own work (Python, checksums, copies); system time is the kernel's (copying
+    into the page cache, file system, reclaim), which on a shared machine also varies with others' load."""
     import resource
 
-    own = time.process_time()
-    if not children:
-        return own
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own + c.ru_utime + c.ru_stime
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
 
 
 def make_batch(n_arrays: int, rows: int, cols: int) -> list:
@@ -246,12 +246,13 @@ def measure_one(variant: str, shape: str, threads: int, batch: list, n_rows: int
     else:
         go = run_store(variant, root / "s.zarr", batch, n_rows, threads)
     os.sync()  # no writeback left over from the variant before
-    c0, t0 = cpu_now(children=True), time.perf_counter()
+    (u0, s0), t0 = cpu_now(), time.perf_counter()
     go()
-    seconds, cpu = time.perf_counter() - t0, cpu_now(children=True) - c0
+    seconds, (u1, s1) = time.perf_counter() - t0, cpu_now()
     on_disk = common.dir_bytes(root)
     shutil.rmtree(root, ignore_errors=True)
-    return {"variant": variant, "shape": shape, "threads": threads, "seconds": seconds, "cpu": cpu,
+    return {"variant": variant, "shape": shape, "threads": threads, "seconds": seconds, "cpu": u1 - u0 + s1 - s0,
+            "user": u1 - u0, "system": s1 - s0,
             "bytes": len(batch) * n_rows * batch[0].shape[1] * 2, "on_disk": on_disk}
 
 
@@ -307,13 +308,15 @@ def render(res: dict) -> str:
         return f"{common.median(pairs):.2f}" if pairs else "-"
 
     rows = ["| shape | threads | writer | GB/s | ÷ its raw bound (GB/s) | GB per CPU-second | ÷ its raw bound (GB per "
-            "CPU-s) | on disk ÷ logical |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "CPU-s) | CPU-s per GB: user / system | on disk ÷ logical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    per_gb = lambda rs, key: common.median([r[key] / (r["bytes"] / 1e9) for r in rs])  # noqa: E731
     for (shape, threads, variant), rs in cells.items():
         label, bound = VARIANTS[variant]
         rows.append(f"| {SHAPES[shape][0]} ({SHAPES[shape][1]} × {SHAPES[shape][2]}) | {threads} | {label} | "
                     f"{common.median([rate(r) for r in rs]) / 1e9:.2f} | {ratio(rs, bound, rate)} | "
                     f"{common.median([per_cpu(r) for r in rs]) / 1e9:.2f} | {ratio(rs, bound, per_cpu)} | "
-                    f"{rs[0]['on_disk'] / rs[0]['bytes']:.4f} |")
+                    f"{per_gb(rs, 'user'):.3f} / {per_gb(rs, 'system'):.3f} | {rs[0]['on_disk'] / rs[0]['bytes']:.4f} |")
     mach, vers = meta["machine"], meta["versions"]
     return f"""
 Command: `.venv/bin/python bench/writer_throughput.py` (started {meta['started']} UTC; {meta['reps']} repetitions,

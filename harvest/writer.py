@@ -81,7 +81,7 @@ class ArrayWriter:
 
     Where ``harvest.shards`` covers the array's codec chain (no compression: the default), each
     inner chunk goes from its slice of the batch straight into the shard's file
-    (``ShardFileWriter``: no shard buffer, no copy in Python for whole chunks). Otherwise (``zstd``,
+    (``ShardFileWriter``: no shard buffer, no copy in Python when buffered). Otherwise (``zstd``,
     ``blosc-zstd``, or ``store.writer: zarr``) rows are gathered into one shard buffer and zarr's
     pipeline encodes it on the calling thread's loop. Either way a shard is written whole by this
     one writer, and a writer that starts inside a shard (a resume) rewrites that shard from its
@@ -343,9 +343,9 @@ def remove_unfinished_writes(array_dir: Path) -> int:
     """Delete the temporary files of shard writes that never finished; returns how many.
 
     zarr and ``harvest.shards.ShardFileWriter`` both write a shard to ``<key>.<token>.partial`` and
-    rename it into place, so a process killed mid-write leaves that file behind. It holds nothing the manifest counts (the shard is rewritten on
-    resume), but a store must hold only what it says it does. Called when a stage's writer starts, before
-    any write of its own: only this stage writes these arrays.
+    rename it into place, so a process killed mid-write leaves that file behind. It holds nothing the
+    manifest counts (the shard is rewritten on resume), but a store must hold only what it says it does.
+    Called when a stage's writer starts, before any write of its own: only this stage writes these arrays.
     """
     if not array_dir.is_dir():  # a store that is not on the local file system
         return 0
