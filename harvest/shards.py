@@ -29,9 +29,11 @@ Copies per byte, from the captured batch (pinned host memory on a GPU) to the fi
   checksum to the kernel, which copies them once into the page cache. The rows missing from a
   short chunk (past the array's end, or in a shard flushed part-way) are a hole in the file, which
   reads as the fill value 0, and are checksummed from a small zero buffer;
-* ``O_DIRECT``: none for a whole chunk inside one batch at a 4 KiB-aligned address (the device
-  DMAs it from the batch); **one**, into the writer's one chunk-sized staging buffer (allocated once
-  per array, on first use), for a chunk that spans two batches, a short chunk, or an unaligned slice;
+* ``O_DIRECT``: with rows of a multiple of 4 KiB (d_model 2048+ in fp16), written piece by piece as
+  above: **none** from a page-aligned batch (pinned memory: the device DMAs from it), **one** into
+  the same place of the writer's chunk-sized staging buffer (allocated once per array, on first
+  use) from an unaligned one. Other rows: one, chunk by chunk through the staging buffer, except a
+  whole chunk inside one batch at an aligned address;
 * per-sequence arrays (attention patterns) narrower than the store's extent: one more, done by the
   caller (``ArrayWriter``) into its zero-padded buffer, reused across batches, as before.
 
@@ -287,6 +289,12 @@ class ShardFileWriter:
                 piece = flat[pos: pos + take * g.row_bytes]
                 if not self.direct:  # straight to its place in the record, the checksum carried over
                     self._write_piece(piece, take)
+                elif g.row_bytes % SECTOR == 0:  # O_DIRECT with page-sized rows: every piece is aligned but its address
+                    if _address(piece) % SECTOR:  # an unaligned batch: one copy, to the same place in the stage
+                        at = self._in_chunk * g.row_bytes
+                        piece = self._staging()[at: at + len(piece)]
+                        piece[...] = flat[pos: pos + take * g.row_bytes]
+                    self._write_piece(piece, take)
                 elif not self._staged and take == g.chunk_rows:
                     self._write_slice(piece)
                 else:  # O_DIRECT, part of a chunk: gather it in the staging buffer
@@ -326,8 +334,9 @@ class ShardFileWriter:
 
     # --- records ---------------------------------------------------------------------------------
 
-    def _write_piece(self, piece: memoryview, rows: int) -> None:
-        """Buffered: rows of the open chunk at their offset in its record, whatever batch they came in."""
+    def _write_piece(self, piece, rows: int) -> None:
+        """Rows of the open chunk at their offset in its record, whatever batch they came in (buffered, or
+        O_DIRECT with page-sized rows); the checksum is carried from piece to piece."""
         g = self.geometry
         at = self._chunks * g.stride + self._in_chunk * g.row_bytes
         self._crc = crc32c.crc32c(piece, self._crc)
@@ -336,11 +345,11 @@ class ShardFileWriter:
             self._pwritev([piece], at)
             return
         struct.pack_into("<I", self._tail, 0, self._crc)
-        self._pwritev([piece, self._tail[:4]], at)
+        self._pwritev([piece, self._tail if self.direct else self._tail[:4]], at)
         self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
 
     def _end_piecewise_record(self) -> None:
-        """Buffered: close a chunk cut short (array end, flush). Its missing rows are the fill value, 0:
+        """Close a chunk cut short (array end, flush). Its missing rows are the fill value, 0:
         left as a hole in the file, which reads as zeros, and fed to the checksum as zeros."""
         g = self.geometry
         missing = (g.chunk_rows - self._in_chunk) * g.row_bytes
@@ -350,7 +359,7 @@ class ShardFileWriter:
             crc = crc32c.crc32c(_ZEROS[:n], crc)
             missing -= n
         struct.pack_into("<I", self._tail, 0, crc)
-        self._pwritev([self._tail[:4]], self._chunks * g.stride + g.chunk_bytes)
+        self._pwritev([self._tail if self.direct else self._tail[:4]], self._chunks * g.stride + g.chunk_bytes)
         self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
 
     def _staging(self) -> np.ndarray:

@@ -299,3 +299,21 @@ def test_buffered_writes_copy_no_row_in_python(tmp_path, monkeypatch):
     write(array, data[:17], [3, 5])  # flushed inside a chunk
     write(array, data, [7], start=17)
     assert np.array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "x"), mode="r")[...], data)
+
+
+@pytest.mark.parametrize("row_shape,chunk,aligned", [((2048,), 1000, True), ((2048,), 1000, False), ((768,), 8, True)])
+def test_o_direct_from_aligned_and_unaligned_batches(tmp_path, row_shape, chunk, aligned):
+    """Page-sized rows go piece by piece (from the batch when it is page-aligned, else through the stage);
+    other rows chunk by chunk through the stage. The values are the same either way."""
+    from harvest.shards import aligned_empty
+
+    rows = 2 * chunk - 1  # the last chunk one row short
+    data = values(rows, row_shape, "float16")
+    if aligned:  # like pinned host memory
+        buf = aligned_empty(data.nbytes).view(np.float16).reshape(data.shape)
+        buf[...] = data
+        data = buf
+    array = make_array(tmp_path / "s.zarr", "x", rows, row_shape, chunk, 1, "float16")
+    writer = write(array, data, [chunk // 2 + 1, chunk // 3], direct_io=True)
+    assert writer.shards.direct == direct_io_supported(tmp_path)
+    assert np.array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "x"), mode="r")[...], data)
