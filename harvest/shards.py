@@ -234,8 +234,8 @@ class ShardFileWriter:
         g = geometry
         self._stage: np.ndarray | None = None  #: O_DIRECT only (``_staging``)
         self._staged = 0  #: O_DIRECT: rows in the staging buffer
-        self._in_chunk = 0  #: buffered: rows of the open chunk already written
-        self._crc = 0  #: buffered: crc32c of those rows
+        self._in_chunk = 0  #: written piece by piece: rows of the open chunk already in the file
+        self._crc = 0  #: crc32c of those rows
         self._tail = aligned_empty(SECTOR)  #: a record's checksum, then zeros up to the next page
         self._index = aligned_empty(-(-g.index_bytes // SECTOR) * SECTOR)
         self._token = uuid.uuid4().hex
