@@ -323,7 +323,8 @@ Command: `.venv/bin/python bench/writer_throughput.py` (started {meta['started']
 interleaved, medians). Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['memory']} RAM, ext4 on a virtual disk;
 {', '.join(f'{k} {v}' for k, v in vers.items())}. **Taken under load**: the machine was shared with other sessions
 (load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after, on 2 cores), so absolute GB/s move
-from run to run; the ratios are side by side, each variant right after its bound in the same repetition.
+from run to run; the ratios are side by side: every variant and its bound in the same repetition, in an order
+reversed every other repetition, `sync` before each.
 
 Each array gets {meta['shards']} shards of the store's default layout (chunks of 8 MiB, 2 per shard; fp16), written
 from batches of {meta['batch_rows']} rows in page-aligned memory; one task per array per batch on the thread pool.
