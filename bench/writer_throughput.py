@@ -1,4 +1,4 @@
-"""The store writer alone (issue 12): GB/s of the shard writer ÷ GB/s of raw writes of the same bytes.
+"""The store writer alone: GB/s of the shard writer ÷ GB/s of raw writes of the same bytes.
 
     .venv/bin/python bench/writer_throughput.py            # full: 3 repetitions, writes section "Writer" of RESULTS.md
     .venv/bin/python bench/writer_throughput.py --quick    # 1 repetition, GPT-J shape only, RESULTS.md untouched
