@@ -13,9 +13,10 @@ A stage's memory, in bytes (``e`` = bytes per element of the compute dtype)::
                  (6 d_model + 3 d_mlp) x e (measured: 1.5x the live tensors of a block), plus
                  B x heads x seq^2 attention weights when the stage captures patterns (eager
                  attention), plus on CPU ~48 KiB per token that the allocator keeps
-    capture      one shard buffer per array the stage writes (its writer fills a whole shard before
-                 writing it), one shard's encoding copy per write thread, and three micro-batches
-                 of captures
+    capture      the micro-batches of captures alive at once (the writer's queue and three more);
+                 with zarr's pipeline (compression, or ``store.writer: zarr``) also one shard buffer
+                 per array and one shard's encoding copy per write thread; with O_DIRECT one chunk of
+                 staging per array (``harvest.shards`` otherwise writes from the captured batch itself)
     process      a process after importing torch, transformers and zarr (and Ray in an actor)
     loading      while loading: the stage's tensors as mapped from the files, plus converted or
                  quantised copies when the file dtype differs or the weights are quantised
@@ -56,9 +57,10 @@ from harvest.writer import write_threads_for
 MIB, GIB = 2**20, 2**30
 #: resident memory of a process that imported torch, transformers and zarr, built a model skeleton and
 #: ran a forward with a writer thread, weights and activations apart (measured here: ~340 MiB after
-#: the imports and the store's creation, ~130 MiB more once batches flow: thread pools, allocator
-#: arenas; a Ray stage actor measured the same, 335 MiB before loading its weights)
-PROCESS_BYTES = 470 * MIB
+#: the imports and the store's creation, a Ray stage actor 335 MiB before loading its weights, and
+#: ~60 MiB more once batches flow: thread pools, allocator arenas. With zarr's write pipeline it was
+#: ~130 MiB more: its per-shard copies kept arenas grown; the hand-encoded shards make none)
+PROCESS_BYTES = 400 * MIB
 #: CPU only: what glibc's allocator keeps per token of a micro-batch beyond the live tensors (fitted
 #: on GPT-NeoX shapes with d_model 512..2048, 512..4096 tokens per micro-batch)
 CPU_BYTES_PER_TOKEN = 48 * 1024
@@ -239,8 +241,13 @@ class _Costs:
         per_batch = int(self.capture_bytes[units].sum())
         queued = per_batch * (self.spec.run.write_queue + CAPTURES_OUTSIDE_QUEUE)
         writing = write_threads_for(self.spec.run.write_threads, self.device, int(self.n_arrays[units].sum()))
-        encoding = writing * int(self.max_shard[units].max(initial=0))  # shards being encoded at once
-        capture = queued + int(self.shard_bytes[units].sum()) + encoding
+        store = self.spec.store
+        if store.writer == "zarr" or store.compressor != "none":  # zarr's pipeline: whole shards in memory
+            encoding = writing * int(self.max_shard[units].max(initial=0))  # shards being encoded at once
+            capture = queued + int(self.shard_bytes[units].sum()) + encoding
+        else:  # harvest.shards writes each chunk from its slice of the batch: no shard is ever held
+            staging = int(self.shard_bytes[units].sum()) // store.chunks_per_shard if store.direct_io else 0
+            capture = queued + staging
         if self.device == "cuda":
             activations += per_batch  # captures are selected on the device before the copy to host
         process = PROCESS_BYTES
