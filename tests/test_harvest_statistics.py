@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 from analysis.scan import ScanParams, run_scan
 from harvest.runner import run
@@ -82,3 +83,101 @@ def test_accumulator_folds_in_batch_order_and_round_trips(tmp_path):
     np.testing.assert_allclose(got["mean"][0], values[:, 0].astype(np.float64).mean(), rtol=1e-12)
     np.testing.assert_array_equal(got["max_abs"], np.abs(finite).max(axis=0))
     np.testing.assert_array_equal(got["count_ge"], (np.abs(finite) >= 6).sum(axis=0))
+
+
+def assert_identical(a, b) -> None:
+    """Bit for bit: the same floating-point operations in the same order."""
+    assert a.hooks.keys() == b.hooks.keys() and a.batches == b.batches
+    for hook in a.hooks:
+        for key, value in a.hooks[hook].items():
+            np.testing.assert_array_equal(value, b.hooks[hook][key], err_msg=f"{hook} {key}")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_one_two_three_stages_give_identical_statistics(neox_ckpt, make_spec, ray_session):
+    stats = {}
+    for n in (1, 2, 3):
+        spec = make_spec(neox_ckpt, hooks=HOOKS, capture={"statistics": True, "positions": {"sample": 4, "seed": 1}},
+                         run={"stages": n, "threads": 1}, store={"path": f"s{n}.zarr", "chunks_per_shard": 4},
+                         prompts={"max_sequences": 14})
+        stats[n] = load_statistics(open_group(run(spec, progress=False).path))
+    assert len(stats[1].hooks) == 12
+    assert_identical(stats[1], stats[2])
+    assert_identical(stats[1], stats[3])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_spec, tmp_path):
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    import subprocess
+    import sys
+
+    def start_run(spec_path, cwd, *extra):
+        return subprocess.Popen([sys.executable, "-m", "harvest", "run", str(spec_path), "--quiet", *extra], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def batches_done(path) -> int:
+        try:
+            return int(zarr.open_group(str(path), mode="r")["_progress/stage_0"][...].sum())
+        except Exception:  # the manifest is being created or rewritten right now
+            return 0
+
+    ckpt = make_checkpoint("gpt_neox", hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=768)
+    raw = make_spec(ckpt, hooks=HOOKS, raw=True, run={"batch_size": 2, "threads": 1},
+                    capture={"statistics": True, "positions": {"sample": 8, "seed": 2}},
+                    prompts={"seq_len": 64, "mode": "packed", "max_sequences": 120},
+                    store={"chunk_mib": 0.02, "chunks_per_shard": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump({**raw, "store": {**raw["store"], "path": "clean.zarr"}}))
+    store = tmp_path / "stores" / "job.zarr"
+    proc = start_run(tmp_path / "job.yaml", tmp_path)
+    while batches_done(store) < 3:
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = batches_done(store)
+    resumed = start_run(tmp_path / "job.yaml", tmp_path, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    clean = start_run(tmp_path / "clean.yaml", tmp_path)
+    assert clean.wait(timeout=300) == 0, clean.communicate()[1]
+    n_batches = open_group(store).attrs["harvest"]["layout"]["n_batches"]
+    assert 3 <= killed_at < n_batches
+    assert_identical(load_statistics(open_group(store)), load_statistics(open_group(tmp_path / "stores" / "clean.zarr")))
+    # one snapshot per stage is left: the final one
+    assert sorted(open_group(store)["analysis/statistics/stage_0"].group_keys()) == [f"batch_{n_batches:08d}"]
+
+
+def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
+    from analysis.query import format_query, query_dim
+
+    path = harvest(make_spec, neox_ckpt, "query", positions={"sample": 5, "seed": 3})
+    stats = load_statistics(open_group(path))
+    hook = "blocks.2.hook_resid_post"
+    dim = int(np.argmax(stats.hooks[hook]["max_abs"]))
+    q = query_dim(path, dim, hook=hook)  # no index was built: the statistics answer alone
+    rows = int(open_group(path)["tokens"].shape[0])
+    assert q["source"] == f"harvest-time statistics over {stats.tokens(hook):,} tokens (every position); " \
+                          f"the store keeps {rows:,} rows"
+    assert q["layers"][0]["count"] == stats.tokens(hook) > rows
+    top = q["examples"]["items"][0]
+    assert top["value"] == pytest.approx(float(stats.hooks[hook]["top_values"][0, dim]))
+    # the top token need not be stored: its context decodes from input_ids
+    ids = np.asarray(open_group(path)["input_ids"][...])
+    assert top["token_id"] == ids[top["seq"], top["pos"]]
+    assert "from harvest-time statistics over" in format_query(q)
