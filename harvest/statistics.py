@@ -511,13 +511,64 @@ class StatisticsPlan:
     token_starts: np.ndarray  #: (sequences + 1,) int64
 
 
+def topk_candidates(state: State | None, block: Block, k: int) -> State:
+    """The entries of ``block`` that can still enter ``state``'s top-k, for :func:`topk_merge`.
+
+    Once ``state`` holds k rows, only values with |x| strictly above its k-th largest can (a tie
+    keeps the older, lower row), which after a few batches is a handful per block: ranking those is
+    ~10x cheaper than ranking the whole block (``topk_chunk``), which is what the first blocks get.
+    """
+    if state is None or state["rows"].shape[0] < k:
+        return {"dense": topk_chunk(block, k)}
+    floor = np.abs(state["values"][-1])  # sorted by |x| descending: the k-th largest per column
+    idx = np.flatnonzero(block.abs > floor[None, :])  # NaN/inf are 0 in block.abs: never above
+    r, c = np.divmod(idx, max(block.dims, 1))
+    return {"rows": r.astype(np.int64) + block.start, "cols": c, "values": block.x.ravel()[idx]}
+
+
+def topk_merge(state: State | None, candidates: State, k: int) -> State:
+    """``topk_combine([state, topk_chunk(block)])``, from ``topk_candidates(state, block)``: the same
+    rows and values (same order: |x| descending, ties to the lower row), ranking only the candidates."""
+    if "dense" in candidates:
+        return candidates["dense"] if state is None else topk_combine([state, candidates["dense"]], k)
+    if not candidates["cols"].size:
+        return state
+    cols, inv = np.unique(candidates["cols"], return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv, minlength=cols.size)
+    slot = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    where = (slot, inv[order])
+    new_abs = np.full((int(counts.max()), cols.size), -1, np.float32)  # padding: below every real |x|
+    new_rows = np.full(new_abs.shape, -1, np.int64)
+    new_values = np.zeros(new_abs.shape, np.float32)
+    new_abs[where] = np.abs(candidates["values"][order])
+    new_rows[where] = candidates["rows"][order]
+    new_values[where] = candidates["values"][order]
+    cand_rows = np.concatenate([state["rows"][:, cols], new_rows])
+    cand_values = np.concatenate([state["values"][:, cols], new_values])
+    # rank each column by (|x| descending, row ascending) in one sort of a 64-bit key: a float32
+    # |x| >= 0 orders as its bits; rows stay below 2**33; the padding sorts last
+    if cand_rows.max() >= 1 << 33:
+        raise ValueError("harvest-time statistics number at most 2**33 tokens")
+    bits = np.abs(np.concatenate([state["values"][:, cols], new_values])).view(np.uint32).astype(np.uint64)
+    key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
+    key[np.concatenate([np.zeros(state["rows"][:, cols].shape, bool), new_abs < 0])] = np.iinfo(np.uint64).max
+    pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
+    rows, values = state["rows"].copy(), state["values"].copy()
+    rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
+    values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
+    return {"rows": rows, "values": values}
+
+
 class StatisticsAccumulator:
     """Index statistics of every hook in a plan, over every token, folded in batch order.
 
-    The worker hands each batch's values to :meth:`add` (one chunk state per hook, kept pending);
-    the writer calls :meth:`fold` with the frontier each time the manifest advances, so the running
-    state always covers exactly the batches the manifest marks durable, merged one batch at a time
-    in batch order: the same floating-point operations whatever the stages or the resumes.
+    The writer hands each batch's values to :meth:`add` (one chunk state per hook, kept pending)
+    and calls :meth:`fold` with the frontier each time the manifest advances, so the running state
+    always covers exactly the batches the manifest marks durable, merged one batch at a time in
+    batch order: the same floating-point operations whatever the stages or the resumes. The top-k
+    goes through :func:`topk_candidates` / :func:`topk_merge` in :meth:`add`, in batch order: each
+    pending batch keeps the top-k over every batch up to it, which is what folding it gives.
     """
 
     def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None):
@@ -525,32 +576,42 @@ class StatisticsAccumulator:
         self.through = through  #: batches [0, through) are folded into ``state``
         self.state: dict[str, State] = state or {}
         self.pending: dict[int, dict[str, State]] = {}
+        self._top: dict[str, State] = {hook: s["topk"] for hook, s in self.state.items()}  #: incl. pending
 
     def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray]) -> None:
         """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order.
 
-        A batch already folded (a resumed stage redoing batches it had marked) is not counted twice.
+        Batches arrive in order. A batch already folded (a resumed stage redoing batches it had
+        marked) is not counted twice.
         """
         if batch < self.through:
             return
         start = int(self.plan.token_starts[first_sequence])
         scratch = Scratch.for_thread()
+        k = self.plan.top_k
         states = {}
         for hook in self.plan.hooks:
             block = Block(values[hook], start, scratch, "statistics.")
-            states[hook] = {**index_chunk(block, self.plan.top_k, self.plan.threshold),
+            candidates = topk_candidates(self._top.get(hook), block, k)
+            self._top[hook] = topk_merge(self._top.get(hook), candidates, k)
+            states[hook] = {"moments": moments_chunk(block), "max_abs": max_abs_chunk(block),
+                            "count_ge": count_ge_chunk(block, self.plan.threshold), "topk": self._top[hook],
                             "nonfinite": nonfinite_chunk(block)}
         self.pending[batch] = states
 
     def fold(self, through: int) -> None:
         """Merge the pending batches [self.through, through) into the running state, in order."""
         for batch in range(self.through, through):
-            states = self.pending.pop(batch)
-            for hook, new in states.items():
+            for hook, new in self.pending.pop(batch).items():
                 old = self.state.get(hook)
-                self.state[hook] = new if old is None else {
-                    **index_combine([old, new], self.plan.top_k),
-                    "nonfinite": nonfinite_combine([old["nonfinite"], new["nonfinite"]])}
+                self.state[hook] = {
+                    "moments": new["moments"] if old is None else moments_combine([old["moments"], new["moments"]]),
+                    "max_abs": new["max_abs"] if old is None else max_abs_combine([old["max_abs"], new["max_abs"]]),
+                    "count_ge": new["count_ge"] if old is None else count_ge_combine([old["count_ge"], new["count_ge"]]),
+                    "topk": new["topk"],  # the top-k over batches [0, batch]: merged once, in add
+                    "nonfinite": new["nonfinite"] if old is None else nonfinite_combine([old["nonfinite"],
+                                                                                          new["nonfinite"]]),
+                }
         self.through = max(self.through, through)
 
     def results(self) -> dict[str, dict[str, Any]]:

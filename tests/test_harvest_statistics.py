@@ -181,3 +181,21 @@ def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
     ids = np.asarray(open_group(path)["input_ids"][...])
     assert top["token_id"] == ids[top["seq"], top["pos"]]
     assert "from harvest-time statistics over" in format_query(q)
+
+
+def test_topk_through_candidates_equals_topk_combine():
+    """The harvest's top-k shortcut ranks only the values that can enter; ties (values rounded to a
+    coarse grid) go to the lower row exactly as ``topk_combine`` sends them."""
+    from harvest.statistics import Block, topk_candidates, topk_chunk, topk_combine, topk_merge
+
+    rng = np.random.default_rng(1)
+    k, state, want = 5, None, None
+    for b in range(12):
+        x = np.round(rng.standard_normal((37, 9)) * 2).astype(np.float32)
+        x[3, 2] = np.inf
+        block = Block(x, b * 37)
+        state = topk_merge(state, topk_candidates(state, block, k), k)
+        chunk = topk_chunk(block, k)
+        want = chunk if want is None else topk_combine([want, chunk], k)
+        np.testing.assert_array_equal(state["rows"], want["rows"])
+        np.testing.assert_array_equal(state["values"], want["values"])
