@@ -16,6 +16,10 @@ One process, interleaved per batch so that the load of a shared machine hits eve
 The statistics run on the writer thread, beside the next batch's forward; the ratio reported is
 their CPU time over the bare forward's, the cost when they cannot be hidden (2 busy cores).
 Medians over the timed batches; the first batch is warm-up.
+
+``--end-to-end`` then times whole harvests (``harvest.runner.run``, 1 torch thread, positions: all)
+with and without ``capture.statistics``, alternating A/B/A/B in this process: wall-clock tok/s, where
+the writer thread may hide the statistics on the second core.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batches", type=int, default=14)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--snapshot-every", type=int, default=3,
                     help="batches per statistics snapshot (a 16 MiB shard of a 768-wide fp32 array: ~2.7 batches)")
     args = ap.parse_args()
@@ -120,10 +126,39 @@ def main() -> None:
         f"{snap_per_batch:.4f} | {snap_per_batch / med['bare']:.4f} |",
         f"| **statistics in all** | {med['statistics'] + snap_per_batch:.4f} | **{ratio:.3f}** |",
     ]
+    if args.end_to_end:
+        lines += ["", end_to_end(raw, args.reps, n)]
     body = "\n".join(lines)
     print(body)
     if not args.quick:
         common.write_section(SECTION, body)
+
+
+def end_to_end(raw: dict, reps: int, n: int) -> str:
+    """Whole harvests with and without the statistics, alternating; wall-clock tok/s."""
+    import numpy as np
+
+    from harvest.runner import run
+    from harvest.spec import parse_spec
+
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(reps):
+        for on in (False, True):
+            spec = parse_spec({**raw, "capture": {**raw["capture"], "statistics": on},
+                               "run": {**raw["run"], "threads": 1}}, base_dir=common.ROOT)
+            result = run(spec, overwrite=True, progress=False)
+            rates[on].append(result.tokens / result.seconds)  # from the first batch to the last write
+    off, on = float(np.median(rates[False])), float(np.median(rates[True]))
+    runs = lambda xs: ", ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+    return "\n".join([
+        f"End to end (`--end-to-end`): `harvest.runner.run` of the same {n} batches, 1 torch thread, "
+        f"positions: all, A/B alternating, {reps} runs each (`RunResult.seconds`: first batch to the store's last write):",
+        "",
+        "| harvest ln1 + ln2 + resid_post × 12 | tok/s per run | median tok/s | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| without statistics | {runs(rates[False])} | {off:.0f} | 1.000 |",
+        f"| with `capture.statistics: true` | {runs(rates[True])} | {on:.0f} | {on / off:.3f} |",
+    ])
 
 
 if __name__ == "__main__":

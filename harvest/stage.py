@@ -189,7 +189,8 @@ class Stage:
         if not self.capture.statistics or len(batch.flat_rows) == int(batch.lengths.sum()):
             return None  # every position is stored: the statistics read the stored rows
         pos = np.arange(batch.width)
-        rows = (np.arange(len(batch.lengths))[:, None] * batch.width + pos[None, :])[pos[None, :] < batch.lengths[:, None]]
+        real = pos[None, :] < batch.lengths[:, None]
+        rows = (np.arange(len(batch.lengths))[:, None] * batch.width + pos[None, :])[real]
         return torch.from_numpy(rows.astype(np.int64)).to(self.device)
 
 

@@ -601,17 +601,14 @@ class StatisticsAccumulator:
 
     def fold(self, through: int) -> None:
         """Merge the pending batches [self.through, through) into the running state, in order."""
+        combine = {"moments": moments_combine, "max_abs": max_abs_combine, "count_ge": count_ge_combine,
+                   "nonfinite": nonfinite_combine}
         for batch in range(self.through, through):
             for hook, new in self.pending.pop(batch).items():
                 old = self.state.get(hook)
-                self.state[hook] = {
-                    "moments": new["moments"] if old is None else moments_combine([old["moments"], new["moments"]]),
-                    "max_abs": new["max_abs"] if old is None else max_abs_combine([old["max_abs"], new["max_abs"]]),
-                    "count_ge": new["count_ge"] if old is None else count_ge_combine([old["count_ge"], new["count_ge"]]),
-                    "topk": new["topk"],  # the top-k over batches [0, batch]: merged once, in add
-                    "nonfinite": new["nonfinite"] if old is None else nonfinite_combine([old["nonfinite"],
-                                                                                          new["nonfinite"]]),
-                }
+                state = {key: new[key] if old is None else fn([old[key], new[key]]) for key, fn in combine.items()}
+                state["topk"] = new["topk"]  # the top-k over batches [0, batch]: merged once, in add
+                self.state[hook] = state
         self.through = max(self.through, through)
 
     def results(self) -> dict[str, dict[str, Any]]:

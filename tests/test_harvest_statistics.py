@@ -158,7 +158,8 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
     assert clean.wait(timeout=300) == 0, clean.communicate()[1]
     n_batches = open_group(store).attrs["harvest"]["layout"]["n_batches"]
     assert 3 <= killed_at < n_batches
-    assert_identical(load_statistics(open_group(store)), load_statistics(open_group(tmp_path / "stores" / "clean.zarr")))
+    clean_stats = load_statistics(open_group(tmp_path / "stores" / "clean.zarr"))
+    assert_identical(load_statistics(open_group(store)), clean_stats)
     # one snapshot per stage is left: the final one
     assert sorted(open_group(store)["analysis/statistics/stage_0"].group_keys()) == [f"batch_{n_batches:08d}"]
 
@@ -199,3 +200,13 @@ def test_topk_through_candidates_equals_topk_combine():
         want = chunk if want is None else topk_combine([want, chunk], k)
         np.testing.assert_array_equal(state["rows"], want["rows"])
         np.testing.assert_array_equal(state["values"], want["values"])
+
+
+def test_analyze_outliers_says_both_counts(neox_ckpt, make_spec):
+    from analysis.outliers import analyze_outliers, format_report
+
+    path = harvest(make_spec, neox_ckpt, "both", positions={"sample": 5, "seed": 3})
+    rep = analyze_outliers(path, scheduler="sync", plots=False, write=False)
+    h = rep.report["harvest_statistics"]
+    assert h["tokens"] > h["rows"] == open_group(path)["tokens"].shape[0]
+    assert f"cover {h['tokens']:,} tokens (the store keeps {h['rows']:,} rows)" in format_report(rep.report)
