@@ -101,6 +101,7 @@ def prepare(spec: JobSpec) -> Job:
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
     hooks = job_hooks(spec, arch, ckpt.n_layers)
+    statistics_hooks(spec.capture.statistics, hooks)  # a bad capture.statistics fails before any store
     check_selection(spec, ckpt)
     check_quantization(spec.model.quantization, hooks)
     if not ckpt.tokenizer_files():

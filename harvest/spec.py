@@ -331,7 +331,7 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
             "hooks": lambda v: tuple([v] if isinstance(v, str) else v) if v else (),
             "layers": _int_list("layers"), "heads": _int_list("heads"), "neurons": _int_list("neurons"),
             "positions": Positions.parse,
-            "statistics": lambda v: tuple([v] if isinstance(v, str) else v) if isinstance(v, (str, list)) else v,
+            "statistics": lambda v: tuple(v) if isinstance(v, list) else v,  # a bare string is refused: yes/no?
         },
     )
     if not capture.hooks or not all(isinstance(h, str) for h in capture.hooks):

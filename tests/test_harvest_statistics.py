@@ -210,3 +210,19 @@ def test_analyze_outliers_says_both_counts(neox_ckpt, make_spec):
     h = rep.report["harvest_statistics"]
     assert h["tokens"] > h["rows"] == open_group(path)["tokens"].shape[0]
     assert f"cover {h['tokens']:,} tokens (the store keeps {h['rows']:,} rows)" in format_report(rep.report)
+
+
+def test_statistics_spec_errors_are_one_line(neox_ckpt, make_spec):
+    from harvest.errors import HarvestError, SpecError
+    from harvest.runner import prepare
+    from harvest.spec import parse_spec
+
+    raw = make_spec(neox_ckpt, raw=True, capture={"statistics": "yes"})
+    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings, got 'yes'"):
+        parse_spec(raw)
+    spec = make_spec(neox_ckpt, hooks=["resid_post", "z"], capture={"statistics": ["z"]})
+    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which is not a per-token"):
+        prepare(spec)
+    spec = make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": ["ln1"]})
+    with pytest.raises(HarvestError, match="ln1.hook_normalized"):  # not captured: statistics need it stored
+        prepare(spec)
