@@ -111,7 +111,9 @@ def index_meta(group: zarr.Group, path: str | Path) -> dict[str, Any]:
         raise IndexNotBuiltError(
             f"{path} has no per-dimension index yet; build it with `harvest index {path}` "
             f"(or `harvest analyze outliers {path}`, which builds it in the same pass)")
-    return dict(group["analysis/index"].attrs["index"])
+    meta = dict(group["analysis/index"].attrs["index"])
+    meta.setdefault("source", f"the index of the {meta['rows']:,} stored rows")
+    return meta
 
 
 def read_dim(group: zarr.Group, template: str, dim: int, top: int) -> dict[str, np.ndarray]:

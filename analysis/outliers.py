@@ -85,6 +85,7 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     rep = build_report(scan)
     group = open_group(path)
     _lookup_rows(rep, scan, group)
+    _note_statistics(rep, scan, group)
     if write:
         write_results(rep, path)
         if index and scan.index:
@@ -98,6 +99,24 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
         folder = Path(plots) if not isinstance(plots, bool) else default_plot_dir(path)
         rep.report["plots"] = [str(p) for p in save_plots(rep, folder)]
     return rep
+
+
+def _note_statistics(rep: OutlierReport, scan: ScanResult, group) -> None:
+    """Say what the harvest-time statistics cover beside the stored rows this scan read.
+
+    Dettmers' criterion needs, per sequence, which positions hit in any layer: the harvest-time
+    statistics do not keep that yet, so the criterion is always from the stored rows.
+    """
+    from harvest.statistics import load_statistics
+
+    stats = load_statistics(group)
+    if stats is None:
+        return
+    tokens = stats.tokens(next(iter(stats.hooks)))
+    rep.report["harvest_statistics"] = {
+        "tokens": tokens, "rows": int(scan.facts.n_rows), "hooks": len(stats.hooks),
+        "note": (f"harvest-time statistics cover {tokens:,} tokens (the store keeps {scan.facts.n_rows:,} rows): "
+                 "`harvest query dim` answers from them; the criterion here is from the stored rows")}
 
 
 def default_plot_dir(path: str | Path) -> Path:
@@ -458,6 +477,8 @@ def format_report(r: dict[str, Any]) -> str:
     if hs["ln_applied"]:
         lines += [f"  note     {n}" for n in hs["notes"]]
     lines += [f"warning    {w}" for w in r.get("warnings", [])]
+    if r.get("harvest_statistics"):
+        lines.append(f"statistics {r['harvest_statistics']['note']}")
     lines.append(f"criterion  {r['criterion']}")
     v = r["values"]
     lines.append(f"values     {_pct(v['ge_magnitude_frac'])} of all values have |x| >= {r['params']['magnitude']:g}; "

@@ -3,6 +3,10 @@
 Reads only the per-dimension index (one narrow chunk per index array), the stored outlier verdict,
 the LayerNorm weights at that dimension, and the ``input_ids`` rows of the top-k sequences, so it
 answers in well under a second however large the store is.
+
+A store harvested with ``capture.statistics`` answers from those statistics instead (they cover
+every token the model saw, stored or not; see :mod:`harvest.statistics`) and says so; the index
+of the stored rows is the fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, DimensionOutOfRangeError, HookNotInStoreError
 from harvest.hookpoints import compact_layers, parse_pattern, resolve, split_name
+from harvest.statistics import HarvestStatistics, load_statistics
 from harvest.store import open_group
 from harvest.verify import names_damage
 
@@ -54,7 +59,15 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     tokens in context (decoded with the store's tokenizer)."""
     t0 = time.perf_counter()
     group = open_group(path)
-    meta = index_meta(group, path)
+    stats = load_statistics(group)
+    meta = statistics_meta(group, stats) if stats is not None else None
+    if meta is not None and hook is not None:
+        try:
+            resolve_hook(hook, layer, meta["templates"], store_hooks(group), path)
+        except HookNotInStoreError:  # a stored hook without statistics: the index of its rows answers
+            stats = meta = None
+    if meta is None:
+        meta = index_meta(group, path)
     templates = meta["templates"]
     template, layer = resolve_hook(hook, layer, templates, store_hooks(group), path)
     t = templates[template]
@@ -72,7 +85,7 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     if layer is not None and layer not in layers:
         raise HookNotInStoreError(f"layer {layer} of {template} is not in the store's index; "
                                   f"indexed layers: {compact_layers([x for x in layers if x >= 0]) or 'none'}")
-    data = read_dim(group, template, dim, k)
+    data = statistics_dim(group, stats, t, dim, k) if stats is not None else read_dim(group, template, dim, k)
     ln = _ln_weights(group, dim) if t["trail_dims"] == ["d_model"] else {}
     rows = []
     for i, lay in enumerate(layers):
@@ -88,7 +101,7 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     result = {
         "store": str(path), "template": template, "dim": dim, "width": width,
         "coords": dict(zip(t["trail_dims"], (int(c) for c in np.unravel_index(dim, t["trail"])))),
-        "threshold": meta["threshold"], "top_k_indexed": meta["top_k"],
+        "threshold": meta["threshold"], "top_k_indexed": meta["top_k"], "source": meta["source"],
         "layers": rows if layer is None else [rows[pick]],
         "outlier": _verdict(group, dim) if t["trail_dims"] == ["d_model"] else None,
         "examples": {"layer": layers[pick], "hook": t["hooks"][pick],
@@ -97,6 +110,40 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     }
     result["seconds"] = round(time.perf_counter() - t0, 4)
     return result
+
+
+def statistics_meta(group, stats: HarvestStatistics) -> dict[str, Any]:
+    """The index's attributes, for the harvest-time statistics (one template per hook kind)."""
+    templates: dict[str, Any] = {}
+    for hook in stats.hooks:
+        template, layer = split_name(hook)
+        t = templates.setdefault(template, {"hooks": [], "layers": [], "width": int(stats.hooks[hook]["count"].size)})
+        t["hooks"].append(hook)
+        t["layers"].append(-1 if layer is None else int(layer))
+    for template, t in templates.items():
+        dims = tuple(group[t["hooks"][0]].metadata.dimension_names or ("token", "dim"))
+        t.update(trail=[t["width"]], trail_dims=list(dims[1:]))
+    hook = next(iter(stats.hooks))
+    tokens, rows = stats.tokens(hook), int(group["tokens"].shape[0])
+    source = (f"harvest-time statistics over {tokens:,} tokens (every position); the store keeps {rows:,} rows"
+              if tokens != rows else f"harvest-time statistics over all {tokens:,} tokens")
+    return {"top_k": stats.top_k, "threshold": stats.threshold, "templates": templates, "source": source,
+            "tokens": tokens, "rows": rows}
+
+
+def statistics_dim(group, stats: HarvestStatistics, t: dict[str, Any], dim: int, top: int) -> dict[str, np.ndarray]:
+    """:func:`analysis.index.read_dim` from the harvest-time statistics; their rows number every
+    position of every sequence, so sequence and position come from ``seq_length``."""
+    per = [stats.hooks[h] for h in t["hooks"]]
+    out = {key: np.array([r[key][dim] for r in per]) for key in ("count", "mean", "std", "max_abs", "count_ge",
+                                                                  "nonfinite")}
+    k = min(top, min(r["top_rows"].shape[0] for r in per))
+    out["top_rows"] = np.stack([r["top_rows"][:k, dim] for r in per])
+    out["top_values"] = np.stack([r["top_values"][:k, dim] for r in per])
+    starts = np.concatenate([[0], np.cumsum(np.asarray(group["seq_length"][...], np.int64))])
+    out["top_seq"] = np.searchsorted(starts, out["top_rows"], side="right") - 1
+    out["top_pos"] = (out["top_rows"] - starts[out["top_seq"]]).astype(np.int32)
+    return out
 
 
 def _ln_weights(group, dim: int) -> dict[str, np.ndarray]:
@@ -163,7 +210,8 @@ def _examples(group, data: dict, i: int, context: int) -> list[dict[str, Any]]:
 
 def format_query(q: dict[str, Any]) -> str:
     coords = ", ".join(f"{k} {v}" for k, v in q["coords"].items()) + "; " if len(q["coords"]) > 1 else ""
-    lines = [f"dim {q['dim']} of {q['template']} ({coords}width {q['width']}) in {q['store']}"]
+    lines = [f"dim {q['dim']} of {q['template']} ({coords}width {q['width']}) in {q['store']}",
+             f"from {q['source']}"]
     o = q.get("outlier")
     if o:
         lines.append(o["why"])

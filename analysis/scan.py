@@ -30,6 +30,8 @@ import numpy as np
 from harvest.errors import AnalysisError
 from harvest.verify import names_damage
 
+from harvest.statistics import index_aggregate, index_chunk, index_combine
+
 from . import stats
 from .runtime import dask_scheduler
 from .reading import lazy_array
@@ -92,23 +94,6 @@ class Roles:
 
 
 # --- per block --------------------------------------------------------------------------------------
-
-def index_chunk(block: stats.Block, k: int, threshold: float) -> dict:
-    return {"moments": stats.moments_chunk(block), "max_abs": stats.max_abs_chunk(block),
-            "count_ge": stats.count_ge_chunk(block, threshold), "topk": stats.topk_chunk(block, k)}
-
-
-def index_combine(states: list[dict], k: int) -> dict:
-    return {"moments": stats.moments_combine([s["moments"] for s in states]),
-            "max_abs": stats.max_abs_combine([s["max_abs"] for s in states]),
-            "count_ge": stats.count_ge_combine([s["count_ge"] for s in states]),
-            "topk": stats.topk_combine([s["topk"] for s in states], k)}
-
-
-def index_aggregate(state: dict) -> dict[str, np.ndarray]:
-    return {**stats.moments_aggregate(state["moments"]), **stats.max_abs_aggregate(state["max_abs"]),
-            **stats.count_ge_aggregate(state["count_ge"]), **stats.topk_aggregate(state["topk"])}
-
 
 def massive_chunk(block: stats.Block, abs_threshold: float, ratio: float, max_records: int) -> dict:
     """Values with |x| > abs_threshold and >= ratio x the median |x| of their row (token)."""

@@ -17,6 +17,7 @@ from torch import nn
 from .architectures import Architecture
 from .errors import ModelError
 from .hookpoints import HookPoint
+from .statistics import ALL_ROWS
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,18 @@ class BatchIndex:
     lengths: torch.Tensor  #: (batch,)
     batch: int
     width: int
+    #: (tokens,) every real position, when the statistics need rows the selection leaves out (else None)
+    all_rows: torch.Tensor | None = None
 
 
 class Capture:
     """The hook functions of one stage, bound to its modules."""
 
     def __init__(self, modules: dict[str, nn.Module], arch: Architecture, hooks: list[HookPoint],
-                 selection: Selection, store_dtype: torch.dtype, n_heads: int, top_k: int = 0):
+                 selection: Selection, store_dtype: torch.dtype, n_heads: int, top_k: int = 0,
+                 statistics: tuple[str, ...] = ()):
         self.arch = arch
+        self.statistics = set(statistics)  #: hooks whose every position the harvest-time statistics read
         self.n_heads = n_heads
         self.top_k = top_k
         self.hooks = hooks
@@ -75,6 +80,12 @@ class Capture:
 
     def _make_hook(self, point: HookPoint, what: str, index: BatchIndex, captured: dict, module: nn.Module):
         select = self._selector(point, index, module)
+        if point.name in self.statistics and index.all_rows is not None:
+            stored, dtype = select, self.store_dtype
+
+            def select(x: torch.Tensor) -> torch.Tensor:  # noqa: F811 - the stored rows, and every row aside
+                captured[ALL_ROWS + point.name] = x.reshape(-1, *x.shape[2:]).index_select(0, index.all_rows).to(dtype)
+                return stored(x)
 
         if what == "input":
             def pre_hook(_module, args):

@@ -128,6 +128,11 @@ class Layout:
         flat = (self.seq[r0:r1] - s0) * width + self.pos[r0:r1]
         return Batch(k, ids, lengths, flat.astype(np.int64), (r0, r1), (s0, s1))
 
+    def token_starts(self) -> np.ndarray:
+        """(sequences + 1,) first token of each sequence counting every position (the harvest-time
+        statistics' row numbering: a store harvested with ``positions: all`` has these rows)."""
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
     def tokens_before(self, k: int) -> int:
         """Tokens (every position of every sequence) in batches [0, k)."""
         return int(batch_tokens(self.lengths, self.batch_size)[:k].sum())

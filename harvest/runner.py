@@ -39,6 +39,7 @@ from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, sin
                     workload_of)
 from .spec import JobSpec
 from .stage import check_tensors
+from .statistics import THRESHOLD, TOP_K, StatisticsPlan, statistics_hooks
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
@@ -79,6 +80,8 @@ class Job:
             on_nonfinite=self.spec.capture.on_nonfinite,
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
+            statistics=StatisticsPlan(tuple(h for h in self.statistics if h in {p.name for p in stage.hooks}),
+                                      TOP_K, THRESHOLD, self.layout.token_starts()) if self.statistics else None,
         )
 
     def stage_options(self) -> StageOptions:
@@ -86,7 +89,12 @@ class Job:
         return StageOptions(compute_dtype=spec.model.dtype, store_dtype=self.store_dtype, device=spec.model.device,
                             heads=spec.capture.heads, neurons=spec.capture.neurons, threads=spec.run.threads,
                             write_queue=spec.run.write_queue, top_k=spec.capture.top_k,
-                            write_threads=spec.run.write_threads)
+                            write_threads=spec.run.write_threads, statistics=self.statistics)
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        """Hooks with harvest-time statistics (``capture.statistics``), in forward order."""
+        return statistics_hooks(self.spec.capture.statistics, self.hooks)
 
 
 def prepare(spec: JobSpec) -> Job:
@@ -94,6 +102,7 @@ def prepare(spec: JobSpec) -> Job:
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
     hooks = job_hooks(spec, arch, ckpt.n_layers)
+    statistics_hooks(spec.capture.statistics, hooks)  # a bad capture.statistics fails before any store
     check_selection(spec, ckpt)
     check_quantization(spec.model.quantization, hooks)
     if not ckpt.tokenizer_files():

@@ -105,6 +105,9 @@ class CaptureSpec:
     on_nonfinite: str = "fail"
     #: keep the model's top-k next-token predictions (ids and logits) at every captured row
     top_k: int = 0
+    #: running statistics over every position of every sequence: false, true (every
+    #: ln*.hook_normalized and hook_resid_* captured) or a list of captured hook patterns
+    statistics: bool | tuple[str, ...] = False
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,8 @@ class JobSpec:
         """The fully resolved spec, as recorded in the store's provenance."""
         capture = dataclasses.asdict(self.capture)
         capture["positions"] = self.capture.positions.to_yaml()
-        for key in ("hooks", "layers", "heads", "neurons"):
-            if capture[key] is not None:
+        for key in ("hooks", "layers", "heads", "neurons", "statistics"):
+            if isinstance(capture[key], tuple):
                 capture[key] = list(capture[key])
         return {
             "name": self.name,
@@ -338,6 +341,7 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
             "hooks": lambda v: tuple([v] if isinstance(v, str) else v) if v else (),
             "layers": _int_list("layers"), "heads": _int_list("heads"), "neurons": _int_list("neurons"),
             "positions": Positions.parse,
+            "statistics": lambda v: tuple(v) if isinstance(v, list) else v,  # a bare string is refused: yes/no?
         },
     )
     if not capture.hooks or not all(isinstance(h, str) for h in capture.hooks):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import numpy as np
 import torch
 from torch import nn
 from accelerate.utils import set_module_tensor_to_device
@@ -156,7 +157,7 @@ class Stage:
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, compute_dtype: str, store_dtype: torch.dtype,
                  device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None,
-                 top_k: int = 0):
+                 top_k: int = 0, statistics: tuple[str, ...] = ()):
         patterns = any(p.template == "attn.hook_pattern" for p in plan.hooks)
         self.device = device
         self.plan = plan
@@ -165,13 +166,15 @@ class Stage:
         as_index = lambda xs: None if xs is None else torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         modules = {p.name: self.model.module_for(p) for p in plan.hooks}
         self.capture = Capture(modules, ckpt.arch, list(plan.hooks), Selection(as_index(heads), as_index(neurons)),
-                               store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k)
+                               store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k,
+                               statistics=tuple(h for h in statistics if h in modules))
 
     def run(self, batch: Batch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index = BatchIndex(
             flat_rows=torch.from_numpy(batch.flat_rows).to(self.device),
             lengths=torch.from_numpy(batch.lengths).to(self.device),
             batch=batch.index, width=batch.width,
+            all_rows=self._all_rows(batch),
         )
         input_ids = torch.from_numpy(batch.input_ids).to(self.device) if self.plan.embed else None
         if hidden is not None:
@@ -179,6 +182,16 @@ class Stage:
         with self.capture.attached(index) as captured:
             out = self.model(input_ids, hidden, index.flat_rows)
         return out, captured
+
+
+    def _all_rows(self, batch: Batch) -> torch.Tensor | None:
+        """Every real position of the batch, when the statistics need more than the stored rows."""
+        if not self.capture.statistics or len(batch.flat_rows) == int(batch.lengths.sum()):
+            return None  # every position is stored: the statistics read the stored rows
+        pos = np.arange(batch.width)
+        real = pos[None, :] < batch.lengths[:, None]
+        rows = (np.arange(len(batch.lengths))[:, None] * batch.width + pos[None, :])[real]
+        return torch.from_numpy(rows.astype(np.int64)).to(self.device)
 
 
 def check_tensors(ckpt: Checkpoint, plans: list[StagePlan]) -> None:

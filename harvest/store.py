@@ -17,6 +17,8 @@ Layout of one job's group (every array carries ``dimension_names``)::
     model/ln_final.{w,b}         (d_model,)
     tokenizer/{file}             (byte,) uint8             tokenizer files, to decode without the model
     _progress/stage_{i}          (batch,) uint8            1 = batch fully written by stage i
+    analysis/statistics/stage_{i}/batch_{b:08d}/{key}         harvest-time statistics of stage i's
+                                 hooks over batches [0, b) (``capture.statistics``; see below)
 
 Activation arrays use the sharding codec (one file per shard, not per chunk) with a crc32c
 checksum on every inner chunk and on the shard index, so a torn or corrupted chunk is detected
@@ -203,6 +205,61 @@ def first_incomplete(group: zarr.Group) -> int:
     done = batches_done(group)
     missing = np.flatnonzero(~done)
     return int(missing[0]) if missing.size else len(done)
+
+
+# --- harvest-time statistics: snapshots beside the manifest -----------------------------------------
+
+STATISTICS_GROUP = "analysis/statistics"
+
+
+def _snapshot_name(stage: int, through: int) -> str:
+    return f"{STATISTICS_GROUP}/stage_{stage}/batch_{through:08d}"
+
+
+def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[str, np.ndarray],
+                     attrs: dict[str, Any]) -> None:
+    """Stage ``stage``'s statistics over batches [0, through): written *before* the manifest says so.
+
+    A snapshot is never changed once the manifest has advanced to it, so a process killed at any
+    point leaves the snapshot of its manifest frontier intact (a later, torn one is rewritten).
+    """
+    name = _snapshot_name(stage, through)
+    if name in group:
+        del group[name]
+    snap = group.require_group(name)
+    for key, data in arrays.items():
+        write_small(snap, key, data, tuple(f"axis_{i}" for i in range(data.ndim)))
+    snap.attrs["statistics"] = {**attrs, "through": through}
+
+
+def statistics_snapshots(group: zarr.Group, stage: int) -> list[int]:
+    """The batch counts of stage ``stage``'s snapshots, ascending."""
+    name = f"{STATISTICS_GROUP}/stage_{stage}"
+    if name not in group:
+        return []
+    return sorted(int(key.removeprefix("batch_")) for key in group[name].group_keys())
+
+
+def statistics_stages(group: zarr.Group) -> list[int]:
+    if STATISTICS_GROUP not in group:
+        return []
+    return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys())
+
+
+def read_statistics(group: zarr.Group, stage: int, through: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One snapshot's arrays and attributes."""
+    snap = group[_snapshot_name(stage, through)]
+    return {key: np.asarray(arr[...]) for key, arr in snap.arrays()}, dict(snap.attrs["statistics"])
+
+
+def prune_statistics(group: zarr.Group, stage: int, frontier: int) -> None:
+    """Drop the snapshots no resume can need: those older than the newest one at or below ``frontier``
+    (the first batch some stage has not marked: every stage restarts there)."""
+    have = statistics_snapshots(group, stage)
+    keep_from = max((b for b in have if b <= frontier), default=0)
+    for b in have:
+        if b < keep_from:
+            del group[_snapshot_name(stage, b)]
 
 
 # --- opening ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class StageOptions:
     write_queue: int
     top_k: int = 0
     write_threads: int | None = None
+    statistics: tuple[str, ...] = ()  #: hooks with harvest-time statistics (the stage keeps its own)
 
 
 class StageWorker:
@@ -41,7 +42,8 @@ class StageWorker:
         self.device = resolve_device(options.device)
         self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
                            store_dtype=getattr(torch, options.store_dtype), device=self.device,
-                           heads=options.heads, neurons=options.neurons, top_k=options.top_k)
+                           heads=options.heads, neurons=options.neurons, top_k=options.top_k,
+                           statistics=options.statistics)
         self.transfer = HostTransfer(self.device)
         self.writer = StageWriter(store, start_batch, max_pending=options.write_queue,
                                   threads=write_threads_for(options.write_threads, self.device.type, len(store.arrays)))

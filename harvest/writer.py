@@ -28,7 +28,9 @@ import zarr
 
 from .errors import NonFiniteActivationError, StoreError
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, fsync_file, shard_geometry
-from .store import mark_written, open_for_writing, write_rows
+from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
+from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
+                    statistics_snapshots, write_rows, write_statistics)
 from .transfer import HostBatch
 
 #: most write threads a GPU stage gets by default; beyond this the disk, not the threads, limits
@@ -210,6 +212,7 @@ class StageStoreInfo:
     fsync: str = "shard"  #: store.fsync
     direct_io: bool = False  #: store.direct_io
     engine: str = "shards"  #: store.writer
+    statistics: StatisticsPlan | None = None  #: harvest-time statistics of this stage's hooks
 
 
 class StageWriter:
@@ -232,6 +235,7 @@ class StageWriter:
         }
         self.next_batch = start_batch  #: the batch expected next (batches arrive in order)
         self.marked = start_batch  #: manifest is written up to here
+        self.statistics = resume_statistics(group, info)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self.nonfinite: dict[str, int] = {}
@@ -288,6 +292,10 @@ class StageWriter:
                     writer.append(rows[axis], data)
 
                 self._each_array(write)
+                if self.statistics is not None:
+                    self.statistics.add(batch, rows["sequence"], {
+                        h: captures.tensors.get(ALL_ROWS + h, captures.tensors.get(h)).numpy()
+                        for h in self.statistics.plan.hooks})
                 self._mark(batch + 1)
             if self._error is None:
                 self._each_array(lambda name: self.writers[name][0].flush())
@@ -337,8 +345,30 @@ class StageWriter:
             ends = self.info.batch_ends[axis]
             frontier = min(frontier, int(np.searchsorted(ends, writer.durable, side="right")))
         if frontier > self.marked:
+            acc = self.statistics
+            folded = acc is not None and frontier > acc.through
+            if folded:  # the snapshot first: the manifest never counts a batch the statistics lack
+                acc.fold(frontier)
+                write_statistics(self.group, self.info.stage, frontier, *pack(acc))
             mark_written(self.group, self.info.stage, frontier, start=self.marked)
             self.marked = frontier
+            if folded:
+                prune_statistics(self.group, self.info.stage, frontier)
+
+
+def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccumulator | None:
+    """The stage's statistics as of its own manifest frontier (a resume may redo batches past the
+    job's frontier that this stage had already marked: :meth:`StatisticsAccumulator.add` skips them)."""
+    if info.statistics is None or not info.statistics.hooks:
+        return None
+    through = stage_frontier(info.path, info.stage)
+    if through == 0:
+        return StatisticsAccumulator(info.statistics)
+    if through not in statistics_snapshots(group, info.stage):
+        raise StoreError(f"{info.path}: stage {info.stage} has marked {through} batches but holds no statistics "
+                         "snapshot for them (capture.statistics); run again with --overwrite")
+    arrays, attrs = read_statistics(group, info.stage, through)
+    return StatisticsAccumulator(info.statistics, through, unpack(arrays, attrs))
 
 
 def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:

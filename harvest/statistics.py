@@ -1,0 +1,717 @@
+"""The statistic kernels, shared by the offline scan and the harvest-time statistics.
+
+One implementation of every statistic, as three small functions in the style of
+``dask/array/reductions.py``:
+
+- ``chunk(block) -> state``: sufficient statistics of one row block (a :class:`Block`);
+- ``combine(states) -> state``: merges any number of states; associative, so any tree works;
+- ``aggregate(state) -> result``: the statistic itself (a dict of NumPy arrays).
+
+States are dicts of NumPy arrays. Sums are float64; values are compared and selected in float32
+(the stored activations are float16/float32). They live in the core, not in ``analysis/``, because
+a harvest accumulates the same states while the model runs (:class:`StatisticsAccumulator`) and the
+core may not import the analyses; ``analysis.stats`` runs them over Dask arrays and
+``analysis.scan`` fuses them over one read of each stored block.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+
+State = dict[str, Any]
+
+
+class Scratch:
+    """Reusable per-thread work buffers for the large per-block temporaries.
+
+    A fresh 32 MiB temporary costs page faults on every block (glibc maps allocations that large
+    anew each time): reusing buffers made the scan ~1.5x faster. Only :func:`analysis.scan.scan_chunk`
+    uses one; nothing that outlives a block may keep a view of a buffer.
+    """
+
+    _by_thread: dict[int, "Scratch"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_thread(cls) -> "Scratch":
+        key = threading.get_ident()
+        scratch = cls._by_thread.get(key)
+        if scratch is None:
+            with cls._lock:
+                scratch = cls._by_thread.setdefault(key, cls())
+        return scratch
+
+    @classmethod
+    def release_all(cls) -> int:
+        """Drop every thread's buffers (after a pass); returns the bytes released."""
+        with cls._lock:
+            freed = sum(b.nbytes for s in cls._by_thread.values() for b in s.buffers.values())
+            cls._by_thread.clear()
+        return freed
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = self.buffers.get(name)
+        if buf is None or buf.nbytes < n:
+            buf = self.buffers[name] = np.empty(max(n, 1), np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+
+class _NoScratch:
+    def get(self, name, shape, dtype):
+        return np.empty(shape, dtype)
+
+
+class Block:
+    """One row block of an activation array as float32 ``(rows, dims)``, and where its rows are.
+
+    Trailing dims are flattened (``(token, head, d_head)`` -> ``(token, head * d_head)``).
+    Non-finite values are counted per column and then treated as absent: they are set to 0 and
+    left out of ``n``, the moments and the top-k. ``scratch`` (with a ``tag`` unique among the
+    blocks alive at once) lends the large temporaries.
+    """
+
+    def __init__(self, values: np.ndarray, start: int = 0, scratch: Scratch | None = None, tag: str = ""):
+        x = np.asarray(values)
+        x = x.reshape(x.shape[0], -1)
+        self._scratch = scratch or _NoScratch()
+        self._tag = tag
+        if x.dtype != np.float32:
+            x32 = self._buf("x", x.shape, np.float32)
+            np.copyto(x32, x, casting="unsafe")
+            x = x32
+        self.x = x
+        self.start = int(start)
+        self.abs = np.abs(x, out=self._buf("abs", x.shape, np.float32))
+        self.colmax = self.abs.max(axis=0) if self.rows else np.zeros(self.dims, np.float32)
+        self.nonfinite: np.ndarray | None = None  #: (rows, dims) bool where a value was NaN/inf
+        if not np.isfinite(self.colmax).all():
+            bad = ~np.isfinite(self.x)
+            self.x = np.where(bad, np.float32(0), self.x)
+            self.abs = np.where(bad, np.float32(0), self.abs)
+            self.colmax = self.abs.max(axis=0)
+            self.nonfinite = bad
+
+    def _buf(self, name: str, shape, dtype) -> np.ndarray:
+        return self._scratch.get(self._tag + name, shape, dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def dims(self) -> int:
+        return self.x.shape[1]
+
+    @cached_property
+    def n(self) -> np.ndarray:
+        """Finite values per column."""
+        if self.nonfinite is None:
+            return np.full(self.dims, self.rows, dtype=np.int64)
+        return self.rows - self.nonfinite.sum(axis=0, dtype=np.int64)
+
+    @cached_property
+    def sq(self) -> np.ndarray:
+        return np.multiply(self.x, self.x, out=self._buf("sq", self.x.shape, np.float32))
+
+    @cached_property
+    def rownorm2(self) -> np.ndarray:
+        """‖x‖² of each row (float64)."""
+        return self.sq.sum(axis=1, dtype=np.float64)
+
+    def hits(self, threshold: float) -> np.ndarray:
+        """Flat indices (row-major, into ``rows * dims``) where ``|x| >= threshold``; cached."""
+        cache = self.__dict__.setdefault("_hits", {})
+        if threshold not in cache:
+            mask = np.greater_equal(self.abs, np.float32(threshold), out=self._buf("mask", self.x.shape, np.bool_))
+            cache[threshold] = np.flatnonzero(mask)
+        return cache[threshold]
+
+
+# --- per-column moments: count, mean, std ----------------------------------------------------------
+
+def moments_chunk(block: Block) -> State:
+    """n, mean and M2 = Σ(x - mean)² per column: two passes over the block (the mean first), so a
+    constant column has M2 = 0 exactly; float64 sums, Chan's merge across blocks."""
+    n = block.n
+    safe = np.maximum(n, 1)
+    mean = block.x.sum(axis=0, dtype=np.float64) / safe
+    dev = np.subtract(block.x, mean.astype(np.float32)[None, :], out=block._buf("dev", block.x.shape, np.float32))
+    if block.nonfinite is not None:
+        dev[block.nonfinite] = 0
+    np.multiply(dev, dev, out=dev)
+    m2 = dev.sum(axis=0, dtype=np.float64)
+    return {"n": n.astype(np.int64), "mean": np.where(n > 0, mean, 0.0), "m2": m2}
+
+
+def moments_combine(states: Sequence[State]) -> State:
+    """Chan et al.'s parallel update: exact in any order up to rounding."""
+    n = np.sum([s["n"] for s in states], axis=0)
+    safe = np.maximum(n, 1)
+    mean = np.sum([s["n"] * s["mean"] for s in states], axis=0) / safe
+    m2 = np.sum([s["m2"] + s["n"] * (s["mean"] - mean) ** 2 for s in states], axis=0)
+    return {"n": n, "mean": mean, "m2": m2}
+
+
+def moments_aggregate(state: State) -> dict[str, np.ndarray]:
+    n = state["n"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(state["m2"] / n)
+    return {"count": n, "mean": np.where(n > 0, state["mean"], np.nan), "std": np.where(n > 0, std, np.nan)}
+
+
+# --- max |x| ------------------------------------------------------------------------------------
+
+def max_abs_chunk(block: Block) -> State:
+    return {"max": block.colmax.copy(), "n": block.n.copy()}
+
+
+def max_abs_combine(states: Sequence[State]) -> State:
+    return {"max": np.maximum.reduce([s["max"] for s in states]), "n": np.sum([s["n"] for s in states], axis=0)}
+
+
+def max_abs_aggregate(state: State) -> dict[str, np.ndarray]:
+    """max |x| over finite values; NaN for a column with no finite value (never a made-up 0)."""
+    return {"max_abs": np.where(state["n"] > 0, state["max"], np.float32(np.nan)).astype(np.float32)}
+
+
+# --- non-finite values: how many, in which columns, from which row ------------------------------
+
+def nonfinite_chunk(block: Block) -> State:
+    """NaN/inf per column, rows holding any, and the first such row (-1: none). The other statistics
+    leave these values out; this one says how many were left out, and where."""
+    if block.nonfinite is None:
+        return {"count": np.zeros(block.dims, np.int64), "rows": 0, "first_row": -1, "n_rows": block.rows}
+    bad_rows = np.flatnonzero(block.nonfinite.any(axis=1))
+    return {"count": block.nonfinite.sum(axis=0, dtype=np.int64), "rows": int(bad_rows.size),
+            "first_row": int(bad_rows[0]) + block.start if bad_rows.size else -1, "n_rows": block.rows}
+
+
+def nonfinite_combine(states: Sequence[State]) -> State:
+    firsts = [s["first_row"] for s in states if s["first_row"] >= 0]
+    return {"count": np.sum([s["count"] for s in states], axis=0), "rows": sum(s["rows"] for s in states),
+            "first_row": min(firsts) if firsts else -1, "n_rows": sum(s["n_rows"] for s in states)}
+
+
+def nonfinite_aggregate(state: State) -> dict[str, Any]:
+    """``nonfinite`` per column, ``nonfinite_total``, rows with any, the first such row, and
+    ``no_finite``: True when not one finite value was seen (the statistics of those columns are NaN)."""
+    total = int(state["count"].sum())
+    return {"nonfinite": state["count"], "nonfinite_total": total, "nonfinite_rows": int(state["rows"]),
+            "nonfinite_first_row": int(state["first_row"]),
+            "no_finite": bool(state["n_rows"] * state["count"].size > 0
+                              and total == state["n_rows"] * state["count"].size)}
+
+
+# --- count of |x| >= threshold ------------------------------------------------------------------
+
+def count_ge_chunk(block: Block, threshold: float) -> State:
+    cols = block.hits(threshold) % max(block.dims, 1)
+    return {"n": np.bincount(cols, minlength=block.dims).astype(np.int64)}
+
+
+def count_ge_combine(states: Sequence[State]) -> State:
+    return {"n": np.sum([s["n"] for s in states], axis=0)}
+
+
+def count_ge_aggregate(state: State) -> dict[str, np.ndarray]:
+    return {"count_ge": state["n"]}
+
+
+# --- top-k rows by |x| per column ----------------------------------------------------------------
+
+def _top_sorted(absv: np.ndarray, rows: np.ndarray | int, values: np.ndarray, k: int, threshold: np.ndarray):
+    """Per column, the k entries with the largest |x| among those >= threshold, ties to the lower row.
+
+    Every column has at least k entries >= its threshold (the caller guarantees it), so sorting the
+    candidates by (column, -|x|, row) and taking the first k of each column is exact. ``rows`` is
+    the (m, d) row ids of the entries, or an int: the row id of the first of m consecutive rows.
+    """
+    m, d = absv.shape
+    idx = np.flatnonzero(absv >= np.ascontiguousarray(threshold)[None, :])
+    cols = idx % d
+    a = absv.ravel()[idx]
+    if isinstance(rows, (int, np.integer)):
+        # candidates come in row-major order: a stable sort on (column, -|x|) keeps ties in row order
+        r = idx // d + rows
+        key = (cols.astype(np.int64) << 32) | (0x7FFFFFFF - a.astype(np.float32).view(np.int32)).astype(np.int64)
+        order = np.argsort(key, kind="stable")
+    else:
+        r = rows.ravel()[idx]
+        order = np.lexsort((r, -a, cols))
+    counts = np.bincount(cols, minlength=d)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pick = order[(starts[:, None] + np.arange(k)[None, :]).ravel()]
+    return r[pick].reshape(d, k).T.copy(), values.ravel()[idx[pick]].reshape(d, k).T.copy()
+
+
+def select_top(absv: np.ndarray, rows: np.ndarray | int, values: np.ndarray, k: int) -> State:
+    """The top-k of ``(m, d)`` candidates per column: ``rows`` and signed ``values``, (k', d), sorted.
+
+    Large blocks are pre-filtered exactly: the k-th largest of the row-group maxima is a lower
+    bound on the k-th largest value (k groups each hold a value at least that large), so only
+    entries at or above it can be in the top k.
+    """
+    m, d = absv.shape
+    kk = min(k, m)
+    if kk == 0 or d == 0:
+        return {"rows": np.zeros((0, d), np.int64), "values": np.zeros((0, d), np.float32)}
+    if m <= kk:
+        threshold = np.full(d, -np.inf, dtype=absv.dtype)
+    else:
+        g = max(1, min(16, m // (16 * kk)))
+        groups = m // g
+        gmax = absv[: groups * g].reshape(groups, g, d).max(axis=1) if g > 1 else absv
+        if groups * g < m and g > 1:
+            gmax = np.concatenate([gmax, absv[groups * g:].max(axis=0, keepdims=True)])
+        n_groups = gmax.shape[0]
+        threshold = np.partition(np.ascontiguousarray(gmax.T), n_groups - kk, axis=1)[:, n_groups - kk]
+    top_rows, top_values = _top_sorted(absv, rows, values, kk, threshold)
+    return {"rows": top_rows.astype(np.int64), "values": top_values.astype(np.float32)}
+
+
+def topk_chunk(block: Block, k: int) -> State:
+    rows = block.start
+    if block.nonfinite is not None:  # a non-finite value is never a top row
+        absv = np.where(block.nonfinite, np.float32(-1), block.abs)
+    else:
+        absv = block.abs
+    return select_top(absv, rows, block.x, k)
+
+
+def topk_combine(states: Sequence[State], k: int) -> State:
+    states = [s for s in states if s["rows"].shape[0]]
+    if not states:
+        return {"rows": np.zeros((0, 0), np.int64), "values": np.zeros((0, 0), np.float32)}
+    if len(states) == 1:
+        return states[0]
+    rows = np.concatenate([s["rows"] for s in states])
+    values = np.concatenate([s["values"] for s in states])
+    return select_top(np.abs(values), rows, values, k)
+
+
+def topk_aggregate(state: State) -> dict[str, np.ndarray]:
+    return {"top_rows": state["rows"], "top_values": state["values"]}
+
+
+# --- per-sequence moments of the flattened tensor (kurtosis, max-norm) --------------------------
+
+def segments(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts of each run of equal values in ``seq_ids`` and the value of each run."""
+    if seq_ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], seq_ids[1:] != seq_ids[:-1]]))
+    return starts, seq_ids[starts]
+
+
+def seq_moments_chunk(block: Block, seq_ids: np.ndarray) -> State:
+    """(n, mean, M2, M3, M4, max |x|) of each sequence's values in this block, all dims together.
+
+    ``seq_ids`` (rows,) gives each row's sequence; rows of one sequence are contiguous. Power sums
+    over a row are float32 (relative error ~1e-6 for d = 4096), summed over rows and merged across
+    blocks in float64.
+    """
+    starts, ids = segments(np.asarray(seq_ids))
+    if not ids.size:
+        return _empty_seq_moments()
+    x, sq = block.x, block.sq
+    s1 = np.add.reduceat(x.sum(axis=1, dtype=np.float64), starts)
+    s2 = np.add.reduceat(block.rownorm2, starts)
+    s3 = np.add.reduceat(np.einsum("ij,ij->i", sq, x).astype(np.float64), starts)
+    s4 = np.add.reduceat(np.einsum("ij,ij->i", sq, sq).astype(np.float64), starts)
+    per_row = np.full(block.rows, block.dims, np.float64)
+    if block.nonfinite is not None:
+        per_row -= block.nonfinite.sum(axis=1)
+    n = np.add.reduceat(per_row, starts)
+    safe = np.maximum(n, 1)
+    mu = s1 / safe
+    m2 = np.maximum(s2 - n * mu**2, 0.0)
+    m3 = s3 - 3 * mu * s2 + 2 * n * mu**3
+    m4 = np.maximum(s4 - 4 * mu * s3 + 6 * mu**2 * s2 - 3 * n * mu**4, 0.0)
+    maxabs = np.maximum.reduceat(block.abs.max(axis=1), starts) if block.dims else np.zeros(ids.size, np.float32)
+    return {"seq": ids.astype(np.int64), "n": n, "mean": mu, "m2": m2, "m3": m3, "m4": m4,
+            "max": maxabs.astype(np.float32)}
+
+
+def _empty_seq_moments() -> State:
+    z = np.zeros(0)
+    return {"seq": np.zeros(0, np.int64), "n": z, "mean": z, "m2": z, "m3": z, "m4": z, "max": np.zeros(0, np.float32)}
+
+
+def merge_moments(a: State, b: State) -> State:
+    """Pébay's (2008) pairwise update of (n, mean, M2, M3, M4), elementwise over arrays."""
+    na, nb = a["n"], b["n"]
+    n = na + nb
+    safe = np.where(n > 0, n, 1)
+    delta = b["mean"] - a["mean"]
+    mean = a["mean"] + delta * nb / safe
+    m2 = a["m2"] + b["m2"] + delta**2 * na * nb / safe
+    m3 = (a["m3"] + b["m3"] + delta**3 * na * nb * (na - nb) / safe**2
+          + 3 * delta * (na * b["m2"] - nb * a["m2"]) / safe)
+    m4 = (a["m4"] + b["m4"] + delta**4 * na * nb * (na**2 - na * nb + nb**2) / safe**3
+          + 6 * delta**2 * (na**2 * b["m2"] + nb**2 * a["m2"]) / safe**2
+          + 4 * delta * (na * b["m3"] - nb * a["m3"]) / safe)
+    return {"n": n, "mean": mean, "m2": m2, "m3": m3, "m4": m4}
+
+
+def seq_moments_combine(states: Sequence[State]) -> State:
+    """Concatenate per-sequence records; merge records of a sequence split across blocks."""
+    states = [s for s in states if s["seq"].size]
+    if not states:
+        return _empty_seq_moments()
+    cat = {key: np.concatenate([s[key] for s in states]) for key in states[0]}
+    order = np.argsort(cat["seq"], kind="stable")
+    cat = {key: v[order] for key, v in cat.items()}
+    starts, ids = segments(cat["seq"])
+    if ids.size == cat["seq"].size:
+        return cat
+    out = {key: v[starts].copy() for key, v in cat.items()}
+    ends = np.concatenate([starts[1:], [cat["seq"].size]])
+    for i in np.flatnonzero(ends - starts > 1):
+        acc = {key: out[key][i] for key in ("n", "mean", "m2", "m3", "m4")}
+        for j in range(starts[i] + 1, ends[i]):
+            acc = merge_moments(acc, {key: cat[key][j] for key in ("n", "mean", "m2", "m3", "m4")})
+        for key, value in acc.items():
+            out[key][i] = value
+        out["max"][i] = cat["max"][starts[i]:ends[i]].max()
+    return out
+
+
+def seq_moments_aggregate(state: State, eps: float = 1e-6) -> dict[str, np.ndarray]:
+    """Per sequence: non-excess kurtosis ``mean((x-μ)⁴) / (σ⁴ + eps)`` (Bondarenko et al.) and max |x|."""
+    n = np.maximum(state["n"], 1)
+    var = state["m2"] / n
+    some = state["n"] > 0  # a sequence with no finite value has no kurtosis and no max: NaN, never 0
+    nan = np.float64(np.nan)
+    return {"seq": state["seq"], "kurtosis": np.where(some, (state["m4"] / n) / (var**2 + eps), nan),
+            "max_norm": np.where(some, state["max"], nan), "mean": np.where(some, state["mean"], nan),
+            "std": np.where(some, np.sqrt(var), nan), "n": state["n"]}
+
+
+# --- sparse signed log histogram of values with |x| >= threshold, per column -------------------
+
+HIST_RATIO = 1.01  #: bin width: each bin spans a factor of 1.01 in |x| (1%)
+HIST_MAX = 1e6  #: |x| beyond this share the last bin (their sum still gives the exact mean)
+
+
+def hist_bins(threshold: float) -> int:
+    """Bins per sign for values in [threshold, HIST_MAX]."""
+    return int(np.ceil(np.log(HIST_MAX / threshold) / np.log(HIST_RATIO))) + 1
+
+
+def hist_bin(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Signed bin of each value (|value| >= threshold), ascending in value: most negative first."""
+    half = hist_bins(threshold)
+    b = np.floor(np.log(np.abs(values.astype(np.float64)) / threshold) / np.log(HIST_RATIO)).astype(np.int64)
+    b = np.clip(b, 0, half - 1)
+    return np.where(values < 0, half - 1 - b, half + b)
+
+
+def hist_edges(threshold: float) -> np.ndarray:
+    """Lower |x| edge of each signed bin, matching :func:`hist_bin` (negative half mirrored)."""
+    half = hist_bins(threshold)
+    lo = threshold * HIST_RATIO ** np.arange(half)
+    return np.concatenate([-lo[::-1] * HIST_RATIO, lo])
+
+
+def hist_from_values(cols: np.ndarray, values: np.ndarray, threshold: float) -> State:
+    """Sparse histogram state from values (all with |v| >= threshold) and their columns."""
+    keys = cols.astype(np.int64) * (2 * hist_bins(threshold)) + hist_bin(values, threshold)
+    return _sparse_sum(keys, np.ones(keys.size, np.int64), values.astype(np.float64))
+
+
+def _sparse_sum(keys: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> State:
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return {"key": uniq, "count": np.bincount(inv, counts, minlength=uniq.size).astype(np.int64),
+            "sum": np.bincount(inv, sums, minlength=uniq.size)}
+
+
+def hist_combine(states: Sequence[State]) -> State:
+    states = [s for s in states if s["key"].size]
+    if not states:
+        return {"key": np.zeros(0, np.int64), "count": np.zeros(0, np.int64), "sum": np.zeros(0)}
+    return _sparse_sum(*(np.concatenate([s[k] for s in states]) for k in ("key", "count", "sum")))
+
+
+def hist_column(state: State, column: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dense (count, sum) per signed bin for one column."""
+    nb = 2 * hist_bins(threshold)
+    lo = np.searchsorted(state["key"], column * nb)
+    hi = np.searchsorted(state["key"], (column + 1) * nb)
+    counts = np.zeros(nb, np.int64)
+    sums = np.zeros(nb)
+    counts[state["key"][lo:hi] - column * nb] = state["count"][lo:hi]
+    sums[state["key"][lo:hi] - column * nb] = state["sum"][lo:hi]
+    return counts, sums
+
+
+def hist_quantiles(counts: np.ndarray, sums: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Quantiles as the mean value of the bin holding each (exact when a bin's values are equal;
+    within the 1% bin width otherwise)."""
+    total = counts.sum()
+    if not total:
+        return [float("nan")] * len(qs)
+    cum = np.cumsum(counts)
+    out = []
+    for q in qs:
+        i = int(np.searchsorted(cum, max(1, int(np.ceil(q * total)))))
+        out.append(float(sums[i] / counts[i]))
+    return out
+
+
+# --- the per-dimension index statistics: moments, max |x|, count >= threshold, top-k -----------
+
+def index_chunk(block: Block, k: int, threshold: float) -> State:
+    """Everything the per-dimension index keeps about one block (see ``analysis.index``)."""
+    return {"moments": moments_chunk(block), "max_abs": max_abs_chunk(block),
+            "count_ge": count_ge_chunk(block, threshold), "topk": topk_chunk(block, k)}
+
+
+def index_combine(states: Sequence[State], k: int) -> State:
+    return {"moments": moments_combine([s["moments"] for s in states]),
+            "max_abs": max_abs_combine([s["max_abs"] for s in states]),
+            "count_ge": count_ge_combine([s["count_ge"] for s in states]),
+            "topk": topk_combine([s["topk"] for s in states], k)}
+
+
+def index_aggregate(state: State) -> dict[str, np.ndarray]:
+    return {**moments_aggregate(state["moments"]), **max_abs_aggregate(state["max_abs"]),
+            **count_ge_aggregate(state["count_ge"]), **topk_aggregate(state["topk"])}
+
+
+# --- harvest-time statistics: the same states, accumulated while the model runs ----------------
+
+#: hook templates a harvest keeps statistics of when ``capture.statistics: true``
+DEFAULT_TEMPLATES = ("ln1.hook_normalized", "ln2.hook_normalized", "hook_resid_pre", "hook_resid_post")
+#: templates whose captured rows are (token, width) values of the whole hook point
+ROW_TEMPLATES = DEFAULT_TEMPLATES + ("hook_embed", "hook_attn_out", "hook_mlp_out", "ln_final.hook_normalized")
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """What one stage accumulates: which hooks, top-k and threshold, and the row numbering.
+
+    Rows are numbered over every position of every sequence (``token_starts[s]``: the first such row
+    of sequence ``s``), whatever ``capture.positions`` stores: a store harvested with
+    ``positions: all`` numbers its rows the same way, so both give the same top-k rows.
+    """
+
+    hooks: tuple[str, ...]
+    top_k: int
+    threshold: float
+    token_starts: np.ndarray  #: (sequences + 1,) int64
+
+
+def topk_candidates(state: State | None, block: Block, k: int) -> State:
+    """The entries of ``block`` that can still enter ``state``'s top-k, for :func:`topk_merge`.
+
+    Once ``state`` holds k rows, only values with |x| strictly above its k-th largest can (a tie
+    keeps the older, lower row), which after a few batches is a handful per block: ranking those is
+    ~10x cheaper than ranking the whole block (``topk_chunk``), which is what the first blocks get.
+    """
+    if state is None or state["rows"].shape[0] < k:
+        return {"dense": topk_chunk(block, k)}
+    floor = np.abs(state["values"][-1])  # sorted by |x| descending: the k-th largest per column
+    idx = np.flatnonzero(block.abs > floor[None, :])  # NaN/inf are 0 in block.abs: never above
+    r, c = np.divmod(idx, max(block.dims, 1))
+    return {"rows": r.astype(np.int64) + block.start, "cols": c, "values": block.x.ravel()[idx]}
+
+
+def topk_merge(state: State | None, candidates: State, k: int) -> State:
+    """``topk_combine([state, topk_chunk(block)])``, from ``topk_candidates(state, block)``: the same
+    rows and values (same order: |x| descending, ties to the lower row), ranking only the candidates."""
+    if "dense" in candidates:
+        return candidates["dense"] if state is None else topk_combine([state, candidates["dense"]], k)
+    if not candidates["cols"].size:
+        return state
+    cols, inv = np.unique(candidates["cols"], return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv, minlength=cols.size)
+    slot = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    where = (slot, inv[order])
+    new_abs = np.full((int(counts.max()), cols.size), -1, np.float32)  # padding: below every real |x|
+    new_rows = np.full(new_abs.shape, -1, np.int64)
+    new_values = np.zeros(new_abs.shape, np.float32)
+    new_abs[where] = np.abs(candidates["values"][order])
+    new_rows[where] = candidates["rows"][order]
+    new_values[where] = candidates["values"][order]
+    cand_rows = np.concatenate([state["rows"][:, cols], new_rows])
+    cand_values = np.concatenate([state["values"][:, cols], new_values])
+    # rank each column by (|x| descending, row ascending) in one sort of a 64-bit key: a float32
+    # |x| >= 0 orders as its bits; rows stay below 2**33; the padding sorts last
+    if cand_rows.max() >= 1 << 33:
+        raise ValueError("harvest-time statistics number at most 2**33 tokens")
+    bits = np.abs(np.concatenate([state["values"][:, cols], new_values])).view(np.uint32).astype(np.uint64)
+    key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
+    key[np.concatenate([np.zeros(state["rows"][:, cols].shape, bool), new_abs < 0])] = np.iinfo(np.uint64).max
+    pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
+    rows, values = state["rows"].copy(), state["values"].copy()
+    rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
+    values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
+    return {"rows": rows, "values": values}
+
+
+class StatisticsAccumulator:
+    """Index statistics of every hook in a plan, over every token, folded in batch order.
+
+    The writer hands each batch's values to :meth:`add` (one chunk state per hook, kept pending)
+    and calls :meth:`fold` with the frontier each time the manifest advances, so the running state
+    always covers exactly the batches the manifest marks durable, merged one batch at a time in
+    batch order: the same floating-point operations whatever the stages or the resumes. The top-k
+    goes through :func:`topk_candidates` / :func:`topk_merge` in :meth:`add`, in batch order: each
+    pending batch keeps the top-k over every batch up to it, which is what folding it gives.
+    """
+
+    def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None):
+        self.plan = plan
+        self.through = through  #: batches [0, through) are folded into ``state``
+        self.state: dict[str, State] = state or {}
+        self.pending: dict[int, dict[str, State]] = {}
+        self._top: dict[str, State] = {hook: s["topk"] for hook, s in self.state.items()}  #: incl. pending
+
+    def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray]) -> None:
+        """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order.
+
+        Batches arrive in order. A batch already folded (a resumed stage redoing batches it had
+        marked) is not counted twice.
+        """
+        if batch < self.through:
+            return
+        start = int(self.plan.token_starts[first_sequence])
+        scratch = Scratch.for_thread()
+        k = self.plan.top_k
+        states = {}
+        for hook in self.plan.hooks:
+            block = Block(values[hook], start, scratch, "statistics.")
+            candidates = topk_candidates(self._top.get(hook), block, k)
+            self._top[hook] = topk_merge(self._top.get(hook), candidates, k)
+            states[hook] = {"moments": moments_chunk(block), "max_abs": max_abs_chunk(block),
+                            "count_ge": count_ge_chunk(block, self.plan.threshold), "topk": self._top[hook],
+                            "nonfinite": nonfinite_chunk(block)}
+        self.pending[batch] = states
+
+    def fold(self, through: int) -> None:
+        """Merge the pending batches [self.through, through) into the running state, in order."""
+        combine = {"moments": moments_combine, "max_abs": max_abs_combine, "count_ge": count_ge_combine,
+                   "nonfinite": nonfinite_combine}
+        for batch in range(self.through, through):
+            for hook, new in self.pending.pop(batch).items():
+                old = self.state.get(hook)
+                state = {key: new[key] if old is None else fn([old[key], new[key]]) for key, fn in combine.items()}
+                state["topk"] = new["topk"]  # the top-k over batches [0, batch]: merged once, in add
+                self.state[hook] = state
+        self.through = max(self.through, through)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """hook -> the index statistics (``index_aggregate``) and the non-finite counts."""
+        return {hook: {**index_aggregate(s), **nonfinite_aggregate(s["nonfinite"])} for hook, s in self.state.items()}
+
+
+def statistics_hooks(spec_value: bool | tuple[str, ...], captured: list[Any]) -> tuple[str, ...]:
+    """The captured hooks ``capture.statistics`` names, in forward order (``captured``: HookPoints).
+
+    ``true`` takes every captured ``ln*.hook_normalized`` and ``hook_resid_*``; a list takes the hook
+    patterns of ``capture.hooks``. Only hooks stored whole per token have statistics.
+    """
+    from .errors import SpecError
+    from .hookpoints import resolve
+
+    if spec_value is False:
+        return ()
+    rows = [p for p in captured if p.axis == "token" and p.template in ROW_TEMPLATES]
+    if spec_value is True:
+        return tuple(p.name for p in rows if p.template in DEFAULT_TEMPLATES)
+    names = resolve(list(spec_value), [p.name for p in captured], where="capture.hooks")
+    whole = {p.name for p in rows}
+    bad = [n for n in names if n not in whole]
+    if bad:
+        raise SpecError(f"capture.statistics names {bad[0]}, which is not a per-token hook point stored whole; "
+                        f"statistics cover the residual stream, LayerNorm outputs and MLP/attention outputs")
+    return tuple(names)
+
+
+#: the top rows per dimension and the |x| threshold the harvest-time statistics keep (the index's defaults)
+TOP_K = 32
+THRESHOLD = 6.0
+#: the key a stage's capture puts a hook's every-position rows under, when it stores only some positions
+ALL_ROWS = "statistics:"
+
+
+def pack(acc: StatisticsAccumulator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The running state as a few arrays (hooks side by side along the last axis) and attributes."""
+    hooks = [h for h in acc.plan.hooks if h in acc.state]
+    states = [acc.state[h] for h in hooks]
+
+    def cat(get, axis=0):
+        return np.concatenate([get(s) for s in states], axis=axis)
+
+    arrays = {"n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
+              "m2": cat(lambda s: s["moments"]["m2"]), "max": cat(lambda s: s["max_abs"]["max"]),
+              "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"]),
+              "top_rows": cat(lambda s: s["topk"]["rows"], 1), "top_values": cat(lambda s: s["topk"]["values"], 1)}
+    attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": acc.plan.top_k,
+             "threshold": acc.plan.threshold,
+             "nonfinite_rows": {h: [int(s["nonfinite"][k]) for k in ("rows", "first_row", "n_rows")]
+                                for h, s in zip(hooks, states)}}
+    return arrays, attrs
+
+
+def unpack(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, State]:
+    """:func:`pack`'s inverse: hook -> the accumulator's state."""
+    out: dict[str, State] = {}
+    lo = 0
+    for hook, width in zip(attrs["hooks"], attrs["widths"]):
+        cut = slice(lo, lo + width)
+        lo += width
+        n = arrays["n"][cut]
+        rows, first, n_rows = attrs["nonfinite_rows"][hook]
+        out[hook] = {"moments": {"n": n, "mean": arrays["mean"][cut], "m2": arrays["m2"][cut]},
+                     "max_abs": {"max": arrays["max"][cut], "n": n.copy()},
+                     "count_ge": {"n": arrays["count_ge"][cut]},
+                     "topk": {"rows": arrays["top_rows"][:, cut], "values": arrays["top_values"][:, cut]},
+                     "nonfinite": {"count": arrays["nonfinite"][cut], "rows": rows, "first_row": first,
+                                   "n_rows": n_rows}}
+    return out
+
+
+@dataclass
+class HarvestStatistics:
+    """A store's harvest-time statistics: per hook, the index statistics over every token it saw."""
+
+    hooks: dict[str, dict[str, Any]]  #: hook -> ``index_aggregate`` + ``nonfinite_aggregate``
+    batches: dict[str, int]  #: hook -> batches covered (every batch once the job is complete)
+    top_k: int
+    threshold: float
+
+    def tokens(self, hook: str) -> int:
+        """Tokens (rows over every position) the statistics of ``hook`` cover."""
+        r = self.hooks[hook]
+        return int(r["count"][0] + r["nonfinite"][0]) if r["count"].size else 0
+
+
+def load_statistics(group) -> HarvestStatistics | None:
+    """The newest snapshot of every stage, or None when the store was harvested without statistics."""
+    from .store import read_statistics, statistics_snapshots, statistics_stages
+
+    hooks: dict[str, dict[str, Any]] = {}
+    batches: dict[str, int] = {}
+    top_k, threshold = TOP_K, THRESHOLD
+    for stage in statistics_stages(group):
+        have = statistics_snapshots(group, stage)
+        if not have:
+            continue
+        arrays, attrs = read_statistics(group, stage, have[-1])
+        top_k, threshold = int(attrs["top_k"]), float(attrs["threshold"])
+        for hook, state in unpack(arrays, attrs).items():
+            hooks[hook] = {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
+            batches[hook] = int(attrs["through"])
+    return HarvestStatistics(hooks, batches, top_k, threshold) if hooks else None

@@ -1,0 +1,228 @@
+"""Harvest-time statistics (issue 15): the harvest's running statistics equal the offline scan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from analysis.scan import ScanParams, run_scan
+from harvest.runner import run
+from harvest.statistics import (THRESHOLD, TOP_K, StatisticsAccumulator, StatisticsPlan, load_statistics, pack,
+                                unpack)
+from harvest.store import open_group
+
+HOOKS = ("blocks.*.ln1.hook_normalized", "blocks.*.ln2.hook_normalized", "blocks.*.hook_resid_post")
+
+
+def scan_index(path) -> dict:
+    params = ScanParams(top_k=TOP_K, index_threshold=THRESHOLD)
+    return run_scan(path, params, index=True, outliers=False, scheduler="sync").index
+
+
+def assert_same(stats, index: dict, hooks=None) -> None:
+    """Counts, max and top-k exactly; the mean to float64 rounding; the std to float32 rounding (the
+    shared ``moments_chunk`` squares each deviation in float32, so how rows are split into blocks, a
+    batch here and ~8 MiB in the scan, moves it by ~1e-8 relative)."""
+    hooks = hooks or list(index)
+    assert sorted(stats.hooks) == sorted(hooks)
+    for hook in hooks:
+        got, want = stats.hooks[hook], index[hook]
+        for key in ("count", "count_ge", "max_abs", "top_rows", "top_values"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{hook} {key}")
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12, atol=1e-15, err_msg=f"{hook} mean")
+        np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6, err_msg=f"{hook} std")
+
+
+def harvest(make_spec, ckpt, name, hooks=HOOKS, **capture):
+    spec = make_spec(ckpt, hooks=hooks, capture={"statistics": True, **capture},
+                     store={"path": f"{name}.zarr"})
+    return run(spec, progress=False).path
+
+
+def test_positions_all_equals_the_offline_scan(neox_ckpt, make_spec):
+    path = harvest(make_spec, neox_ckpt, "all")
+    stats = load_statistics(open_group(path))
+    assert stats is not None
+    assert_same(stats, scan_index(path))
+
+
+def test_sampled_positions_equal_the_scan_of_every_position(gptj_ckpt, make_spec):
+    hooks = ("ln1", "resid_post", "mlp_out")  # GPT-J has no ln2; mlp_out is stored but has no statistics
+    sampled = harvest(make_spec, gptj_ckpt, "sampled", hooks, positions={"sample": 5, "seed": 3})
+    full = harvest(make_spec, gptj_ckpt, "full", hooks)
+    stats = load_statistics(open_group(sampled))
+    index = scan_index(full)
+    assert_same(stats, index, [h for h in index if "mlp_out" not in h])
+    n_sampled = open_group(sampled)["tokens"].shape[0]
+    hook = next(iter(stats.hooks))
+    assert stats.tokens(hook) == open_group(full)["tokens"].shape[0] > n_sampled
+
+
+def test_accumulator_folds_in_batch_order_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    starts = np.array([0, 5, 12, 20, 31], np.int64)
+    values = rng.standard_normal((31, 16)).astype(np.float32) * 4
+    values[7, 3] = np.nan
+    plan = StatisticsPlan(("h",), 4, 6.0, starts)
+    acc = StatisticsAccumulator(plan)
+    for b, (s0, s1) in enumerate([(0, 2), (2, 3), (3, 4)]):
+        acc.add(b, s0, {"h": values[starts[s0]:starts[s1]]})
+    acc.fold(2)
+    assert acc.through == 2 and list(acc.pending) == [2]
+    resumed = StatisticsAccumulator(plan, 2, unpack(*pack(acc)))
+    resumed.add(1, 2, {"h": values[12:20]})  # a batch already folded is not counted again
+    resumed.add(2, 3, {"h": values[20:31]})
+    resumed.fold(3)
+    acc.fold(3)
+    for key, want in acc.results()["h"].items():
+        np.testing.assert_array_equal(resumed.results()["h"][key], want)
+    got = acc.results()["h"]
+    finite = np.where(np.isfinite(values), values, 0)
+    assert got["nonfinite"][3] == 1 and got["count"][3] == 30
+    np.testing.assert_allclose(got["mean"][0], values[:, 0].astype(np.float64).mean(), rtol=1e-12)
+    np.testing.assert_array_equal(got["max_abs"], np.abs(finite).max(axis=0))
+    np.testing.assert_array_equal(got["count_ge"], (np.abs(finite) >= 6).sum(axis=0))
+
+
+def assert_identical(a, b) -> None:
+    """Bit for bit: the same floating-point operations in the same order."""
+    assert a.hooks.keys() == b.hooks.keys() and a.batches == b.batches
+    for hook in a.hooks:
+        for key, value in a.hooks[hook].items():
+            np.testing.assert_array_equal(value, b.hooks[hook][key], err_msg=f"{hook} {key}")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_one_two_three_stages_give_identical_statistics(neox_ckpt, make_spec, ray_session):
+    stats = {}
+    for n in (1, 2, 3):
+        spec = make_spec(neox_ckpt, hooks=HOOKS, capture={"statistics": True, "positions": {"sample": 4, "seed": 1}},
+                         run={"stages": n, "threads": 1}, store={"path": f"s{n}.zarr", "chunks_per_shard": 4},
+                         prompts={"max_sequences": 14})
+        stats[n] = load_statistics(open_group(run(spec, progress=False).path))
+    assert len(stats[1].hooks) == 12
+    assert_identical(stats[1], stats[2])
+    assert_identical(stats[1], stats[3])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_spec, tmp_path):
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    import subprocess
+    import sys
+
+    def start_run(spec_path, cwd, *extra):
+        return subprocess.Popen([sys.executable, "-m", "harvest", "run", str(spec_path), "--quiet", *extra], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def batches_done(path) -> int:
+        try:
+            return int(zarr.open_group(str(path), mode="r")["_progress/stage_0"][...].sum())
+        except Exception:  # the manifest is being created or rewritten right now
+            return 0
+
+    ckpt = make_checkpoint("gpt_neox", hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=768)
+    raw = make_spec(ckpt, hooks=HOOKS, raw=True, run={"batch_size": 2, "threads": 1},
+                    capture={"statistics": True, "positions": {"sample": 8, "seed": 2}},
+                    prompts={"seq_len": 64, "mode": "packed", "max_sequences": 120},
+                    store={"chunk_mib": 0.02, "chunks_per_shard": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump({**raw, "store": {**raw["store"], "path": "clean.zarr"}}))
+    store = tmp_path / "stores" / "job.zarr"
+    proc = start_run(tmp_path / "job.yaml", tmp_path)
+    while batches_done(store) < 3:
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = batches_done(store)
+    resumed = start_run(tmp_path / "job.yaml", tmp_path, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    clean = start_run(tmp_path / "clean.yaml", tmp_path)
+    assert clean.wait(timeout=300) == 0, clean.communicate()[1]
+    n_batches = open_group(store).attrs["harvest"]["layout"]["n_batches"]
+    assert 3 <= killed_at < n_batches
+    clean_stats = load_statistics(open_group(tmp_path / "stores" / "clean.zarr"))
+    assert_identical(load_statistics(open_group(store)), clean_stats)
+    # one snapshot per stage is left: the final one
+    assert sorted(open_group(store)["analysis/statistics/stage_0"].group_keys()) == [f"batch_{n_batches:08d}"]
+
+
+def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
+    from analysis.query import format_query, query_dim
+
+    path = harvest(make_spec, neox_ckpt, "query", positions={"sample": 5, "seed": 3})
+    stats = load_statistics(open_group(path))
+    hook = "blocks.2.hook_resid_post"
+    dim = int(np.argmax(stats.hooks[hook]["max_abs"]))
+    q = query_dim(path, dim, hook=hook)  # no index was built: the statistics answer alone
+    rows = int(open_group(path)["tokens"].shape[0])
+    assert q["source"] == f"harvest-time statistics over {stats.tokens(hook):,} tokens (every position); " \
+                          f"the store keeps {rows:,} rows"
+    assert q["layers"][0]["count"] == stats.tokens(hook) > rows
+    top = q["examples"]["items"][0]
+    assert top["value"] == pytest.approx(float(stats.hooks[hook]["top_values"][0, dim]))
+    # the top token need not be stored: its context decodes from input_ids
+    ids = np.asarray(open_group(path)["input_ids"][...])
+    assert top["token_id"] == ids[top["seq"], top["pos"]]
+    assert "from harvest-time statistics over" in format_query(q)
+
+
+def test_topk_through_candidates_equals_topk_combine():
+    """The harvest's top-k shortcut ranks only the values that can enter; ties (values rounded to a
+    coarse grid) go to the lower row exactly as ``topk_combine`` sends them."""
+    from harvest.statistics import Block, topk_candidates, topk_chunk, topk_combine, topk_merge
+
+    rng = np.random.default_rng(1)
+    k, state, want = 5, None, None
+    for b in range(12):
+        x = np.round(rng.standard_normal((37, 9)) * 2).astype(np.float32)
+        x[3, 2] = np.inf
+        block = Block(x, b * 37)
+        state = topk_merge(state, topk_candidates(state, block, k), k)
+        chunk = topk_chunk(block, k)
+        want = chunk if want is None else topk_combine([want, chunk], k)
+        np.testing.assert_array_equal(state["rows"], want["rows"])
+        np.testing.assert_array_equal(state["values"], want["values"])
+
+
+def test_analyze_outliers_says_both_counts(neox_ckpt, make_spec):
+    from analysis.outliers import analyze_outliers, format_report
+
+    path = harvest(make_spec, neox_ckpt, "both", positions={"sample": 5, "seed": 3})
+    rep = analyze_outliers(path, scheduler="sync", plots=False, write=False)
+    h = rep.report["harvest_statistics"]
+    assert h["tokens"] > h["rows"] == open_group(path)["tokens"].shape[0]
+    assert f"cover {h['tokens']:,} tokens (the store keeps {h['rows']:,} rows)" in format_report(rep.report)
+
+
+def test_statistics_spec_errors_are_one_line(neox_ckpt, make_spec):
+    from harvest.errors import HarvestError, SpecError
+    from harvest.runner import prepare
+    from harvest.spec import parse_spec
+
+    raw = make_spec(neox_ckpt, raw=True, capture={"statistics": "yes"})
+    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings, got 'yes'"):
+        parse_spec(raw)
+    spec = make_spec(neox_ckpt, hooks=["resid_post", "z"], capture={"statistics": ["z"]})
+    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which is not a per-token"):
+        prepare(spec)
+    spec = make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": ["ln1"]})
+    with pytest.raises(HarvestError, match="ln1.hook_normalized"):  # not captured: statistics need it stored
+        prepare(spec)
