@@ -109,6 +109,8 @@ class CaptureSpec:
 class RunSpec:
     batch_size: int = 8
     stages: int = 1
+    #: copies of the pipeline harvesting different units of the prompts at once ("auto": as many as the GPUs allow)
+    replicas: int | str = 1
     #: torch threads per stage (None: torch's default)
     threads: int | None = None
     #: batches waiting for the writer before compute blocks (bounds memory)
@@ -248,7 +250,7 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 #: the smallest value of numeric keys, named in the message of a wrong type too
 MINIMUM = {"run.batch_size": 1, "run.stages": 1, "run.write_queue": 1, "run.threads": 1, "run.write_threads": 1,
-           "run.max_in_flight": 1, "run.max_restarts": 0, "capture.top_k": 0, "store.chunks_per_shard": 1,
+           "run.max_in_flight": 1, "run.max_restarts": 0, "run.replicas": 1, "capture.top_k": 0, "store.chunks_per_shard": 1,
            "store.level": 0}
 
 
@@ -292,6 +294,8 @@ def _positive(section: str, value: Any, minimum: float = 1) -> None:
 
 
 def _check_pipeline(run: RunSpec) -> None:
+    if run.replicas != "auto":
+        _integer("run.replicas", run.replicas, 1, "or 'auto': as many as the cluster's GPUs allow")
     if run.max_in_flight is not None:
         _integer("run.max_in_flight", run.max_in_flight, 1)
     _integer("run.max_restarts", run.max_restarts, 0)

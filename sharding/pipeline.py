@@ -142,6 +142,18 @@ class PipelineStage(StageWorker):
         status = {"batch": batch.index, "durable": self.durable_batches()}
         return status, None if self.last else to_wire(out)
 
+    def begin(self, batch: int) -> dict[str, Any]:
+        """Start a unit of work at ``batch`` (replicas): its writer's next rows are the unit's first."""
+        if self.init_error is not None:
+            raise self.init_error
+        self.writer.begin_unit(batch)
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def end_unit(self) -> int:
+        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)."""
+        self.writer.end_unit()
+        return os.getpid()
+
     def memory(self) -> dict[str, int]:
         """Peak RSS before loading weights, after loading, and now (bytes)."""
         return {"before_load": self.rss_before_load, "loaded": self.rss_loaded, "peak": peak_rss()}
