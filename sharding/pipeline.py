@@ -231,8 +231,9 @@ class Pipeline:
     # -- actors --
     def stage_resources(self) -> Resources:
         """CPUs and GPUs per stage actor, from the Ray session's nodes (what ``harvest submit`` checks)."""
-        node_cpus, gpus = cluster_capacity(alive_nodes())
-        return stage_resources(self.job.spec, node_cpus=node_cpus, gpus=gpus)
+        nodes = alive_nodes()
+        node_cpus, gpus = cluster_capacity(nodes)
+        return stage_resources(self.job.spec, node_cpus=node_cpus, gpus=gpus, nodes=max(1, len(nodes)))
 
     def start(self) -> None:
         job = self.job

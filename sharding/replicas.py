@@ -40,7 +40,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
-from harvest.errors import StageError
+from harvest.errors import ReplicaLost, StageError
 from harvest.shape import Resources, cluster_capacity, job_units, stage_resources
 from harvest.store import batches_done, mark_written, open_for_writing, open_group
 from harvest.writer import remove_unfinished_writes
@@ -51,10 +51,6 @@ log = logging.getLogger("harvest.replicas")
 
 #: failures of one unit in a row after which a replica counts as one that keeps dying
 UNIT_ATTEMPTS = 2
-
-
-class ReplicaLost(Exception):
-    """A replica cannot go on (an actor dead for good, or a crash that repeats)."""
 
 
 @dataclass

@@ -93,11 +93,16 @@ def test_resources_count_replicas_times_stages(neox_ckpt, make_spec):
 
 
 def test_plan_shows_replicas_and_units(neox_ckpt, make_spec):
-    from sharding.plan import plan_job
+    from sharding.plan import format_plan, plan_job, plan_units
 
-    plan = plan_job(replica_spec(make_spec, neox_ckpt, 3, 2, "p.zarr"))
-    text = plan.describe()
-    assert "3 replica(s) x 2 stage(s)" in text and "units of work" in text
+    spec = replica_spec(make_spec, neox_ckpt, 2, 2, "p.zarr")
+    plan = plan_job(spec)
+    text = format_plan(plan)
+    assert "2 replica(s) x 2 stage(s) = 4 Ray stage actor(s), asking for 4 CPU(s) (run.replicas 2 x run.stages 2" in text
+    assert plan_units(plan) == job_units(prepare(spec).layout, plan.arrays), "exact for one row per sequence"
+    assert "units of work (runs of batches owning whole shards of every array" in text and "note:" not in text
+    few = format_plan(plan_job(make_spec(neox_ckpt, run={"replicas": 4})))
+    assert "note: 1 unit(s) for 4 replicas" in few
 
 
 # --- on Ray ---------------------------------------------------------------------------------------------
