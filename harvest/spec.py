@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -110,7 +110,7 @@ class RunSpec:
     batch_size: int = 8
     stages: int = 1
     #: copies of the pipeline harvesting different units of the prompts at once ("auto": as many as the GPUs allow)
-    replicas: int | str = 1
+    replicas: int | Literal["auto"] = 1
     #: torch threads per stage (None: torch's default)
     threads: int | None = None
     #: batches waiting for the writer before compute blocks (bounds memory)
@@ -230,6 +230,8 @@ def _is_a(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_is_a(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is Any:
@@ -258,6 +260,8 @@ def _describe(hint: Any, minimum: float | None = None) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h, minimum) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     bound = f" >= {minimum}" if minimum is not None and hint in (int, float) else ""
