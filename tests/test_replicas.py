@@ -219,3 +219,27 @@ def test_driver_killed_mid_run_resumes_with_another_replica_count(neox_ckpt, mak
     result = run(replica_spec(make_spec, neox_ckpt, 3, 1, "resumed.zarr"), resume=True, progress=False)
     assert 0 < result.batches < 10
     assert store_differences(reference, path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a permanent failure retried forever would hang: the timeout fails it
+def test_a_stage_error_stops_every_replica_with_its_message(neox_ckpt, make_spec, ray_session, tmp_path):
+    """A stage's own error would happen on any replica: it stops the job, message intact, not a drop."""
+    from safetensors.torch import load_file, save_file
+
+    from harvest.errors import NonFiniteActivationError
+
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    for f in neox_ckpt.iterdir():
+        if f.name != "model.safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(neox_ckpt / "model.safetensors")
+    tensors["gpt_neox.layers.3.mlp.dense_4h_to_h.bias"][5] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    spec = replica_spec(make_spec, bad, 2, 1, "nan.zarr")
+    with pytest.raises(NonFiniteActivationError, match=r"NaN/inf value\(s\) in blocks\.3\.hook_resid_post, batch \d+\. "
+                                                       r"Nothing of this batch is marked written"):
+        run(spec, progress=False)
+    info = json.loads((spec.store_path() / "zarr.json").read_text())["attributes"]["harvest"]
+    assert info["status"] == "failed"
