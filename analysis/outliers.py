@@ -64,7 +64,7 @@ def _json_default(obj):
     return str(obj)
 
 
-@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
+@names_damage  # a bad checksum anywhere inside is named in one line
 def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, index: bool = True, derive: bool = True,
                      scheduler=None, num_workers: int | None = None, write: bool = True,
                      plots: bool | str | Path = True) -> OutlierReport:

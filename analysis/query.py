@@ -47,7 +47,7 @@ def resolve_hook(hook: str | None, layer: int | None, templates: dict[str, Any],
     return template, layer
 
 
-@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
+@names_damage  # a bad checksum anywhere inside is named in one line
 def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int | None = None, top: int = 10,
               context: int = 8) -> dict[str, Any]:
     """Per-layer statistics of dimension ``dim``, its outlier verdict, LN weights, and its top-k

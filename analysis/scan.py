@@ -496,7 +496,7 @@ def compute(graph: dict, scheduler=None, num_workers: int | None = None) -> dict
                     pass
 
 
-@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
+@names_damage  # a bad checksum anywhere inside is named in one line
 def run_scan(path: str | Path, params: ScanParams | None = None, *, index: bool = True, outliers: bool = True,
              derive: bool = True, scheduler=None, num_workers: int | None = None) -> ScanResult:
     """One pass over the store; returns the aggregated statistics (nothing written)."""

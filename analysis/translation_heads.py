@@ -328,7 +328,7 @@ def plan(store: str | Path, *, text: str | Path | None = None, repeated: str | P
     return TranslationPlan(store, layers, heads, int(n_prompts), int(words), text_path, repeated_path, controls)
 
 
-@names_damage  # issue 16: a bad checksum anywhere inside is named in one line
+@names_damage  # a bad checksum anywhere inside is named in one line
 def analyze(store: str | Path, *, text: str | Path | None = None, repeated: str | Path | None = None,
             write: bool = True, plot: bool = True, scheduler: Any = None, num_workers: int | None = None,
             role_thresholds: dict[str, float] | None = None) -> TranslationHeads:

@@ -1,6 +1,6 @@
 """GPU harvest: a random-init GPT-J-6B-sized model in fp16 on one GPU.
 
-    python bench/gpu_harvest.py --json OUT.json        # on a machine with a GPU (about 4 min, 40 GB of disk)
+    python bench/gpu_harvest.py --json OUT.json        # on a machine with a GPU (about 8 min, 40 GB of disk)
     .venv/bin/python bench/gpu_harvest.py --render OUT.json   # write its section of bench/RESULTS.md
     .venv/bin/python bench/gpu_harvest.py --smoke      # the same steps on a tiny GPT-J on CPU (checks the script)
 
@@ -13,7 +13,11 @@ I/O binds):
   plain Python, from 1 and from 8 threads (into the page cache, as the harvest writes), and the
   time ``sync`` then takes to make them durable;
 - harvest of every layer's ``resid_post`` through ``harvest.runner.run`` (the library call behind
-  ``harvest run``): default write threads, and one write thread;
+  ``harvest run``), in two regimes: while the page cache absorbs the writes (~11 GB, ``store.fsync:
+  none``) with the shard writer buffered (default write threads: 8), with ``O_DIRECT``, and with
+  zarr-python's path as the baseline; and durable (``--durable-batches``, ~37 GB, ``store.fsync:
+  shard``, the window ending when ``sync`` returns), the same three; plus every layer's
+  ``mlp.hook_post`` for a few batches (917 KB/token), and the writer's CPU-seconds per GB;
 - the loop a researcher writes by hand: ``output_hidden_states=True``, ``torch.stack(...).cpu()``,
   ``np.save`` per batch, synchronous.
 
@@ -102,8 +106,8 @@ def build_checkpoint(out: Path, device, smoke: bool) -> dict:
             "init_s": t_init, "save_s": time.perf_counter() - t0 - t_init, "dtype": str(dtype).split(".")[-1]}
 
 
-def prompts_cfg() -> dict:
-    return {"source": "repeated_tokens", "n_prompts": BATCH * N_BATCHES, "length": SEQ // 2, "repeats": 2,
+def prompts_cfg(n_batches: int = N_BATCHES) -> dict:
+    return {"source": "repeated_tokens", "n_prompts": BATCH * n_batches, "length": SEQ // 2, "repeats": 2,
             "bos": False, "seed": 0}
 
 
@@ -201,15 +205,31 @@ def measure_write_bandwidth(out_dir: Path, total_bytes: int, file_bytes: int, th
 
 #: harvest variant -> (spec overrides, label). "dropped" is a diagnostic, not a harvest: shards are
 #: dropped instead of written, which leaves the cost of capture, the copies to the host and the
-#: writer's bookkeeping.
+#: writer's bookkeeping (checksums, index). The "durable" variants run ``--durable-batches``
+#: batches with ``store.fsync: shard`` and their window ends when ``os.sync()`` returns; every other
+#: variant runs with ``store.fsync: none`` while the page cache absorbs its ~11 GB.
 HARVEST_VARIANTS = {
-    "default": ({}, "**harvest resid_post, defaults**"),
+    "default": ({}, "**harvest resid_post, defaults (shard writer, buffered)**"),
+    "zarr": ({"store": {"writer": "zarr"}}, "harvest, store.writer: zarr (the writer before issue 12; baseline)"),
+    "direct": ({"store": {"direct_io": True}}, "harvest, store.direct_io: true (O_DIRECT)"),
+    "durable": ({}, "harvest, durable: store.fsync: shard, until `sync` returns"),
+    "durable_direct": ({"store": {"direct_io": True}}, "harvest, durable, O_DIRECT"),
+    "durable_zarr": ({"store": {"writer": "zarr"}}, "harvest, durable, store.writer: zarr (baseline)"),
+    "mlp": ({}, "harvest mlp.hook_post, every layer (917 KB/token: where the disk binds)"),
     "cps1": ({"store": {"chunks_per_shard": 1}}, "harvest, store.chunks_per_shard: 1"),
     "wt1": ({"run": {"write_threads": 1}}, "harvest, run.write_threads: 1"),
     "wt16": ({"run": {"write_threads": 16}}, "harvest, run.write_threads: 16"),
     "dropped": ({}, "capture + copy to host, shards dropped (diagnostic)"),
     "mallopt": ({}, "harvest, glibc malloc told to keep freed memory (experiment; run it last)"),
 }
+MLP = "blocks.*.mlp.hook_post"
+#: batches of the "mlp" variant: a few, its 917 KB/token fill the page cache fast
+MLP_BATCHES = 6
+
+
+def writer_cpu(thread_cpu: dict) -> float:
+    """CPU seconds of the write path: the stage's writer and write threads, its I/O pool, zarr's and asyncio's threads."""
+    return sum(v for k, v in thread_cpu.items() if k.startswith(("stage", "asyncio", "zarr")))
 
 
 def keep_freed_memory() -> bool:
@@ -222,16 +242,20 @@ def keep_freed_memory() -> bool:
                 libc.mallopt(M_TOP_PAD, 64 << 20)])
 
 
-def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: str) -> dict:
+def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: str,
+                    durable_batches: int = 40) -> dict:
     """``harvest.runner.run`` as ``harvest run`` calls it, timed from the end of warm-up batch 2."""
     overrides, _ = HARVEST_VARIANTS[variant]
     skip_writes = variant == "dropped"
+    durable = variant.startswith("durable")
+    n_batches = durable_batches if durable else MLP_BATCHES if variant == "mlp" else N_BATCHES
     if variant == "mallopt":
         log(f"mallopt: {keep_freed_memory()}")
     import numpy as np
     import torch
 
     from harvest.runner import run
+    from harvest.shards import ShardFileWriter
     from harvest.spec import parse_spec
     from harvest.store import open_group
     from harvest.worker import StageWorker
@@ -241,7 +265,7 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     sync = Sync(device)
     marks: list[float] = []
     threads = common.ThreadCPU()
-    process, flush = StageWorker.process, ArrayWriter.flush
+    process, flush, pwritev = StageWorker.process, ArrayWriter.flush, ShardFileWriter._pwritev
 
     def timed_process(self, batch, hidden):
         out = process(self, batch, hidden)
@@ -251,19 +275,23 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
         marks.append(time.perf_counter())
         return out
 
-    def dropped_flush(self):
-        self.durable, self._filled = self.durable + self._filled, 0
+    def dropped_flush(self):  # the zarr path: rows count as written, nothing is encoded
+        self._durable, self._filled = self._durable + self._filled, 0
+
+    def dropped_pwritev(self, buffers, offset):  # the shard writer: checksums and index, no bytes to the kernel
+        pass
 
     StageWorker.process = timed_process
     if skip_writes:
-        ArrayWriter.flush = dropped_flush
+        ArrayWriter.flush, ShardFileWriter._pwritev = dropped_flush, dropped_pwritev
     raw = {
         "name": "gpu-bench",
         "model": {"path": str(ckpt), "dtype": dtype, "device": device.type, "hash_weights": False},
-        "prompts": prompts_cfg(),
-        "capture": {"hooks": [RESID], "positions": "all", "on_nonfinite": "flag"},
+        "prompts": prompts_cfg(n_batches),
+        "capture": {"hooks": [MLP if variant == "mlp" else RESID], "positions": "all", "on_nonfinite": "flag"},
         "run": {"batch_size": BATCH, **overrides.get("run", {})},
-        "store": {"root": str(root), "path": "store.zarr", **overrides.get("store", {})},
+        "store": {"root": str(root), "path": "store.zarr", "fsync": "shard" if durable else "none",
+                  **overrides.get("store", {})},
     }
     spec = parse_spec(raw, base_dir=common.ROOT)
     if device.type == "cuda":
@@ -271,17 +299,22 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     t0 = time.perf_counter()
     try:
         result = run(spec, overwrite=True, progress=False)
+        if durable:
+            os.sync()  # the window ends when every byte is on the device
     finally:
-        StageWorker.process, ArrayWriter.flush = process, flush
+        StageWorker.process, ArrayWriter.flush, ShardFileWriter._pwritev = process, flush, pwritev
     end = time.perf_counter()
     thread_cpu = threads.totals()
     group = open_group(result.path)
-    assert np.array_equal(np.asarray(group["input_ids"][...]), ids), "the harvest saw other tokens"
+    seen = np.asarray(group["input_ids"][...])
+    assert np.array_equal(seen[: len(ids)], ids[: len(seen)]), "the harvest saw other tokens"
     arrays = [name for name in group.array_keys() if name.startswith("blocks.")]
     stored = sum(common.dir_bytes(result.path / name) for name in arrays)
     a = group[arrays[0]]
     res = {
         "variant": variant, "write_threads": write_threads_for(spec.run.write_threads, device.type, len(arrays)),
+        "batches": n_batches, "timed_tokens": (n_batches - WARMUP) * BATCH * SEQ, "writer_cpu": writer_cpu(thread_cpu),
+        "fsync": spec.store.fsync, "engine": spec.store.writer, "direct_io": spec.store.direct_io,
         "thread_cpu": thread_cpu, "batch_seconds": [b - a for a, b in zip(marks, marks[1:])],
         "seconds": end - marks[WARMUP - 1], "compute_seconds": marks[-1] - marks[WARMUP - 1],
         "drain_seconds": end - marks[-1], "setup_seconds": marks[0] - t0,
@@ -294,12 +327,13 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log(f"harvest {variant} (write threads {res['write_threads']}): "
-        f"{TIMED * BATCH * SEQ / res['seconds']:.0f} tok/s, drain {res['drain_seconds']:.2f} s, "
+        f"{res['timed_tokens'] / res['seconds']:.0f} tok/s, drain {res['drain_seconds']:.2f} s, "
+        f"writer {res['writer_cpu'] / max(res['logical_bytes'] / 1e9, 1e-9):.2f} CPU-s/GB, "
         f"CPU s by thread {json.dumps({k: round(v, 2) for k, v in list(thread_cpu.items())[:6]})}")
     return res
 
 
-def measure(work: Path, smoke: bool, variants: list[str]) -> dict:
+def measure(work: Path, smoke: bool, variants: list[str], durable_batches: int = 40) -> dict:
     import torch
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -325,8 +359,8 @@ def measure(work: Path, smoke: bool, variants: list[str]) -> dict:
     for w in res["write"]:
         log(f"plain write, {w['threads']} thread(s): {w['bytes'] / w['write_s'] / 1e9:.2f} GB/s "
             f"({w['bytes'] / w['durable_s'] / 1e9:.2f} GB/s durable)")
-    res["harvest"] = [harvest_default] + [measure_harvest(ckpt, ids, device, dtype, work / "stores", v)
-                                          for v in variants if v != "default"]
+    res["harvest"] = [harvest_default] + [measure_harvest(ckpt, ids, device, dtype, work / "stores", v,
+                                                          durable_batches) for v in variants if v != "default"]
     res["meta"]["minutes"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds() / 60
     shutil.rmtree(ckpt, ignore_errors=True)
     return res
@@ -353,7 +387,7 @@ def render(res: dict) -> str:
     meta = res["meta"]
     tokens = TIMED * BATCH * SEQ
     n_all = N_BATCHES * BATCH * SEQ
-    tps = lambda r: tokens / r["seconds"]  # noqa: E731
+    tps = lambda r: r.get("timed_tokens", tokens) / r["seconds"]  # noqa: E731
     bare, base = tps(res["bare"]), tps(res["bare_base"])
     per_token = res["harvest"][0]["logical_bytes"] / n_all
     cache_bw = max(w["bytes"] / w["write_s"] for w in res["write"])
@@ -377,8 +411,12 @@ def render(res: dict) -> str:
                         f"{w['bytes'] / w['write_s'] / 1e9:.2f} GB/s into the page cache; "
                         f"{w['bytes'] / w['durable_s'] / 1e9:.2f} GB/s until `sync` returns"))
     for h in res["harvest"]:
+        timed = h.get("timed_tokens", tokens)
+        cpu = (f", writer {h['writer_cpu'] / (h['logical_bytes'] / 1e9):.2f} CPU-s per GB"
+               if "writer_cpu" in h else "")
         rows.append(row(f"{HARVEST_VARIANTS[h['variant']][1]} (write threads {h['write_threads']})", tps(h),
-                        f"compute-only {tokens / h['compute_seconds']:.0f} tok/s, drain {h['drain_seconds']:.2f} s, "
+                        f"{h.get('batches', N_BATCHES)} batches, {h['logical_bytes'] / 1e9:.1f} GB; compute-only "
+                        f"{timed / h['compute_seconds']:.0f} tok/s, drain {h['drain_seconds']:.2f} s{cpu}, "
                         f"GPU peak {h['gpu_peak'] / 2**30:.1f} GiB"))
     sync_rate = tps(res["hidden_npsave"])
     rows.append(row("hidden_states + `.cpu()` + np.save, synchronous", sync_rate,
@@ -415,8 +453,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gpu-bench",
                     help="scratch directory for the checkpoint and the stores (needs ~40 GB; default $TMPDIR/gpu-bench)")
     ap.add_argument("--smoke", action="store_true", help="a tiny GPT-J on CPU: checks the script, prints the table")
-    ap.add_argument("--harvest", default="default,cps1,wt1,dropped",
+    ap.add_argument("--harvest", default="default,zarr,direct,dropped,mlp,durable,durable_direct,durable_zarr",
                     help=f"harvest variants after the default, from: {', '.join(HARVEST_VARIANTS)}")
+    ap.add_argument("--durable-batches", type=int, default=None,
+                    help="batches of the durable variants (default 40: ~37 GB of resid_post; --smoke: 16)")
     ap.add_argument("--render", type=Path, help="write the section of bench/RESULTS.md from a --json file")
     args = ap.parse_args()
     if args.render:
@@ -429,7 +469,7 @@ def main() -> None:
     unknown = [v for v in variants if v not in HARVEST_VARIANTS]
     if unknown:
         ap.error(f"unknown harvest variant(s): {', '.join(unknown)}")
-    res = measure(args.work, args.smoke, variants)
+    res = measure(args.work, args.smoke, variants, args.durable_batches or (16 if args.smoke else 40))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     print(render(res))

@@ -54,6 +54,8 @@ VARIANTS = {
     "harvest_resid_cps1": "harvest resid_post ×12, no compression, store.chunks_per_shard: 1",
     "harvest_resid_mlp": "harvest resid_post + mlp.hook_post ×12, no compression",
     "harvest_resid_mlp_zstd1": "harvest resid_post + mlp.hook_post ×12, zstd-1",
+    "harvest_resid_mlp_zarr": "harvest resid_post + mlp.hook_post ×12, store.writer: zarr (the writer before issue 12)",
+    "harvest_resid_mlp_nofsync": "harvest resid_post + mlp.hook_post ×12, store.fsync: none",
     "hf_hidden_npsave": "HF output_hidden_states + np.save (13×resid, fp32)",
     "tl_cache_save": "TransformerLens 4 run_with_cache(resid_post) + torch.save",
 }
@@ -238,7 +240,9 @@ def child_harvest(variant: str, threads: int, ckpt: Path, corpus: Path, out_dir:
         "run": {"batch_size": BATCH, "threads": threads},
         "store": {"root": str(out_dir), "path": "store.zarr",
                   "compressor": "zstd" if variant.endswith("zstd1") else "none", "level": 1,
-                  **({"chunks_per_shard": 1} if variant.endswith("cps1") else {})},
+                  **({"chunks_per_shard": 1} if variant.endswith("cps1") else {}),
+                  **({"writer": "zarr"} if variant.endswith("_zarr") else {}),
+                  **({"fsync": "none"} if variant.endswith("_nofsync") else {})},
     }
     spec = parse_spec(raw, base_dir=common.ROOT)
     result = run(spec, overwrite=True, progress=False)

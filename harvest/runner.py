@@ -78,6 +78,7 @@ class Job:
                           "sequence": np.concatenate([[0], self.layout.batch_ends("sequence")[:-1]])},
             on_nonfinite=self.spec.capture.on_nonfinite,
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
+            fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
         )
 
     def stage_options(self) -> StageOptions:
@@ -152,7 +153,9 @@ def _fingerprint_fields(job: Job, tokenizer) -> dict[str, str]:
         "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in job.ckpt.tokenizer_files()],
         "capture": capture,
         "batch size": spec.run.batch_size,
-        "store layout": {k: v for k, v in spec.to_dict()["store"].items() if k not in ("path", "root")},
+        # fsync and direct_io change when bytes reach the disk, not which: a resume may change them
+        "store layout": {k: v for k, v in spec.to_dict()["store"].items()
+                         if k not in ("path", "root", "fsync", "direct_io") and (k, v) != ("writer", "shards")},
         "format version": FORMAT_VERSION,
     }
     return {k: hashlib.sha256(dumps(v).encode()).hexdigest()[:16] for k, v in fields.items()}

@@ -206,10 +206,16 @@ def array_plans(hooks: list[HookPoint], dims: ModelDims, spec: JobSpec, work: Wo
         dtype = p.dtype or store_dtype
         lead = work.n_rows if p.axis == "token" else work.n_sequences
         shape = (lead, *(sizes[d] for d in p.dims[1:]))
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        chunk, shard = chunk_layout(lead, row_bytes, spec.store.chunk_mib, spec.store.chunks_per_shard)
-        out.append(ArrayPlan(p, shape, dtype, chunk, shard))
+        out.append(array_plan(p, shape, dtype, spec.store.chunk_mib, spec.store.chunks_per_shard))
     return out
+
+
+def array_plan(point: HookPoint, shape: tuple[int, ...], dtype: str, chunk_mib: float,
+               chunks_per_shard: int) -> ArrayPlan:
+    """One array's plan: chunks of about ``chunk_mib`` along its leading axis, ``chunks_per_shard`` to a shard."""
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard)
+    return ArrayPlan(point, tuple(shape), dtype, chunk, shard)
 
 
 # --- units of work: what one replica is handed at a time ---------------------------------------------

@@ -1,35 +1,491 @@
-"""Zarr v3's ``sharding_indexed`` layout, read and checked byte by byte without zarr.
+"""Shard files in Zarr v3's ``sharding_indexed`` layout, written by hand at the speed of the disk.
 
-A shard file is its inner chunks, each encoded by the inner codecs (``bytes``, an optional
-compressor, then ``crc32c``: the chunk's last 4 bytes are the CRC-32C of the bytes before them),
-followed (``index_location: end``) or preceded (``start``) by the index: one little-endian
-``(offset, length)`` uint64 pair per inner chunk in C order, ``2**64 - 1`` twice for a chunk that
-was never written (read as the fill value), then the index's own CRC-32C when its codecs end
-with ``crc32c``. Zarr's own reader raises on the first bad checksum without saying which array or
-chunk; the functions here name every damaged chunk, and read files directly so that a whole store
-is checked at disk speed.
+zarr-python creates every array and its ``zarr.json``; this module only writes the shard files of
+the arrays whose codec chain it covers (``shard_geometry`` says which), and zarr's own pipeline
+writes the rest (compression). What a shard file holds (zarr-specs, codecs/sharding-indexed):
+
+* inner chunks along the token (or sequence) axis only, so chunk ``j`` of a shard is rows
+  ``[j * chunk_rows, (j + 1) * chunk_rows)`` of it: a contiguous slice of the captured batch;
+* each chunk encoded by ``[bytes(little endian), crc32c]``: its raw bytes, then the 4-byte
+  little-endian crc32c of those bytes (a *record*); a chunk that runs past the array's end is
+  stored full-size, padded with the fill value (0); chunks wholly past the end, or not yet written
+  in a shard flushed part-way, are absent;
+* at the end of the file the index, ``[bytes, crc32c]``-encoded: one little-endian uint64 pair
+  (offset, nbytes) per inner chunk in C order (``2**64 - 1`` twice for an absent chunk), then the
+  crc32c of those bytes.
+
+The specification allows unused space between records and any order, so record ``j`` sits at
+``j * stride``. With ``align=0`` the stride is the record size and a shard is byte-identical to
+the one zarr writes; with ``align=4096`` (the default, ``RECORD_ALIGN``) each record starts on a
+page, the 4092 bytes after each checksum are a hole, and the kernel copies whole pages instead of
+straddling them (bench/RESULTS.md, "Writer"). ``O_DIRECT`` needs that alignment too (buffers,
+offsets and lengths on 4 KiB), and needs chunks whose bytes are a multiple of 4096.
+
+Copies per byte, from the captured batch (pinned host memory on a GPU) to the file:
+
+* buffered (the default): **none** in Python, for every row. A chunk's rows go to their place in
+  its record straight from their slice of the batch, the crc32c computed over the slice in place
+  and carried from one batch to the next when a chunk spans two; ``os.pwritev`` hands slice and
+  checksum to the kernel, which copies them once into the page cache. The rows missing from a
+  short chunk (past the array's end, or in a shard flushed part-way) are a hole in the file, which
+  reads as the fill value 0, and are checksummed from a small zero buffer;
+* ``O_DIRECT``: with rows of a multiple of 4 KiB (d_model 2048+ in fp16), written piece by piece as
+  above: **none** from a page-aligned batch (pinned memory: the device DMAs from it), **one** into
+  the same place of the writer's chunk-sized staging buffer (allocated once per array, on first
+  use) from an unaligned one. Other rows: one, chunk by chunk through the staging buffer, except a
+  whole chunk inside one batch at an aligned address;
+* per-sequence arrays (attention patterns) narrower than the store's extent: one more, done by the
+  caller (``ArrayWriter``) into its zero-padded buffer, reused across batches, as before.
+
+The hot loop makes a memoryview slice and a few ints per chunk piece (chunks are megabytes), no
+shard buffer, no ``np.append``, no per-shard allocation (index and checksum buffers are reused).
+
+Crash safety: a shard is written to ``<key>.<token>.partial`` beside its final name and renamed
+over it when complete, so the final name always holds a whole shard (old or new); a process killed
+mid-shard leaves only a ``.partial`` file, which ``remove_unfinished_writes`` deletes when the
+array's next writer starts. A write that fails deletes its own temporary file.
+
+Durability (``store.fsync``): ``"shard"`` (the default) flushes each shard file and its directory to
+the device before its rows count as durable, so the manifest never claims a batch a power loss could
+take; ``"none"`` leaves that to the kernel's writeback (a crashed process loses nothing, a crashed
+machine may).
+
+
+Reading and checking (``harvest verify``, and the analyses' one-line checksum errors): zarr's own
+reader raises on the first bad checksum without saying which array or chunk; the functions under
+``# --- reading and checking`` read shard files directly (no zarr import), check the index and every
+inner chunk, and name each damaged chunk, so a whole store is checked at disk speed. They read any
+shard in this layout, whether written here or by zarr (packed, compressed, index at either end).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
+import os
+import struct
+import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 
 from .errors import ShardIndexError
 
+log = logging.getLogger(__name__)
+
+# --- writing ------------------------------------------------------------------------------------
+
+#: alignment of chunk records and of O_DIRECT buffers, offsets and lengths (the page size)
+SECTOR = 4096
+#: record alignment of buffered writes: 0 packs records as zarr does; 4096 starts each on a page
+RECORD_ALIGN = SECTOR
+#: the index entry of an absent chunk
+EMPTY = 2**64 - 1
+FSYNC_POLICIES = ("shard", "none")
+#: suffix of a shard being written (zarr's LocalStore uses the same one for its own)
+PARTIAL_SUFFIX = ".partial"
+_ZEROS = np.zeros(1 << 16, dtype=np.uint8)  #: checksummed in place of a short chunk's missing rows
+
+
+@dataclass(frozen=True)
+class ShardGeometry:
+    """Where the records of one array's shards lie in their files."""
+
+    n_rows: int  #: length of the array along its first axis
+    chunk_rows: int
+    shard_rows: int
+    row_bytes: int
+    align: int = RECORD_ALIGN  #: 0: packed exactly as zarr packs them
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        """One encoded chunk: its bytes and its checksum."""
+        return self.chunk_bytes + 4
+
+    @property
+    def stride(self) -> int:
+        return self.record_bytes if not self.align else -(-self.record_bytes // self.align) * self.align
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    def shard_end(self, shard: int) -> int:
+        return min((shard + 1) * self.shard_rows, self.n_rows)
+
+
+def shard_geometry(array, align: int | None = None) -> ShardGeometry | None:
+    """The geometry of ``array``'s shards, or None when this module does not encode its codec chain.
+
+    Covered: a local file-system store; one ``sharding_indexed`` codec with the index at the end,
+    inner codecs ``[bytes(little), crc32c]`` and index codecs ``[bytes(little), crc32c]``; inner
+    chunks and shards that span every axis but the first; fill value 0; a little-endian machine.
+    Anything else (compression above all) is written by zarr-python.
+    """
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    def bytes_crc(codecs) -> bool:
+        return (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], Crc32cCodec)
+                and (codecs[0].endian is None or codecs[0].endian.value == "little"))
+
+    meta = array.metadata
+    codecs = getattr(meta, "codecs", ())
+    if (sys.byteorder != "little" or not isinstance(array.store_path.store, LocalStore) or len(codecs) != 1
+            or not isinstance(codecs[0], ShardingCodec)):
+        return None
+    sharding = codecs[0]
+    try:
+        dtype = np.dtype(array.dtype)
+        if (sharding.index_location.value != "end" or not bytes_crc(sharding.codecs)
+                or not bytes_crc(sharding.index_codecs) or dtype.hasobject or not dtype.isnative):
+            return None
+        shape, chunk, shard = tuple(array.shape), tuple(sharding.chunk_shape), tuple(meta.chunk_grid.chunk_shape)
+    except (AttributeError, TypeError):  # a zarr whose internals moved: its own pipeline writes
+        return None
+    if not shape or chunk[1:] != shape[1:] or shard[1:] != shape[1:] or shard[0] % chunk[0]:
+        return None
+    if np.asarray(array.fill_value, dtype=dtype).tobytes() != bytes(dtype.itemsize):
+        return None
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    return ShardGeometry(shape[0], chunk[0], shard[0], row_bytes, RECORD_ALIGN if align is None else align)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """A zeroed, page-aligned uint8 buffer (anonymous memory: O_DIRECT accepts it)."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
+
+
+def encode_shard_index(n_chunks: int, geometry: ShardGeometry, out: np.ndarray) -> np.ndarray:
+    """The encoded index of a shard whose first ``n_chunks`` records are written, into ``out``.
+
+    ``out``: a uint8 buffer of at least ``geometry.index_bytes``; returns the view holding the index
+    (one ``<u8`` (offset, nbytes) pair per chunk, ``EMPTY`` for absent ones, then its crc32c).
+    """
+    n = geometry.chunks_per_shard
+    body = out[: 16 * n].view("<u8").reshape(n, 2)
+    body[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * np.uint64(geometry.stride)
+    body[:n_chunks, 1] = geometry.record_bytes
+    body[n_chunks:] = EMPTY
+    struct.pack_into("<I", out, 16 * n, crc32c.crc32c(out[: 16 * n]))
+    return out[: geometry.index_bytes]
+
+
+def shard_file_bytes(n_chunks: int, geometry: ShardGeometry) -> int:
+    """Size of a shard file holding ``n_chunks`` records."""
+    return n_chunks * geometry.stride + geometry.index_bytes
+
+
+def direct_io_supported(directory: Path) -> bool:
+    """Whether the file system under ``directory`` accepts ``O_DIRECT`` (tmpfs does not)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / f".direct-probe.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    try:
+        buf = aligned_empty(SECTOR)
+        os.pwrite(fd, buf, 0)  # some file systems accept the flag and refuse the write
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+class ShardFileWriter:
+    """Appends rows to one array's shard files, in order, one shard at a time.
+
+    Rows arrive as arrays of the array's dtype and full row shape, starting at ``start``. A shard's
+    file is complete, renamed into place and (``fsync``) on the device when its last row arrives,
+    or on ``flush`` for the rows so far; ``durable`` is the row up to which that holds. A shard is
+    always written whole from its first row: when the next row is not on a shard boundary (a
+    resume, or rows after a ``flush``), ``needs_prefix`` is true and the caller hands the shard's
+    rows already on disk to ``restart_shard`` first. One writer per array, one thread at a time.
+    """
+
+    def __init__(self, array_dir: Path, chunk_key, geometry: ShardGeometry, start: int, *,
+                 direct: bool = False, fsync: str = "shard"):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy {fsync!r}: choose one of {', '.join(FSYNC_POLICIES)}")
+        if direct and (geometry.chunk_bytes % SECTOR or (geometry.align and geometry.align % SECTOR)):
+            log.info("%s: chunks of %d bytes are not a multiple of %d: buffered writes, not O_DIRECT",
+                     array_dir, geometry.chunk_bytes, SECTOR)
+            direct = False
+        if direct:  # O_DIRECT records start on pages whatever the buffered alignment
+            geometry = ShardGeometry(geometry.n_rows, geometry.chunk_rows, geometry.shard_rows, geometry.row_bytes, SECTOR)
+        self.dir = Path(array_dir)
+        self.chunk_key = chunk_key  #: shard number -> key relative to the array, e.g. "c/3/0"
+        self.geometry = geometry
+        self.direct = direct
+        self.fsync = fsync == "shard"
+        self.durable = start  #: rows [.., durable) are in renamed shard files
+        self.cursor = start  #: the next row expected
+        g = geometry
+        self._stage: np.ndarray | None = None  #: O_DIRECT only (``_staging``)
+        self._staged = 0  #: O_DIRECT: rows in the staging buffer
+        self._in_chunk = 0  #: written piece by piece: rows of the open chunk already in the file
+        self._crc = 0  #: crc32c of those rows
+        self._tail = aligned_empty(SECTOR)  #: a record's checksum, then zeros up to the next page
+        self._index = aligned_empty(-(-g.index_bytes // SECTOR) * SECTOR)
+        self._token = uuid.uuid4().hex
+        self._fd: int | None = None
+        self._tmp: Path | None = None
+        self._final: Path | None = None
+        self._new_dirs: list[Path] = []
+        self._chunks = 0  #: records written to the open shard
+
+    # --- the hot path ----------------------------------------------------------------------------
+
+    @property
+    def shard_start(self) -> int:
+        return self.cursor // self.geometry.shard_rows * self.geometry.shard_rows
+
+    @property
+    def needs_prefix(self) -> bool:
+        """The next row is inside a shard this writer has not opened: ``restart_shard`` first."""
+        return self._fd is None and self.cursor % self.geometry.shard_rows != 0 and self.cursor < self.geometry.n_rows
+
+    def restart_shard(self, prefix: np.ndarray) -> None:
+        """Open the shard holding ``cursor`` again with ``prefix``, its rows ``[shard_start, cursor)`` read back."""
+        if len(prefix) != self.cursor - self.shard_start:
+            raise ValueError(f"{self.dir.name}: restarting shard at row {self.shard_start} needs "
+                             f"{self.cursor - self.shard_start} rows, got {len(prefix)}")
+        self.cursor = self.shard_start
+        self._append(prefix)
+
+    def append(self, data: np.ndarray) -> None:
+        """Write rows ``[cursor, cursor + len(data))``; complete shards go durable on the way."""
+        if self.needs_prefix:
+            raise ValueError(f"{self.dir.name}: row {self.cursor} is inside a shard; restart_shard first")
+        self._append(data)
+
+    def _append(self, data: np.ndarray) -> None:
+        g = self.geometry
+        if self.cursor + len(data) > g.n_rows:
+            raise ValueError(f"{self.dir.name}: rows up to {self.cursor + len(data)} do not fit {g.n_rows}")
+        if data.nbytes != len(data) * g.row_bytes:
+            raise ValueError(f"{self.dir.name}: rows of {data.nbytes // max(len(data), 1)} bytes, expected {g.row_bytes}")
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)  # one copy; captures are contiguous
+        flat = memoryview(data.reshape(-1).view(np.uint8))
+        try:
+            pos, left = 0, len(data)
+            while left:
+                if self._fd is None:
+                    self._open_shard()
+                shard_end = g.shard_end(self.cursor // g.shard_rows)
+                take = min(left, g.chunk_rows - self._in_chunk - self._staged, shard_end - self.cursor)
+                piece = flat[pos: pos + take * g.row_bytes]
+                if not self.direct:  # straight to its place in the record, the checksum carried over
+                    self._write_piece(piece, take)
+                elif g.row_bytes % SECTOR == 0:  # O_DIRECT with page-sized rows: every piece is aligned but its address
+                    if _address(piece) % SECTOR:  # an unaligned batch: one copy, to the same place in the stage
+                        at = self._in_chunk * g.row_bytes
+                        piece = self._staging()[at: at + len(piece)]
+                        piece[...] = flat[pos: pos + take * g.row_bytes]
+                    self._write_piece(piece, take)
+                elif not self._staged and take == g.chunk_rows:
+                    self._write_slice(piece)
+                else:  # O_DIRECT, part of a chunk: gather it in the staging buffer
+                    at = self._staged * g.row_bytes
+                    self._staging()[at: at + len(piece)] = piece
+                    self._staged += take
+                    if self._staged == g.chunk_rows:
+                        self._write_staged()
+                self.cursor += take
+                pos += take * g.row_bytes
+                left -= take
+                if self.cursor == shard_end:
+                    self._finish_shard()
+        except BaseException:
+            self.discard()
+            raise
+
+    def flush(self) -> None:
+        """Make the rows so far durable: the open shard is completed with what it holds."""
+        if self._fd is None:
+            return
+        try:
+            self._finish_shard()
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop the open shard's temporary file (rows since ``durable`` must be appended again)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        self._staged, self._in_chunk, self._crc, self._chunks, self.cursor = 0, 0, 0, 0, self.durable
+
+    # --- records ---------------------------------------------------------------------------------
+
+    def _write_piece(self, piece, rows: int) -> None:
+        """Rows of the open chunk at their offset in its record, whatever batch they came in (buffered, or
+        O_DIRECT with page-sized rows); the checksum is carried from piece to piece."""
+        g = self.geometry
+        at = self._chunks * g.stride + self._in_chunk * g.row_bytes
+        self._crc = crc32c.crc32c(piece, self._crc)
+        self._in_chunk += rows
+        if self._in_chunk < g.chunk_rows:
+            self._pwritev([piece], at)
+            return
+        struct.pack_into("<I", self._tail, 0, self._crc)
+        self._pwritev([piece, self._tail if self.direct else self._tail[:4]], at)
+        self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
+
+    def _end_piecewise_record(self) -> None:
+        """Close a chunk cut short (array end, flush). Its missing rows are the fill value, 0:
+        left as a hole in the file, which reads as zeros, and fed to the checksum as zeros."""
+        g = self.geometry
+        missing = (g.chunk_rows - self._in_chunk) * g.row_bytes
+        crc = self._crc
+        while missing:
+            n = min(missing, len(_ZEROS))
+            crc = crc32c.crc32c(_ZEROS[:n], crc)
+            missing -= n
+        struct.pack_into("<I", self._tail, 0, crc)
+        self._pwritev([self._tail if self.direct else self._tail[:4]], self._chunks * g.stride + g.chunk_bytes)
+        self._chunks, self._in_chunk, self._crc = self._chunks + 1, 0, 0
+
+    def _staging(self) -> np.ndarray:
+        """O_DIRECT: one chunk plus its checksum page, allocated once, for records that cannot go from their slice."""
+        if self._stage is None:
+            self._stage = aligned_empty(self.geometry.chunk_bytes + SECTOR)
+        return self._stage
+
+    def _write_slice(self, chunk: memoryview) -> None:
+        """One whole chunk from its slice of the batch: checksum in place, no copy."""
+        if self.direct and (_address(chunk) % SECTOR):
+            self._staging()[: len(chunk)] = chunk  # O_DIRECT needs an aligned source
+            self._staged = self.geometry.chunk_rows
+            self._write_staged()
+            return
+        struct.pack_into("<I", self._tail, 0, crc32c.crc32c(chunk))
+        tail = self._tail if self.direct else self._tail[:4]
+        self._pwritev([chunk, tail], self._chunks * self.geometry.stride)
+        self._chunks += 1
+
+    def _write_staged(self) -> None:
+        """The staging buffer as one record; rows past ``_staged`` are the fill value."""
+        g = self.geometry
+        self._staging()
+        used = self._staged * g.row_bytes
+        if used < g.chunk_bytes:
+            self._stage[used: g.chunk_bytes] = 0
+        struct.pack_into("<I", self._stage, g.chunk_bytes, crc32c.crc32c(self._stage[: g.chunk_bytes]))
+        self._stage[g.chunk_bytes + 4:] = 0
+        record = self._stage[: g.stride] if self.direct else self._stage[: g.record_bytes]
+        self._pwritev([record], self._chunks * g.stride)
+        self._chunks += 1
+        self._staged = 0
+
+    def _pwritev(self, buffers: list, offset: int) -> None:
+        total = sum(len(b) for b in buffers)
+        done = os.pwritev(self._fd, buffers, offset)
+        while done < total:  # short writes are rare (signals, quotas): finish them plainly
+            rest = b"".join(bytes(b) for b in buffers)[done:]
+            done += os.pwrite(self._fd, rest, offset + done)
+
+    # --- shard files -----------------------------------------------------------------------------
+
+    def _open_shard(self) -> None:
+        shard = self.cursor // self.geometry.shard_rows
+        self._final = self.dir / self.chunk_key(shard)
+        parent = self._final.parent
+        if not parent.is_dir():
+            missing = [p for p in (parent, *parent.parents) if not p.exists()]
+            parent.mkdir(parents=True, exist_ok=True)
+            self._new_dirs = missing
+        self._tmp = parent / f"{self._final.name}.{self._token}{PARTIAL_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        if self.direct:
+            try:
+                self._fd = os.open(self._tmp, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                log.info("%s: the file system refuses O_DIRECT (%s): buffered writes", self.dir, exc)
+                self.direct = False
+        if self._fd is None:
+            self._fd = os.open(self._tmp, flags, 0o644)
+        self._chunks = 0
+
+    def _finish_shard(self) -> None:
+        """Last record, index, (fsync), rename: the shard's rows are durable."""
+        g = self.geometry
+        if self._staged:
+            self._write_staged()
+        if self._in_chunk:
+            self._end_piecewise_record()
+        index = encode_shard_index(self._chunks, g, self._index)
+        at = self._chunks * g.stride
+        if self.direct:  # whole pages from an aligned buffer, then cut the file to its size
+            self._pwritev([self._index[: -(-g.index_bytes // SECTOR) * SECTOR]], at)
+            os.ftruncate(self._fd, at + g.index_bytes)
+        else:
+            self._pwritev([index], at)
+        if self.fsync:
+            os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self._final)
+        self._tmp = None
+        if self.fsync:
+            _fsync_dir(self._final.parent)
+            for new in self._new_dirs:
+                _fsync_dir(new.parent)
+        self._new_dirs = []
+        self.durable = self.cursor
+
+
+def _address(buffer: memoryview) -> int:
+    return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by someone else (zarr) and its directory to the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
 # --- reading and checking --------------------------------------------------------------------------
-
-EMPTY = 2**64 - 1  #: offset and length of an inner chunk that is not in the shard
-
-
-def crc32c(data: bytes | memoryview) -> int:
-    """CRC-32C (Castagnoli), as zarr's ``crc32c`` codec computes it."""
-    from crc32c import crc32c as _crc  # hardware CRC; releases the GIL on large buffers
-
-    return int(_crc(data))
-
 
 def _has_crc(codecs: list[dict[str, Any]]) -> bool:
     return bool(codecs) and codecs[-1].get("name") == "crc32c"
@@ -153,10 +609,14 @@ def read_shard_index(data: bytes | memoryview, grid: ChunkGrid) -> np.ndarray:
     table_bytes = raw[: 16 * grid.n_inner]
     if grid.index_crc:
         stored = int.from_bytes(bytes(raw[-4:]), "little")
-        if crc32c(table_bytes) != stored:
-            full = grid.n_inner * grid.inner_raw_bytes + n
-            if not grid.compressed and size < full:
-                raise ShardIndexError(f"file of {size} bytes, a full shard has {full}: truncated (its index is lost)")
+        if crc32c.crc32c(table_bytes) != stored:
+            # a full shard: records packed (zarr) or each on its own page (``ShardFileWriter``'s default)
+            record = grid.inner_raw_bytes
+            full = grid.n_inner * record + n
+            full_aligned = grid.n_inner * -(-record // RECORD_ALIGN) * RECORD_ALIGN + n
+            if not grid.compressed and (size < full or full < size < full_aligned):
+                raise ShardIndexError(f"file of {size} bytes, a full shard has {full} (or {full_aligned} with "
+                                      "page-aligned chunks): truncated (its index is lost)")
             raise ShardIndexError("the shard index's crc32c does not match (the index is corrupted)")
     table = np.frombuffer(bytes(table_bytes), dtype="<u8").reshape(grid.n_inner, 2)
     lo, hi = (0, size - n) if grid.index_at_end else (n, size)
@@ -182,7 +642,7 @@ def check_chunk(data: bytes | memoryview, grid: ChunkGrid) -> str | None:
     if grid.chunk_crc:
         if len(data) < 4:
             return "shorter than its checksum"
-        if crc32c(memoryview(data)[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
+        if crc32c.crc32c(memoryview(data)[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
             return "crc32c does not match (the chunk's bytes are corrupted)"
     return None
 

@@ -228,6 +228,17 @@ def open_for_writing(path: str | Path) -> zarr.Group:
     return zarr.open_group(str(path), mode="r+", use_consolidated=False)
 
 
+async def write_rows(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
+    """Rows [start, stop) through zarr's own codec pipeline, awaited on the caller's event loop.
+
+    The path for codec chains ``harvest.shards`` does not encode (compression). zarr's synchronous
+    API would run every write on its one global I/O thread (see ``writer.EventLoops``), so the writer
+    awaits the async array on its own thread's loop; this is the one place that touches zarr's
+    private ``_async_array``.
+    """
+    await array._async_array.setitem(slice(start, stop), data)
+
+
 # --- provenance: the job that wrote the store, and its status -------------------------------------
 
 def read_provenance(group: zarr.Group) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def format_summary(s: dict[str, Any], max_arrays: int = 40) -> str:
         f"(ratio {tot['ratio']:.2f}x, {tot['files']} shard files; whole store {human(tot['disk_bytes'])})"
         if tot["ratio"] else f"size      {human(tot['disk_bytes'])}",
     ]
-    check = s.get("verify")  # issue 16: "complete" says nothing about the bytes; say whether they were checked
+    check = s.get("verify")  # "complete" says nothing about the bytes; say whether they were checked
     lines.append(f"integrity not checked: `harvest verify {s['path']}` reads every chunk's checksum" if check is None
                  else f"integrity {'intact' if check['ok'] else 'DAMAGED'} ({len(check['damages'])} damaged chunk(s))")
     if s.get("last_run"):

@@ -33,7 +33,8 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .store import mark_written, open_for_writing
+from .shards import PARTIAL_SUFFIX, ShardFileWriter, fsync_file, shard_geometry
+from .store import mark_written, open_for_writing, write_rows
 from .transfer import HostBatch
 
 #: most write threads a GPU stage gets by default; beyond this the disk, not the threads, limits
@@ -82,9 +83,19 @@ class EventLoops:
 
 
 class ArrayWriter:
-    """Appends rows to one array in order and writes whole shards (on the calling thread's loop)."""
+    """Appends rows to one array in order and writes whole shards.
 
-    def __init__(self, array: zarr.Array, start: int, loops: EventLoops):
+    Where ``harvest.shards`` covers the array's codec chain (no compression: the default), each
+    inner chunk goes from its slice of the batch straight into the shard's file
+    (``ShardFileWriter``: no shard buffer, no copy in Python when buffered). Otherwise (``zstd``,
+    ``blosc-zstd``, or ``store.writer: zarr``) rows are gathered into one shard buffer and zarr's
+    pipeline encodes it on the calling thread's loop. Either way a shard is written whole by this
+    one writer, and a writer that starts inside a shard (a resume) rewrites that shard from its
+    first row, reading back the rows already there.
+    """
+
+    def __init__(self, array: zarr.Array, start: int, loops: EventLoops, *, fsync: str = "shard",
+                 direct_io: bool = False, engine: str = "shards"):
         # zarr's default drops a chunk that equals the fill value, which costs two extra passes over
         # every chunk (a fill-value array, then a bytewise comparison) at shard and at chunk level:
         # about a third of the writer's CPU, taken from compute on a busy stage. Activations are never
@@ -93,22 +104,46 @@ class ArrayWriter:
         self.loops = loops
         self.shard_rows = array.shards[0] if array.shards else array.chunks[0]
         self.row_shape = array.shape[1:]
-        self.durable = start  #: rows [.., durable) are on disk
+        self.fsync = fsync
+        self.shards: ShardFileWriter | None = None
+        geometry = shard_geometry(array) if engine == "shards" else None
+        if geometry is not None:
+            lead_zeros = (0,) * (array.ndim - 1)
+            self.shards = ShardFileWriter(
+                _array_dir(array), lambda shard: array.metadata.encode_chunk_key((shard, *lead_zeros)), geometry,
+                start, direct=direct_io, fsync=fsync)
+        self._durable = start  #: zarr path: rows [.., durable) are on disk
         self._buffer: np.ndarray | None = None
-        self._filled = 0  #: rows buffered after ``durable``
+        self._filled = 0  #: zarr path: rows buffered after ``durable``
+        self._padded: np.ndarray | None = None  #: per-sequence rows widened to the store's extent (reused)
+
+    @property
+    def durable(self) -> int:
+        """Rows [.., durable) are on disk (and, with ``store.fsync: shard``, on the device)."""
+        return self.shards.durable if self.shards is not None else self._durable
 
     def _shard_end(self) -> int:
-        return min((self.durable // self.shard_rows + 1) * self.shard_rows, self.array.shape[0])
+        return min((self._durable // self.shard_rows + 1) * self.shard_rows, self.array.shape[0])
 
     def append(self, start: int, data: np.ndarray) -> None:
-        expected = self.durable + self._filled
+        expected = self.shards.cursor if self.shards is not None else self._durable + self._filled
         if start != expected:
             raise StoreError(f"{self.array.path}: rows must arrive in order; got row {start}, expected {expected}")
+        if self.shards is not None:
+            if data.shape[1:] != self.row_shape:
+                data = self._widen(data)
+            elif data.dtype != self.array.dtype:
+                data = data.astype(self.array.dtype)
+            if self.shards.needs_prefix:  # resuming inside a shard: it is rewritten whole
+                a, b = self.shards.shard_start, self.shards.cursor
+                self.shards.restart_shard(np.ascontiguousarray(self.array[a:b]))
+            self.shards.append(data)
+            return
         offset = 0
         while offset < len(data):
             if self._buffer is None:
                 self._buffer = np.zeros((self.shard_rows, *self.row_shape), dtype=self.array.dtype)
-            room = self._shard_end() - self.durable - self._filled
+            room = self._shard_end() - self._durable - self._filled
             take = min(room, len(data) - offset)
             part = data[offset: offset + take]
             target = self._buffer[self._filled: self._filled + take]
@@ -119,18 +154,58 @@ class ArrayWriter:
                 target[(slice(None), *(slice(0, n) for n in part.shape[1:]))] = part
             self._filled += take
             offset += take
-            if self.durable + self._filled == self._shard_end():
+            if self._durable + self._filled == self._shard_end():
                 self.flush()
 
+    def _widen(self, data: np.ndarray) -> np.ndarray:
+        """Per-sequence rows zero-padded to the store's extent, in a buffer reused across batches."""
+        if self._padded is None or len(self._padded) < len(data):
+            self._padded = np.zeros((len(data), *self.row_shape), dtype=self.array.dtype)
+        out = self._padded[: len(data)]
+        out[...] = 0
+        out[(slice(None), *(slice(0, n) for n in data.shape[1:]))] = data
+        return out
+
     def restart(self, start: int) -> None:
-        """Continue at row ``start`` (a unit's first row), dropping rows buffered and not yet written."""
-        self.durable, self._filled = start, 0
+        """Continue at row ``start`` (a unit's first row, on a shard boundary), dropping rows not yet written."""
+        if self.shards is not None:
+            self.shards.discard()
+            self.shards.durable = self.shards.cursor = start
+        self._durable, self._filled = start, 0
 
     def flush(self) -> None:
+        """Write the rows so far (a partial shard is completed with what it holds)."""
+        if self.shards is not None:
+            self.shards.flush()
+            return
         if self._filled:
-            end = self.durable + self._filled
-            self.loops.run(self.array._async_array.setitem(slice(self.durable, end), self._buffer[: self._filled]))
-            self.durable, self._filled = end, 0
+            end = self._durable + self._filled
+            self.loops.run(write_rows(self.array, self._durable, end, self._buffer[: self._filled]))
+            if self.fsync == "shard":
+                self._fsync_shards(self._durable, end)
+            self._durable, self._filled = end, 0
+
+    def discard(self) -> None:
+        """Drop a shard left open by a failed or aborted job (its rows were never counted)."""
+        if self.shards is not None:
+            self.shards.discard()
+
+    def _fsync_shards(self, start: int, end: int) -> None:
+        """zarr path: flush the shard files holding rows [start, end) to the device."""
+        array_dir = _array_dir(self.array)
+        if array_dir is None:
+            return
+        lead_zeros = (0,) * (self.array.ndim - 1)
+        for shard in range(start // self.shard_rows, -(-end // self.shard_rows)):
+            path = array_dir / self.array.metadata.encode_chunk_key((shard, *lead_zeros))
+            if path.exists():
+                fsync_file(path)
+
+
+def _array_dir(array: zarr.Array) -> Path | None:
+    """The directory of an array in a local store (None elsewhere)."""
+    root = getattr(array.store_path.store, "root", None)
+    return Path(root) / array.path if root is not None else None
 
 
 @dataclass(frozen=True)
@@ -145,6 +220,9 @@ class StageStoreInfo:
     on_nonfinite: str
     compute_dtype: str = "float32"  #: for the advice of the non-finite error
     store_dtype: str = "float32"
+    fsync: str = "shard"  #: store.fsync
+    direct_io: bool = False  #: store.direct_io
+    engine: str = "shards"  #: store.writer
     #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
     #: unfinished writes and marks the manifest, never the writers
     shared: bool = False
@@ -178,7 +256,8 @@ class StageWriter:
         self._loops = EventLoops(ThreadPoolExecutor(threads, thread_name_prefix=f"stage{info.stage}-io"))
         self.writers = {
             name: (ArrayWriter(group[name], int(info.batch_starts[axis][start_batch])
-                               if start_batch < len(info.batch_starts[axis]) else 0, self._loops), axis)
+                               if start_batch < len(info.batch_starts[axis]) else 0, self._loops,
+                               fsync=info.fsync, direct_io=info.direct_io, engine=info.engine), axis)
             for name, axis in info.arrays
         }
         self.next_batch = start_batch  #: the batch expected next (batches arrive in order)
@@ -268,6 +347,8 @@ class StageWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            for writer, _ in self.writers.values():
+                writer.discard()  # after a failure or abort: no temporary file outlives the writer
             self._loops.close()
 
     def _control(self, item: _Unit | _Sync) -> None:
@@ -335,14 +416,14 @@ def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:
 def remove_unfinished_writes(array_dir: Path) -> int:
     """Delete the temporary files of shard writes that never finished; returns how many.
 
-    zarr writes a shard to ``<key>.<uuid>.partial`` and renames it into place, so a process killed
-    mid-write leaves that file behind. It holds nothing the manifest counts (the shard is rewritten on
-    resume), but a store must hold only what it says it does. Called when a stage's writer starts, before
-    any write of its own: only this stage writes these arrays.
+    zarr and ``harvest.shards.ShardFileWriter`` both write a shard to ``<key>.<token>.partial`` and
+    rename it into place, so a process killed mid-write leaves that file behind. It holds nothing the
+    manifest counts (the shard is rewritten on resume), but a store must hold only what it says it does.
+    Called when a stage's writer starts, before any write of its own: only this stage writes these arrays.
     """
     if not array_dir.is_dir():  # a store that is not on the local file system
         return 0
-    stale = list(array_dir.rglob("*.partial"))
+    stale = list(array_dir.rglob(f"*{PARTIAL_SUFFIX}"))
     for f in stale:
         f.unlink(missing_ok=True)
     return len(stale)

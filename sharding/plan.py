@@ -623,6 +623,12 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  all together: {human(plan.total_memory)} of {human(plan.shared_budget)}")
     lines += ["", f"store: {len(plan.arrays)} arrays, {human(plan.bytes_per_token)} per captured token, "
                   f"{human(plan.store_bytes)} in all (before compression: {spec.store.compressor})"]
+    # the plan knows bytes per token but neither the tokens/s the device will reach nor the target's write
+    # speed, so it states the bandwidth per rate and warns of nothing (bench/writer_throughput.py measures a target)
+    per_10k = plan.bytes_per_token * 1e4 / 1e9
+    lines.append(f"  write bandwidth needed: {per_10k:.2f} GB/s per 10k captured tokens/s "
+                 f"(bytes per token x tokens/s; store.fsync: {spec.store.fsync}, store.direct_io: "
+                 f"{str(spec.store.direct_io).lower()})")
     groups: dict[tuple, list[ArrayPlan]] = {}
     for a in plan.arrays:
         groups.setdefault((a.shape[1:], a.chunk_rows, a.shard_rows), []).append(a)

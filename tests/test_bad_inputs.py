@@ -192,18 +192,18 @@ def existing_store(*extra: str, **changes: Any) -> Callable[[Case], list[str]]:
 
 
 def full_disk(case: Case, monkeypatch) -> list[str]:
-    from harvest import writer
+    import os
 
-    real = writer.ArrayWriter.flush
+    real = os.pwritev
     calls = {"n": 0}
 
-    def flush_until_full(self):
+    def pwritev_until_full(*args):  # the shard writer's one write call
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(self)
+        return real(*args)
 
-    monkeypatch.setattr(writer.ArrayWriter, "flush", flush_until_full)
+    monkeypatch.setattr(os, "pwritev", pwritev_until_full)
     return ["run", case.write(), "-q"]
 
 

@@ -158,21 +158,21 @@ def test_nonfinite_flag_stores_and_records(inf_checkpoint, make_spec, write_thre
 
 
 def test_full_disk_keeps_the_store_resumable(neox_ckpt, make_spec, monkeypatch):
-    from harvest import writer
+    import os
 
     spec = make_spec(neox_ckpt, hooks=["blocks.*.hook_resid_post"])
-    real_flush, calls = writer.ArrayWriter.flush, {"n": 0}
+    real_pwritev, calls = os.pwritev, {"n": 0}
 
-    def flush_until_full(self):
+    def pwritev_until_full(*args):  # the shard writer's one write call: the disk fills after a few
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_flush(self)
+        return real_pwritev(*args)
 
-    monkeypatch.setattr(writer.ArrayWriter, "flush", flush_until_full)
+    monkeypatch.setattr(os, "pwritev", pwritev_until_full)
     with pytest.raises(StoreError, match="disk holding .* is full .* --resume"):
         run(spec, progress=False)
-    monkeypatch.setattr(writer.ArrayWriter, "flush", real_flush)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
     resumed = run(spec, resume=True, progress=False)
     fresh = run(make_spec(neox_ckpt, hooks=["blocks.*.hook_resid_post"], store={"path": "fresh.zarr"}), progress=False)
     for layer in range(4):

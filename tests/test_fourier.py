@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from analysis import fourier
+from analysis import fourier, helix
 from harvest.errors import AnalysisError
 from harvest.store import read_provenance, write_files, write_provenance
 from organisms.common import word_tokenizer
@@ -113,8 +113,8 @@ def test_auto_periods_find_the_period_7(numbers_path):
 def test_regression_statistics_match_numpy():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(200, 7))
-    g = fourier.period_features(rng.integers(0, 50, 200), [10, 3])
-    stats = fourier.Regression(200, x.sum(0), float((x ** 2).sum()), g.sum(0), g.T @ g, g.T @ x)
+    g = helix.period_features(rng.integers(0, 50, 200), [10, 3])
+    stats = helix.Regression(200, x.sum(0), float((x ** 2).sum()), g.sum(0), g.T @ g, g.T @ x)
     fve, w = stats.fit([0, 1])
     design = np.column_stack([g[:, :2], np.ones(200)])
     coef, *_ = np.linalg.lstsq(design, x, rcond=None)

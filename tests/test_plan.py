@@ -46,6 +46,7 @@ def test_gptj_6b_plan_from_config_only(tmp_path):
     text = format_plan(plan)
     assert "ESTIMATE" in text and "embed + blocks 0..13" in text and "blocks 14..27" in text and "fits: yes" in text
     assert re.search(r"29 x token x 4096: chunks of 2048 rows \(16\.0 MiB\), shards of 16384 rows", text)
+    assert "write bandwidth needed: 2.38 GB/s per 10k captured tokens/s" in text  # 237.6 KB per token
 
 
 def test_neox_20b_plan_and_files(tmp_path):
