@@ -106,9 +106,7 @@ class ReplicaDriver:
                     f"{r} replicas x {self.n} stages need {amount:g} {kind}s ({amount / resources.actors:g} each) but "
                     f"the Ray cluster has {total.get(kind, 0):g}; lower run.replicas, run.threads or run.stages, "
                     "or use a bigger cluster (run.address)")
-        for stage in job.stages:  # before any writer starts: no write of this run is in flight yet
-            for p in stage.hooks:
-                remove_unfinished_writes(job.path / p.name)
+        self.remove_unfinished_writes()  # before any writer starts: no write of this run is in flight yet
         options = dataclasses.replace(job.stage_options(), threads=cpus, **({"device": "cuda"} if gpus else {}))
         remote = ray.remote(PipelineStage)
         name = f"harvest-{job.spec.name}-{os.getpid()}-{time.time_ns() % 10**9}"
@@ -134,6 +132,12 @@ class ReplicaDriver:
             except ReplicaLost as exc:
                 raise StageError(f"replica {rep.index} could not start: {exc}") from None
             rep.pids = [p["pid"] for p in positions]
+
+    def remove_unfinished_writes(self) -> None:
+        """Temporary shard files of writes that never finished (a killed actor's); only while no replica writes."""
+        for stage in self.job.stages:
+            for p in stage.hooks:
+                remove_unfinished_writes(self.job.path / p.name)
 
     def stop(self) -> None:
         for rep in self.replicas:
@@ -268,6 +272,11 @@ class ReplicaDriver:
                 rep.alive = False
                 rep.tokens = tokens0
                 log.warning("replica %d dropped: %s; its units go to the other replicas", rep.index, exc)
+                for actor in rep.actors:  # nothing of it may write any more
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
                 self._release(unit)
                 return
             except BaseException as exc:  # noqa: BLE001 - a stage's own error stops the job
@@ -326,6 +335,7 @@ class ReplicaDriver:
                 for counts in self._all(rep, "close"):
                     for name, v in counts.items():
                         merged[name] = merged.get(name, 0) + v
+        self.remove_unfinished_writes()  # every writer has closed: what is left is a killed actor's
         return merged
 
     def _show(self, bar) -> None:
