@@ -22,12 +22,12 @@ def job_needs(spec, nodes: list[Mapping[str, Any]] = ()) -> Resources:
     then run on GPU nodes whatever node its driver lands on.
     """
     node_cpus, gpus = cluster_capacity(list(nodes))
-    return stage_resources(spec, node_cpus=node_cpus, gpus=gpus)
+    return stage_resources(spec, node_cpus=node_cpus, gpus=gpus, nodes=max(1, len(nodes)))
 
 
 def entrypoint_resources(needs: Resources) -> dict[str, float]:
-    """Resources of the entrypoint: a one-stage job computes in it; a pipeline's driver needs none."""
-    if needs.stages > 1:
+    """Resources of the entrypoint: a one-stage, one-replica job computes in it; a Ray driver needs none."""
+    if not needs.in_process:
         return {}
     out = {"entrypoint_num_cpus": float(needs.cpus_per_stage)}
     if needs.gpus_per_stage:
@@ -56,6 +56,6 @@ def check_resources(needs: Resources, have: dict[str, float], url: str, n_nodes:
         has = ", ".join(f"{have.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
         raise ClusterResourcesError(
             f"the job needs {needs.describe()}, but the cluster at {url} has {has} (ray.cluster_resources() "
-            f"over {n_nodes} alive node(s)); add nodes with {' and '.join(short)}s, lower run.stages or "
+            f"over {n_nodes} alive node(s)); add nodes with {' and '.join(short)}s, lower run.replicas, run.stages or "
             "run.threads (see `harvest plan SPEC`), or pass --no-resource-check if the cluster autoscales")
 

@@ -58,6 +58,11 @@ class StageError(HarvestError, RuntimeError):
     """A pipeline stage failed for a reason that retrying will not fix."""
 
 
+class ReplicaLost(StageError):
+    """A replica cannot go on (an actor dead for good, or a crash that repeats); the driver drops it and
+    hands its units to the other replicas, so the user sees this only through the warning."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -292,7 +292,7 @@ def _check_fingerprint(info: dict[str, Any], job: Job, path: Path) -> None:
 #: spec keys that change who computes a row or where the store is, not the stored bytes
 _NOT_FINGERPRINTED = {"name", "store.path", "store.root", "model.device", "model.hash_weights", "run.stages",
                       "run.threads", "run.write_queue", "run.write_threads", "run.address", "run.max_in_flight",
-                      "run.memory_gib", "run.max_restarts", "run.dashboard"}
+                      "run.memory_gib", "run.max_restarts", "run.dashboard", "run.replicas"}
 
 
 def changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -340,8 +340,12 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
         redo(job, redo_rows, progress)
     t0 = time.perf_counter()
     try:
-        if len(job.stages) == 1:
+        if len(job.stages) == 1 and job.spec.run.replicas == 1:
             nonfinite = _run_in_process(job, start, progress)
+        elif job.spec.run.replicas != 1:
+            from sharding.replicas import run_replicas
+
+            nonfinite = run_replicas(job, progress)
         else:
             # Ray (~30 MiB and a second of start-up) is imported by multi-stage jobs only
             from sharding.pipeline import run_pipeline

@@ -11,7 +11,9 @@ actors ask Ray for. Nothing here loads weights or touches a store:
 - **workload**: sequences, width of a micro-batch, captured rows, rows per batch: exact from a
   ``Layout``, else estimated by each prompt source from its own spec section;
 - **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows;
-- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint).
+- **units**: the runs of consecutive batches that own whole shards of every array (what a replica
+  is handed at a time);
+- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint), times replicas.
 """
 
 from __future__ import annotations
@@ -216,47 +218,93 @@ def array_plan(point: HookPoint, shape: tuple[int, ...], dtype: str, chunk_mib: 
     return ArrayPlan(point, tuple(shape), dtype, chunk, shard)
 
 
+# --- units of work: what one replica is handed at a time ---------------------------------------------
+
+def unit_bounds(batch_ends: Mapping[str, np.ndarray], shards: list[tuple[str, int, int]]) -> np.ndarray:
+    """Batch indices where a unit of work may end: ``[0, b1, b2, ..., n_batches]``.
+
+    A unit is a run of consecutive batches whose rows cover whole shards of *every* array, so no shard
+    is ever written by two replicas (zarr 3 loses data without an error when two processes write
+    inside one shard). A unit may end after batch k only where, for every array, batch k's row end
+    (along its axis) is a shard boundary or the array's end. ``batch_ends``: axis -> end of every
+    batch along it (``Layout.batch_ends``); ``shards``: (axis, rows per shard, rows) of each array.
+    With no array a unit is a batch.
+    """
+    n = len(next(iter(batch_ends.values()))) if batch_ends else 0
+    ok = np.ones(n, dtype=bool)
+    for axis, shard_rows, rows in shards:
+        ends = np.asarray(batch_ends[axis], dtype=np.int64)
+        ok &= (ends % max(shard_rows, 1) == 0) | (ends >= rows)
+    if n:
+        ok[-1] = True
+    return np.concatenate([[0], np.flatnonzero(ok) + 1]).astype(np.int64)
+
+
+def job_units(layout: Layout, arrays: list[ArrayPlan]) -> list[tuple[int, int]]:
+    """The job's units of work as ``[(first batch, end batch), ...]`` (see ``unit_bounds``)."""
+    ends = {"token": layout.batch_ends("token"), "sequence": layout.batch_ends("sequence")}
+    bounds = unit_bounds(ends, [(a.point.axis, a.shard_rows, a.shape[0]) for a in arrays])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 # --- what a stage asks of Ray ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Resources:
-    """What a job asks Ray for: one actor per stage (stages > 1), or the entrypoint itself (one stage)."""
+    """What a job asks Ray for: one actor per stage of each replica, or the entrypoint itself (one of each)."""
 
     stages: int
     device: str  #: cuda | cpu | auto, as the spec says
     cpus_per_stage: int
     gpus_per_stage: int
+    replicas: int = 1
+
+    @property
+    def actors(self) -> int:
+        return self.stages * self.replicas
+
+    @property
+    def in_process(self) -> bool:
+        """One stage, one replica: the job's own process computes (no Ray)."""
+        return self.actors == 1
 
     @property
     def cpus(self) -> int:
-        return self.stages * self.cpus_per_stage
+        return self.actors * self.cpus_per_stage
 
     @property
     def gpus(self) -> int:
-        return self.stages * self.gpus_per_stage
+        return self.actors * self.gpus_per_stage
 
     def describe(self) -> str:
-        per = "stage" if self.stages > 1 else "stage (run in the job's entrypoint)"
-        parts = [f"{self.cpus:g} CPU(s) (run.stages {self.stages} x {self.cpus_per_stage:g} per {per}, run.threads)"]
+        per = "stage (run in the job's entrypoint)" if self.in_process else "stage actor"
+        times = f"run.replicas {self.replicas} x run.stages {self.stages}" if self.replicas > 1 else f"run.stages {self.stages}"
+        parts = [f"{self.cpus:g} CPU(s) ({times} x {self.cpus_per_stage:g} per {per}, run.threads)"]
         if self.gpus:
-            parts.append(f"{self.gpus:g} GPU(s) (run.stages {self.stages} x {self.gpus_per_stage:g}, "
-                         f"model.device {self.device})")
+            parts.append(f"{self.gpus:g} GPU(s) ({times} x {self.gpus_per_stage:g}, model.device {self.device})")
         return " and ".join(parts)
 
 
-def stage_resources(spec: JobSpec, *, node_cpus: float, gpus: float) -> Resources:
-    """CPUs and GPUs per stage, given the CPUs of the largest node and the GPUs there are.
+def stage_resources(spec: JobSpec, *, node_cpus: float, gpus: float, nodes: int = 1) -> Resources:
+    """CPUs and GPUs per stage actor and the number of replicas, given the cluster.
 
-    CPUs: ``run.threads``, else an equal share of a node's CPUs (at least one). GPUs: one per stage
-    on ``model.device: cuda``; on ``auto``, one per stage when there are enough GPUs for every stage.
+    ``node_cpus``: CPUs of the largest node; ``gpus``: GPUs in all; ``nodes``: alive nodes.
+    Replicas: ``run.replicas``; ``auto`` is as many whole pipelines as the GPUs hold (one per stage),
+    or one without GPUs. CPUs: ``run.threads``, else an equal share of a node's CPUs among the stages
+    of the replicas that share a node (at least one). GPUs: one per stage on ``model.device: cuda``;
+    on ``auto``, one per stage when there are enough GPUs for every stage of every replica.
     The pipeline driver and ``harvest submit`` both call this, so submit checks what the actors ask.
     """
     n = spec.run.stages
-    cpus = spec.run.threads or max(1, int(node_cpus) // n)
     device = spec.model.device
     kind = "cuda" if device.startswith("cuda") else device
-    gpu = 1 if kind == "cuda" or (kind == "auto" and gpus >= n) else 0
-    return Resources(n, kind, cpus, gpu)
+    replicas = spec.run.replicas
+    if replicas == "auto":
+        replicas = max(1, int(gpus) // n) if kind != "cpu" and gpus >= n else 1
+    per_node = -(-replicas // max(1, nodes))
+    cpus = spec.run.threads or max(1, int(node_cpus) // (n * per_node))
+    gpu = 1 if kind == "cuda" or (kind == "auto" and gpus >= n * replicas) else 0
+    return Resources(n, kind, cpus, gpu, replicas)
 
 
 def cluster_capacity(nodes: list[Mapping[str, Any]]) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -114,6 +114,8 @@ class CaptureSpec:
 class RunSpec:
     batch_size: int = 8
     stages: int = 1
+    #: copies of the pipeline harvesting different units of the prompts at once ("auto": as many as the GPUs allow)
+    replicas: int | Literal["auto"] = 1
     #: torch threads per stage (None: torch's default)
     threads: int | None = None
     #: batches waiting for the writer before compute blocks (bounds memory)
@@ -241,6 +243,8 @@ def _is_a(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_is_a(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is Any:
@@ -261,7 +265,7 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 #: the smallest value of numeric keys, named in the message of a wrong type too
 MINIMUM = {"run.batch_size": 1, "run.stages": 1, "run.write_queue": 1, "run.threads": 1, "run.write_threads": 1,
-           "run.max_in_flight": 1, "run.max_restarts": 0, "capture.top_k": 0, "store.chunks_per_shard": 1,
+           "run.max_in_flight": 1, "run.max_restarts": 0, "run.replicas": 1, "capture.top_k": 0, "store.chunks_per_shard": 1,
            "store.level": 0}
 
 
@@ -269,6 +273,8 @@ def _describe(hint: Any, minimum: float | None = None) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h, minimum) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     bound = f" >= {minimum}" if minimum is not None and hint in (int, float) else ""
@@ -305,6 +311,8 @@ def _positive(section: str, value: Any, minimum: float = 1) -> None:
 
 
 def _check_pipeline(run: RunSpec) -> None:
+    if run.replicas != "auto":
+        _integer("run.replicas", run.replicas, 1, "or 'auto': as many as the cluster's GPUs allow")
     if run.max_in_flight is not None:
         _integer("run.max_in_flight", run.max_in_flight, 1)
     _integer("run.max_restarts", run.max_restarts, 0)
@@ -360,6 +368,10 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     if run.write_threads is not None:
         _integer("run.write_threads", run.write_threads, 1, "or null: 1 on CPU, up to 8 on a GPU")
     _check_pipeline(run)
+    if capture.statistics and run.replicas != 1:
+        # replicas finish units out of order; the accumulators fold batches in order (not merged yet)
+        raise SpecError("capture.statistics is not available with run.replicas other than 1 yet; "
+                        "harvest with run.replicas: 1, or turn capture.statistics off")
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):
         store_raw["root"] = store_root

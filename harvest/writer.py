@@ -10,6 +10,12 @@ On a GPU a single thread cannot keep up: a GPT-J-6B forward produces gigabytes o
 second. The writer then hands each batch's arrays to a small pool, one task per array (so one array
 is still written by one thread, in order), and waits for the whole batch before it advances the
 manifest. Each write thread encodes its shards on its own event loop (see ``EventLoops``).
+
+Data-parallel replicas (``run.replicas``) give each replica's stage its own writer over the same
+arrays, fed *units*: runs of batches that own whole shards (``harvest.shape.job_units``). Such a
+writer is ``shared``: ``begin_unit`` points it at a unit's first rows, ``end_unit`` waits until the
+unit is on disk, and the driver, one process, marks the manifest (two processes writing the one
+manifest chunk would lose marks, as zarr loses rows when two processes write one shard).
 """
 
 from __future__ import annotations
@@ -162,6 +168,13 @@ class ArrayWriter:
         out[(slice(None), *(slice(0, n) for n in data.shape[1:]))] = data
         return out
 
+    def restart(self, start: int) -> None:
+        """Continue at row ``start`` (a unit's first row, on a shard boundary), dropping rows not yet written."""
+        if self.shards is not None:
+            self.shards.discard()
+            self.shards.durable = self.shards.cursor = start
+        self._durable, self._filled = start, 0
+
     def flush(self) -> None:
         """Write the rows so far (a partial shard is completed with what it holds)."""
         if self.shards is not None:
@@ -213,6 +226,23 @@ class StageStoreInfo:
     direct_io: bool = False  #: store.direct_io
     engine: str = "shards"  #: store.writer
     statistics: StatisticsPlan | None = None  #: harvest-time statistics of this stage's hooks
+    #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
+    #: unfinished writes and marks the manifest, never the writers
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Queue item: the next batches belong to a unit starting at ``batch``."""
+
+    batch: int
+
+
+@dataclass(frozen=True)
+class _Sync:
+    """Queue item: write what is buffered, then set ``done``."""
+
+    done: threading.Event
 
 
 class StageWriter:
@@ -224,7 +254,7 @@ class StageWriter:
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
         group = self.group = open_for_writing(info.path)
-        for name, _ in info.arrays:
+        for name, _ in info.arrays if not info.shared else ():  # shared: other writers' files may be in flight
             remove_unfinished_writes(Path(info.path) / name)
         self._loops = EventLoops(ThreadPoolExecutor(threads, thread_name_prefix=f"stage{info.stage}-io"))
         self.writers = {
@@ -257,6 +287,23 @@ class StageWriter:
         # counted only once queued: an interrupt while waiting must not let close() mark this batch
         self.next_batch += 1
 
+    def begin_unit(self, batch: int) -> None:
+        """Start a unit at ``batch``: its rows start at the batch's first rows; rows of an unfinished
+        unit still buffered are dropped (a unit is redone from its start)."""
+        self.raise_if_failed()
+        self._queue.put(_Unit(batch))
+        self.next_batch = batch
+
+    def end_unit(self) -> None:
+        """Block until every batch submitted is on disk (a unit ends on shard ends: nothing is left buffered)."""
+        done = threading.Event()
+        self._queue.put(_Sync(done))
+        while not done.wait(0.5):
+            self.raise_if_failed()
+            if not self._thread.is_alive():
+                raise StoreError(f"stage {self.info.stage}: the writer stopped before the unit was written")
+        self.raise_if_failed()
+
     def close(self) -> None:
         """Write everything still buffered and the final manifest; re-raise a writer failure."""
         self._queue.put(None)
@@ -282,6 +329,9 @@ class StageWriter:
     def _loop(self) -> None:
         try:
             while (item := self._queue.get()) is not None and self._error is None:
+                if isinstance(item, (_Unit, _Sync)):
+                    self._control(item)
+                    continue
                 batch, rows, captures = item
                 counts = captures.wait()  # device-to-host copies of this batch have landed
 
@@ -308,6 +358,16 @@ class StageWriter:
             for writer, _ in self.writers.values():
                 writer.discard()  # after a failure or abort: no temporary file outlives the writer
             self._loops.close()
+
+    def _control(self, item: _Unit | _Sync) -> None:
+        if isinstance(item, _Unit):
+            for name, (writer, axis) in self.writers.items():
+                starts = self.info.batch_starts[axis]
+                writer.restart(int(starts[item.batch]) if item.batch < len(starts) else writer.array.shape[0])
+            self.marked = item.batch
+        else:
+            self._each_array(lambda name: self.writers[name][0].flush())
+            item.done.set()
 
     def _each_array(self, fn) -> None:
         """``fn(name)`` for every array, on the pool when there is one; waits for all, then raises the first error."""
@@ -350,7 +410,8 @@ class StageWriter:
             if folded:  # the snapshot first: the manifest never counts a batch the statistics lack
                 acc.fold(frontier)
                 write_statistics(self.group, self.info.stage, frontier, *pack(acc))
-            mark_written(self.group, self.info.stage, frontier, start=self.marked)
+            if not self.info.shared:
+                mark_written(self.group, self.info.stage, frontier, start=self.marked)
             self.marked = frontier
             if folded:
                 prune_statistics(self.group, self.info.stage, frontier)

@@ -142,6 +142,18 @@ class PipelineStage(StageWorker):
         status = {"batch": batch.index, "durable": self.durable_batches()}
         return status, None if self.last else to_wire(out)
 
+    def begin(self, batch: int) -> dict[str, Any]:
+        """Start a unit of work at ``batch`` (replicas): its writer's next rows are the unit's first."""
+        if self.init_error is not None:
+            raise self.init_error
+        self.writer.begin_unit(batch)
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def end_unit(self) -> int:
+        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)."""
+        self.writer.end_unit()
+        return os.getpid()
+
     def memory(self) -> dict[str, int]:
         """Peak RSS before loading weights, after loading, and now (bytes)."""
         return {"before_load": self.rss_before_load, "loaded": self.rss_loaded, "peak": peak_rss()}
@@ -219,8 +231,9 @@ class Pipeline:
     # -- actors --
     def stage_resources(self) -> Resources:
         """CPUs and GPUs per stage actor, from the Ray session's nodes (what ``harvest submit`` checks)."""
-        node_cpus, gpus = cluster_capacity(alive_nodes())
-        return stage_resources(self.job.spec, node_cpus=node_cpus, gpus=gpus)
+        nodes = alive_nodes()
+        node_cpus, gpus = cluster_capacity(nodes)
+        return stage_resources(self.job.spec, node_cpus=node_cpus, gpus=gpus, nodes=max(1, len(nodes)))
 
     def start(self) -> None:
         job = self.job

@@ -50,6 +50,7 @@ from harvest.layout import Layout
 from harvest.prompts import build_source
 from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
                            layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
+from harvest.shape import stage_resources, unit_bounds
 from harvest.spec import JobSpec
 from harvest.summary import human
 from harvest.writer import write_threads_for
@@ -566,6 +567,37 @@ def missing_tensors(ckpt: Checkpoint, shape: ModelShape, stage: StagePlan) -> li
 
 # --- printing -------------------------------------------------------------------------------------------
 
+def plan_units(plan: Plan) -> list[tuple[int, int]]:
+    """The job's units of work (``harvest.shape.unit_bounds``), each batch taken at the most rows one holds.
+
+    Exact when every batch captures as many rows (``positions: last``, full windows); otherwise a guide.
+    """
+    w = plan.work
+    k = np.arange(1, w.n_batches + 1)
+    ends = {"token": np.minimum(k * w.rows_per_batch, w.n_rows), "sequence": np.minimum(k * w.batch_size, w.n_sequences)}
+    bounds = unit_bounds(ends, [(a.point.axis, a.shard_rows, a.shape[0]) for a in plan.arrays])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def format_replicas(plan: Plan) -> list[str]:
+    """Replicas x stages, what they ask of Ray here, and the units the replicas share."""
+    spec = plan.spec
+    gpus = torch.cuda.device_count() if plan.device == "cuda" else 0
+    res = stage_resources(spec, node_cpus=os.cpu_count() or 1, gpus=gpus)
+    units = plan_units(plan)
+    largest = max((b - a for a, b in units), default=0)
+    lines = [f"{res.replicas} replica(s) x {len(plan.stages)} stage(s) = {res.actors} "
+             f"{'process (no Ray)' if res.in_process else 'Ray stage actor(s)'}, asking for {res.describe()}"
+             + (" (run.replicas: auto, resolved on this machine)" if spec.run.replicas == "auto" else ""),
+             f"  units of work (runs of batches owning whole shards of every array, handed to replicas one at a time): "
+             f"{len(units)}, the largest {largest} batch(es)"]
+    if res.replicas > 1 and len(units) < 2 * res.replicas:
+        lines.append(f"  note: {len(units)} unit(s) for {res.replicas} replicas: shards span many batches, so some "
+                     "replicas idle; smaller shards (store.chunk_mib, store.chunks_per_shard) or a run.batch_size "
+                     "whose rows fill whole shards give more units")
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     s, spec, w = plan.shape, plan.spec, plan.work
     quant = spec.model.quantization or "none"
@@ -614,6 +646,7 @@ def format_plan(plan: Plan) -> str:
                      f"{a.n_shards} shard file(s) each")
     lines.append(f"  files: {plan.n_files} for the activations (shards + metadata), plus ~{2 * 12} for row maps, "
                  "LayerNorms, tokenizer and progress")
+    lines += [""] + format_replicas(plan)
     lines.append("")
     lines += [f"DOES NOT FIT: {p}" for p in plan.problems] or ["fits: yes"]
     return "\n".join(lines)

@@ -247,3 +247,35 @@ def test_errors_a_user_meets(cluster, neox_ckpt, make_spec, tmp_path):
     assert listed.returncode == 0, listed.stderr
     states = dict(re.findall(r"^(harvest-\S+)\s+(\w+)", listed.stdout, re.M))
     assert "FAILED" in states.values(), listed.stdout  # the unwritable one (and the module's earlier jobs)
+
+
+def test_two_replicas_land_on_two_nodes_and_match_a_local_run(cluster, neox_ckpt, make_spec, tmp_path):
+    """``run.replicas: 2`` of one stage on the two one-CPU nodes: one replica per node (checked from the actors'
+    node ids), and the store identical to a local in-process run (R = 1)."""
+    from ray.util.state import list_actors
+    from sharding.verify import store_differences
+
+    from cluster import wait
+    from harvest import load_spec
+    from harvest.runner import run
+
+    raw = make_spec(neox_ckpt, raw=True, hooks=("hook_embed", "blocks.*.hook_resid_post"),
+                    run={"replicas": 2, "threads": 1, "batch_size": 2},
+                    capture={"hooks": ["hook_embed", "blocks.*.hook_resid_post"], "positions": "last"},
+                    prompts={"max_sequences": 20},
+                    store={"root": str(tmp_path / "cluster-stores"), "path": "replicas.zarr", "chunk_mib": 0.001,
+                           "chunks_per_shard": 1})
+    spec_file = write_spec(tmp_path, "replicas", raw)
+    done = harvest_cli("submit", str(spec_file), "--address", cluster.url, "--progress-every", "0.5")
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"^job\s+(\S+)", done.stdout, re.M).group(1)
+    store = Path(re.search(r"^store\s+(\S+)", done.stdout, re.M).group(1))
+    final = wait(job_id, cluster.url, timeout=180, poll=0.5)
+    assert final.state == "SUCCEEDED", final
+    actors = [a for a in list_actors(address=cluster.url, filters=[("class_name", "=", "PipelineStage")], detail=True)
+              if a.job_id == final.ray_job_id]
+    assert len(actors) == 2 and len({a.node_id for a in actors}) == 2, "one replica per node"
+    local = dataclasses.replace(load_spec(spec_file, store_root=str(tmp_path / "local-stores")))
+    local = dataclasses.replace(local, run=dataclasses.replace(local.run, replicas=1))
+    run(local, progress=False)
+    assert store_differences(tmp_path / "local-stores" / "replicas.zarr", store) == []
