@@ -18,7 +18,6 @@ old shard or the new one, never a torn one.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import posixpath
 import re
@@ -105,12 +104,11 @@ def zarr_store(url: str, read_only: bool = False):
     return ObjectStore(obstore_of(url), read_only=read_only)
 
 
-def _run(coroutine):
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    raise RuntimeError("harvest.objstore: called from inside an event loop")
+def is_object_store(store) -> bool:
+    """Whether a zarr store is zarr's ``ObjectStore`` (writes are PUTs: no files, no rename)."""
+    from zarr.storage import ObjectStore
+
+    return isinstance(store, ObjectStore)
 
 
 def exists(url: str, key: str = "zarr.json") -> bool:
