@@ -131,6 +131,13 @@ def any_object(url: str) -> bool:
     return False
 
 
+def object_sizes(url: str) -> list[tuple[int, str]]:
+    """(size, key) of every object under ``url`` (``harvest inspect``'s stored bytes and object count)."""
+    import obstore
+
+    return [(int(meta["size"]), meta["path"]) for chunk in obstore.list(obstore_of(url)) for meta in chunk]
+
+
 def remove_prefix(url: str) -> None:
     """Delete every object under ``url`` (a store being replaced)."""
     import obstore

@@ -104,7 +104,9 @@ def test_harvest_analyse_query_and_plain_xarray(s3, neox_ckpt, make_spec, tmp_pa
     q = cli("query", "dim", url, "3", endpoint=s3, cwd=tmp_path)
     assert q.returncode == 0, q.stderr
     assert "dim 3" in q.stdout or "3" in q.stdout
-    no_secret(out.stdout + out.stderr + q.stdout + q.stderr)
+    shown = cli("inspect", url, endpoint=s3, cwd=tmp_path)
+    assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
+    no_secret(out.stdout + out.stderr + q.stdout + q.stderr + shown.stdout + shown.stderr)
 
     # plain xarray, no harvest code: fsspec/s3fs with the endpoint in storage_options
     import xarray as xr
