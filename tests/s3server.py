@@ -57,6 +57,7 @@ class FlakyProxy:
         host, port = upstream.removeprefix("http://").split(":")
         counter = itertools.count(1)
         self.failed = 0
+        self.requests: list[str] = []  #: "GET /bucket/key" of every request
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,6 +68,7 @@ class FlakyProxy:
 
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append(f"{self.command} {self.path}")
                 if next(counter) % every == 0:
                     proxy.failed += 1
                     msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"

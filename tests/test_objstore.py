@@ -108,6 +108,19 @@ def test_harvest_analyse_query_and_plain_xarray(s3, neox_ckpt, make_spec, tmp_pa
     assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
     no_secret(out.stdout + out.stderr + q.stdout + q.stderr + shown.stdout + shown.stderr)
 
+    # the query reads its index and a few short ranges, never an activation array's shards
+    from analysis.query import query_dim
+
+    proxy = s3server.FlakyProxy(s3, every=10**9)
+    try:
+        configure(url, {"endpoint": proxy.endpoint, "region": "us-east-1"})
+        query_dim(url, 3)
+    finally:
+        proxy.close()
+        configure(url, {"endpoint": s3, "region": "us-east-1"})
+    assert proxy.requests and any("/analysis/index/" in r for r in proxy.requests)
+    assert not [r for r in proxy.requests if "hook_resid_post/c/" in r], proxy.requests
+
     # plain xarray, no harvest code: fsspec/s3fs with the endpoint in storage_options
     import xarray as xr
 
