@@ -222,13 +222,14 @@ def test_sigkill_then_resume_is_identical_object_by_object(s3, make_checkpoint, 
 def test_shard_sink_puts_the_bytes_zarr_writes(s3):
     """The hand-encoded sink (one PUT per shard) and zarr's own pipeline leave identical objects,
     a short last shard and a flush part-way included."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import zarr
 
     from harvest.shards import ShardObjectWriter
     from harvest.store import codecs_for, zarr_location
     from harvest.writer import ArrayWriter, EventLoops
-    from concurrent.futures import ThreadPoolExecutor
 
     data = np.random.default_rng(1).standard_normal((1000, 48)).astype(np.float16)
     loops = EventLoops(ThreadPoolExecutor(1))
