@@ -29,6 +29,7 @@ import numpy as np
 
 from harvest.errors import AnalysisError, StoreError
 from harvest.hookpoints import split_name
+from harvest.objstore import is_url
 from harvest.store import consolidate, open_group
 from harvest.verify import names_damage
 
@@ -120,8 +121,10 @@ def _note_statistics(rep: OutlierReport, scan: ScanResult, group) -> None:
 
 
 def default_plot_dir(path: str | Path) -> Path:
+    """``demo.plots/`` beside ``demo.zarr``; for a store on object storage, in the working directory."""
+    local = not is_url(path)
     path = Path(path)
-    return path.parent / f"{path.name.removesuffix('.zarr')}.plots"
+    return (path.parent if local else Path(".")) / f"{path.name.removesuffix('.zarr')}.plots"
 
 
 def check_params(p: ScanParams) -> None:

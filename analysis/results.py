@@ -14,7 +14,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from harvest.store import open_group
+from harvest.objstore import normalize
+from harvest.store import open_group, zarr_location
 
 
 def result_group(store: str | Path, name: str, attrs: dict[str, Any]) -> zarr.Group:
@@ -25,7 +26,7 @@ def result_group(store: str | Path, name: str, attrs: dict[str, Any]) -> zarr.Gr
     out = parent.create_group(name)
     out.attrs.update(jsonable(attrs))
     # reopen so later writes see a consistent hierarchy
-    return zarr.open_group(str(Path(store) / "analysis" / name), mode="r+")
+    return zarr.open_group(zarr_location(f"{normalize(store)}/analysis/{name}"), mode="r+")
 
 
 def write_array(group: zarr.Group, name: str, data: np.ndarray, dims: tuple[str, ...], **attrs: Any) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import harvest
 from harvest.errors import HarvestError, Interrupted, StoreNotWritableError
+from harvest.objstore import check_access, is_url
 from harvest.runner import run
 from harvest.spec import load_spec
 
@@ -62,7 +63,10 @@ def run_job(spec_file: str, *, base_dir: str, store_root: str | None, resume: bo
     """What a submitted job runs: check the store location, harvest, report progress to the log."""
     spec = load_spec(spec_file, base_dir=base_dir, store_root=store_root)
     path = spec.store_path()
-    check_writable(path)
+    if is_url(path):  # an object store: no shared file system; a missing bucket or refused credentials fail here
+        check_access(path)
+    else:
+        check_writable(path)
     print(f"{READY_TAG} " + json.dumps({"store": str(path), "node": socket.gethostname(), "python": sys.executable,
                                         "harvest": str(Path(harvest.__file__).parent), "resume": resume}), flush=True)
     monitor = ProgressMonitor(path, progress_every, replaced=overwrite)

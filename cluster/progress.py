@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harvest.store import read_progress
+from harvest.store import is_store, read_progress
 
 from .protocol import PROGRESS_TAG, parse_progress
 
@@ -90,7 +90,7 @@ class ProgressMonitor:
                 return None
             self._old = None
         try:
-            p = read_progress(self.path) if (Path(self.path) / "zarr.json").is_file() else None
+            p = read_progress(self.path) if is_store(self.path) else None
         except Exception:  # noqa: BLE001 - a manifest caught mid-write: try again next time
             return None
         if p is None:
@@ -142,7 +142,7 @@ def job_progress(log_text: str | None, store: str | None) -> Progress | None:
     record = parse_progress(log_text)
     rate = record.get("tokens_per_s") if record else None
     local = None
-    if store and (Path(store) / "zarr.json").is_file():
+    if store and is_store(store):
         try:
             local = read_progress(store)
         except Exception:  # noqa: BLE001 - mid-write or not a store: fall back on the log

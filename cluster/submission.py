@@ -34,7 +34,8 @@ from harvest.errors import ClusterError, HarvestError, SpecError, StoreNotWritab
 from harvest.runner import check_selection
 from harvest.shape import estimate_workload, job_hooks
 from harvest.spec import load_spec
-from harvest.store import read_progress
+from harvest.objstore import is_url
+from harvest.store import is_store, read_progress
 
 from sharding.plan import build_plan, planning_checkpoint
 
@@ -67,12 +68,19 @@ class SubmittedJob:
 
 
 def check_store_root(root: str | None) -> str | None:
-    """Refuse store roots the stage writers cannot write through a path; ``file://`` becomes a path."""
+    """Refuse store roots the stage writers cannot write; ``file://`` becomes a path.
+
+    An object-store root (``s3://``, ``gs://``: ``harvest.objstore``) passes: every node writes its
+    shards there directly, so no shared file system is needed (credentials come from each node's
+    environment). Other URL schemes are refused.
+    """
     if root is None:
         return None
     parsed = urlparse(root)
     if parsed.scheme == "file":
         return parsed.path
+    if is_url(root):
+        return root
     if parsed.scheme and "://" in root:
         raise StoreNotWritableError(
             f"store root {root!r} is an object-store URL; the stages write their shards through a filesystem "
@@ -174,13 +182,15 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
                 needs = job_needs(spec, nodes)
                 check_resources(needs, total(nodes), url, len(nodes))
     py = python or os.environ.get("HARVEST_CLUSTER_PYTHON") or default_python(url or "http://127.0.0.1")
-    command = entrypoint(py, base_dir=base, store_root=str(spec.resolve(root)), resume=resume, overwrite=overwrite,
+    on_cluster = root if is_url(root) else str(spec.resolve(root))
+    command = entrypoint(py, base_dir=base, store_root=on_cluster, resume=resume, overwrite=overwrite,
                          progress_every=progress_every)
     resumes_from = None
-    if resume and (store / "zarr.json").is_file():
+    # a dry run contacts nothing, an object store included; a store this machine cannot read is not an error
+    if resume and not (dry_run and is_url(store)):
         try:
-            p = read_progress(store)
-        except HarvestError:
+            p = read_progress(store) if is_store(store) else None
+        except (HarvestError, OSError, ValueError):
             p = None
         if p is not None and p.batches_done:
             resumes_from = Progress(p.batches_done, p.n_batches, p.tokens_done, p.tokens_total)

@@ -42,6 +42,10 @@ class StoreExistsError(StoreError, FileExistsError):
     """A store is already at the path and neither --resume nor --overwrite was given."""
 
 
+class ObjectStoreAccessError(StoreError, PermissionError):
+    """A store root on object storage that cannot be written (no bucket, access denied): found before compute."""
+
+
 class FingerprintMismatchError(StoreError):
     """--resume against a store written by a different spec, model or layout."""
 

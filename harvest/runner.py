@@ -31,6 +31,7 @@ from .errors import (FingerprintMismatchError, HarvestError, Interrupted, ModelE
                      StoreExistsError)
 from .hookpoints import HookPoint
 from .layout import Layout
+from .objstore import check_access, is_url
 from .prompts import build_source, pad_meta
 from .quantize import check_quantization
 from .redo import check_redo
@@ -43,7 +44,7 @@ from .statistics import THRESHOLD, TOP_K, StatisticsPlan, statistics_hooks
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
-from .store import open_group, read_provenance, remove_store, write_provenance
+from .store import is_store, location_exists, open_group, read_provenance, remove_store, write_provenance
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
@@ -67,7 +68,8 @@ class Job:
         return hashlib.sha256(dumps(self.fingerprint_fields).encode()).hexdigest()
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """A local path, or a URL string on object storage (``harvest.objstore``)."""
         return self.spec.store_path()
 
     def stage_info(self, stage: StagePlan) -> StageStoreInfo:
@@ -164,7 +166,7 @@ def _fingerprint_fields(job: Job, tokenizer) -> dict[str, str]:
         "batch size": spec.run.batch_size,
         # fsync and direct_io change when bytes reach the disk, not which: a resume may change them
         "store layout": {k: v for k, v in spec.to_dict()["store"].items()
-                         if k not in ("path", "root", "fsync", "direct_io") and (k, v) != ("writer", "shards")},
+                         if k not in ("path", "root", "fsync", "direct_io", "storage_options") and (k, v) != ("writer", "shards")},
         "format version": FORMAT_VERSION,
     }
     return {k: hashlib.sha256(dumps(v).encode()).hexdigest()[:16] for k, v in fields.items()}
@@ -241,10 +243,10 @@ def _provenance(job: Job, status: str) -> dict[str, Any]:
 def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     """Create, replace or reopen the store; returns the first batch still to compute."""
     path = job.path
-    if not path.exists():
+    if not location_exists(path):
         create_store(job)
         return 0
-    if not (path / "zarr.json").is_file():
+    if not is_store(path):
         raise StoreExistsError(f"{path} exists and is not a harvest store; choose another store.path")
     if overwrite:
         open_group(path)  # refuse to delete something that is not a harvest store
@@ -290,7 +292,7 @@ def _check_fingerprint(info: dict[str, Any], job: Job, path: Path) -> None:
 
 
 #: spec keys that change who computes a row or where the store is, not the stored bytes
-_NOT_FINGERPRINTED = {"name", "store.path", "store.root", "model.device", "model.hash_weights", "run.stages",
+_NOT_FINGERPRINTED = {"name", "store.path", "store.root", "store.storage_options", "model.device", "model.hash_weights", "run.stages",
                       "run.threads", "run.write_queue", "run.write_threads", "run.address", "run.max_in_flight",
                       "run.memory_gib", "run.max_restarts", "run.dashboard", "run.replicas"}
 
@@ -314,7 +316,7 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") 
 
 @dataclass
 class RunResult:
-    path: Path
+    path: Path | str
     batches: int
     tokens: int
     seconds: float
@@ -332,6 +334,8 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     ``redo_rows`` (with ``resume``): token row ranges to re-harvest first, e.g. those
     ``harvest verify`` names as damaged; see :mod:`harvest.redo`.
     """
+    if is_url(spec.store_path()):  # a missing bucket or refused credentials fail here, before the model loads
+        check_access(spec.store_path())
     job = prepare(spec)
     if redo_rows:  # rewrite the shards holding these rows, then continue as a resume
         redo_rows = check_redo(redo_rows, resume, job.layout.n_rows)  # before the store is touched
@@ -383,7 +387,7 @@ def describe_failure(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, HarvestError) else f"{type(exc).__name__}: {exc}"
 
 
-def record_stop(path: Path, status: str, reason: str) -> int | None:
+def record_stop(path: Path | str, status: str, reason: str) -> int | None:
     """Mark a run that did not complete (``failed`` or ``interrupted``) with why and when; returns batches done.
 
     Best effort: the store may be what failed (a full disk), and the original error matters more.

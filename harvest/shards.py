@@ -127,10 +127,10 @@ class ShardGeometry:
         return min((shard + 1) * self.shard_rows, self.n_rows)
 
 
-def shard_geometry(array, align: int | None = None) -> ShardGeometry | None:
+def shard_geometry(array, align: int | None = None, *, any_store: bool = False) -> ShardGeometry | None:
     """The geometry of ``array``'s shards, or None when this module does not encode its codec chain.
 
-    Covered: a local file-system store; one ``sharding_indexed`` codec with the index at the end,
+    Covered: a local file-system store (any zarr store with ``any_store``: ``ShardObjectWriter``); one ``sharding_indexed`` codec with the index at the end,
     inner codecs ``[bytes(little), crc32c]`` and index codecs ``[bytes(little), crc32c]``; inner
     chunks and shards that span every axis but the first; fill value 0; a little-endian machine.
     Anything else (compression above all) is written by zarr-python.
@@ -144,7 +144,7 @@ def shard_geometry(array, align: int | None = None) -> ShardGeometry | None:
 
     meta = array.metadata
     codecs = getattr(meta, "codecs", ())
-    if (sys.byteorder != "little" or not isinstance(array.store_path.store, LocalStore) or len(codecs) != 1
+    if (sys.byteorder != "little" or not (any_store or isinstance(array.store_path.store, LocalStore)) or len(codecs) != 1
             or not isinstance(codecs[0], ShardingCodec)):
         return None
     sharding = codecs[0]
@@ -461,6 +461,56 @@ class ShardFileWriter:
                 _fsync_dir(new.parent)
         self._new_dirs = []
         self.durable = self.cursor
+
+
+class ShardObjectWriter(ShardFileWriter):
+    """The same shards for an object store (``s3://``, ``gs://``): encoded into one buffer, then one PUT.
+
+    Object stores have no rename and no partial files, but a PUT replaces an object atomically: a
+    reader sees the old shard or the new one. So the records and the index go into a buffer at the
+    offsets ``ShardFileWriter`` would write them at (``_pwritev`` copies into the buffer: the one copy
+    per byte, where the file writer's is the kernel's), and ``put(key, buffer)`` uploads the whole
+    shard; its rows are durable when it returns (the client retries transient errors, bounded).
+    Records are packed (``align=0``): the bytes zarr would write, and no padding to upload.
+    """
+
+    def __init__(self, put, chunk_key, geometry: ShardGeometry, start: int):
+        super().__init__(Path("."), chunk_key, geometry, start, direct=False, fsync="none")
+        self.put = put  #: (key relative to the array, bytes-like) -> None, once per shard
+        self._buf: np.ndarray | None = None
+        self._key: str | None = None
+
+    def _open_shard(self) -> None:
+        g = self.geometry
+        self._key = self.chunk_key(self.cursor // g.shard_rows)
+        if self._buf is None:
+            self._buf = np.zeros(shard_file_bytes(g.chunks_per_shard, g), dtype=np.uint8)
+        else:
+            self._buf[...] = 0  # rows missing from a short chunk read as the fill value
+        self._fd = -1  # a shard is open (the base class tests ``_fd``); no file behind it
+        self._chunks = 0
+
+    def _pwritev(self, buffers: list, offset: int) -> None:
+        for b in buffers:
+            part = np.frombuffer(b, dtype=np.uint8)
+            self._buf[offset: offset + len(part)] = part
+            offset += len(part)
+
+    def _finish_shard(self) -> None:
+        """Last record, index, one PUT: the shard's rows are durable."""
+        g = self.geometry
+        if self._in_chunk:
+            self._end_piecewise_record()
+        at = self._chunks * g.stride
+        self._buf[at: at + g.index_bytes] = encode_shard_index(self._chunks, g, self._index)
+        self.put(self._key, memoryview(self._buf)[: at + g.index_bytes])
+        self._fd = None
+        self.durable = self.cursor
+
+    def discard(self) -> None:
+        """Forget the open shard (nothing of it was uploaded: rows since ``durable`` come again)."""
+        self._fd = None
+        self._staged, self._in_chunk, self._crc, self._chunks, self.cursor = 0, 0, 0, 0, self.durable
 
 
 def _address(buffer: memoryview) -> int:

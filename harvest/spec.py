@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import SpecError, check_keys
+from .objstore import configure, is_url, join
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = (None, "int8", "nf4", "fp4")
@@ -151,6 +152,8 @@ class StoreSpec:
     #: who encodes shard files: "shards" (harvest.shards, each chunk from its slice; compression falls back to zarr)
     #: or "zarr" (zarr-python's pipeline for every array: the reference, several times slower)
     writer: str = "shards"
+    #: where an object store is (endpoint, region) for a store.root URL; credentials come from the environment
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,14 +182,16 @@ class JobSpec:
             "store": dataclasses.asdict(self.store),
         }
 
-    def store_path(self) -> Path:
-        """The store's location, guaranteed to lie inside the store root."""
+    def store_path(self) -> Path | str:
+        """The store's location, guaranteed to lie inside the store root: a ``Path``, or a URL string
+        (``s3://bucket/prefix/job.zarr``) when store.root is on object storage (``harvest.objstore``)."""
         root = self.store.root.removeprefix("file://")
+        if is_url(root):
+            url = join(root, self.store.path)
+            configure(url, self.store.storage_options)
+            return url
         if "://" in root:
-            raise SpecError(
-                f"store.root {self.store.root!r}: object-store URLs are not supported for writing yet; "
-                "mount the bucket (e.g. s3fs, gcsfuse) or use a shared filesystem path"
-            )
+            raise SpecError(f"store.root {self.store.root!r}: unknown URL scheme; use s3://, gs://, file:// or a path")
         return confine(self.resolve(root), self.store.path)
 
     def resolve(self, path: str) -> Path:

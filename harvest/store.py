@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .errors import StoreError
 from .layout import batch_tokens
+from .objstore import any_object, is_url, normalize, remove_prefix, zarr_store
 
 if TYPE_CHECKING:  # the store schema needs no torch; the shape module does
     from .shape import ArrayPlan
@@ -56,11 +57,22 @@ def codecs_for(compressor: str, level: int) -> list:
     return [Crc32cCodec()]
 
 
-def create_group(path: str | Path, info: dict[str, Any]) -> zarr.Group:
+#: a store's location: a local path, or a URL on object storage (``s3://bucket/prefix/job.zarr``)
+Location = str | Path
+
+
+def zarr_location(path: Location, read_only: bool = False):
+    """What zarr opens for ``path``: the path itself, or zarr's ``ObjectStore`` for a URL (``harvest.objstore``)."""
+    path = normalize(path)
+    return zarr_store(path, read_only=read_only) if isinstance(path, str) else str(path)
+
+
+def create_group(path: Location, info: dict[str, Any]) -> zarr.Group:
     """A new, empty store at ``path`` (replacing whatever Zarr group was there) with its provenance."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     # the provenance goes in with the group's first zarr.json: no reader ever sees a store without it
-    return zarr.open_group(str(path), mode="w", attributes={ATTRS_KEY: info})
+    return zarr.open_group(zarr_location(path), mode="w", attributes={ATTRS_KEY: info})
 
 
 def create_activation_array(group: zarr.Group, array: ArrayPlan, *, compressor: str, level: int) -> zarr.Array:
@@ -187,7 +199,7 @@ def mark_written(group: zarr.Group, stage: int, stop: int, start: int = 0) -> No
 
 def stage_frontier(path: str | Path, stage: int, start: int = 0) -> int:
     """First batch at or after ``start`` that stage ``stage`` has not marked durable."""
-    marks = manifest(zarr.open_group(str(path), mode="r"), stage)[...]
+    marks = manifest(zarr.open_group(zarr_location(path, read_only=True), mode="r"), stage)[...]
     rest = np.flatnonzero(marks[start:] == 0)
     return start + int(rest[0]) if rest.size else len(marks)
 
@@ -266,13 +278,13 @@ def prune_statistics(group: zarr.Group, stage: int, frontier: int) -> None:
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """The store's root group. Opened to write, it first drops the consolidated metadata (see ``consolidate``)."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+    path = normalize(path)
+    if not is_store(path):
         raise StoreError(f"no harvest store at {path}: it has no zarr.json. Run `harvest run SPEC` to create one")
     if mode == "r":
-        group = zarr.open_group(str(path), mode=mode)
+        group = zarr.open_group(zarr_location(path, read_only=True), mode=mode)
     else:
-        group = zarr.open_group(str(path), mode=mode, use_consolidated=False)
+        group = zarr.open_group(zarr_location(path), mode=mode, use_consolidated=False)
     if ATTRS_KEY not in group.attrs:
         raise StoreError(f"{path} is a Zarr group but not a harvest store (no '{ATTRS_KEY}' attributes)")
     if mode != "r" and has_consolidated_metadata(path):
@@ -280,9 +292,25 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     return group
 
 
-def open_for_writing(path: str | Path) -> zarr.Group:
+def open_for_writing(path: Location) -> zarr.Group:
     """The store's group opened for a stage's writer (which then writes only its own arrays)."""
-    return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    return zarr.open_group(zarr_location(path), mode="r+", use_consolidated=False)
+
+
+def is_store(path: Location) -> bool:
+    """Whether ``path`` holds a Zarr group (its ``zarr.json``), on disk or on object storage."""
+    path = normalize(path)
+    if isinstance(path, str):
+        from .objstore import exists
+
+        return exists(path, "zarr.json")
+    return (path / "zarr.json").is_file()
+
+
+def location_exists(path: Location) -> bool:
+    """Whether anything is at ``path`` (a file, a folder, or objects under a URL prefix)."""
+    path = normalize(path)
+    return any_object(path) if isinstance(path, str) else path.exists()
 
 
 async def write_rows(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
@@ -312,9 +340,19 @@ def update_provenance(group: zarr.Group, **fields: Any) -> dict[str, Any]:
     info.update(fields)
     write_provenance(group, info)
     return info
-def has_consolidated_metadata(path: str | Path) -> bool:
+
+def has_consolidated_metadata(path: Location) -> bool:
+    path = normalize(path)
     try:
-        return "consolidated_metadata" in json.loads((Path(path) / "zarr.json").read_text())
+        if isinstance(path, str):
+            import obstore
+
+            from .objstore import obstore_of
+
+            text = bytes(obstore.get(obstore_of(path), "zarr.json").bytes())
+        else:
+            text = (path / "zarr.json").read_bytes()
+        return "consolidated_metadata" in json.loads(text)
     except (OSError, ValueError):
         return False
 
@@ -330,7 +368,7 @@ def consolidate(path: str | Path) -> None:
 
     with warnings.catch_warnings():  # "not part of the Zarr v3 specification yet": known, and read back by zarr
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_location(path))
 
 
 def provenance(path: str | Path) -> dict[str, Any]:
@@ -371,7 +409,7 @@ def open_store(path: str | Path):
     import xarray as xr  # pandas comes with it: only for this call, so `import harvest` stays light
 
     group = open_group(path)
-    ds = xr.open_zarr(str(path), consolidated=False)
+    ds = xr.open_zarr(zarr_location(path, read_only=True), consolidated=False)
     coords = {name: ds[name] for name in ("seq", "pos", "tokens", "seq_length") if name in ds}
     info = read_provenance(group)
     selection = info.get("selection", {})
@@ -384,8 +422,11 @@ def open_store(path: str | Path):
     return ds
 
 
-def remove_store(path: Path) -> None:
-    if path.exists():
+def remove_store(path: Location) -> None:
+    path = normalize(path)
+    if isinstance(path, str):
+        remove_prefix(path)
+    elif path.exists():
         shutil.rmtree(path)
 
 

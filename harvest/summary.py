@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .objstore import is_url, normalize, object_sizes
 from .store import batches_done, open_group, read_provenance
 
 
@@ -17,19 +18,24 @@ def disk_bytes(path: Path) -> int:
 
 def summarize(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary: arrays (shape, chunks, bytes, ratio), progress and provenance."""
-    path = Path(path)
+    path = normalize(path)
     group = open_group(path)
     info = read_provenance(group)
     arrays = []
     for name in info.get("hooks", []):
         arr = group[name]
         raw = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
-        stored = disk_bytes(path / name)
+        if is_url(path):  # objects under the array's prefix: (size, key) each
+            sizes = [size for size, key in object_sizes(f"{path}/{name}") if not key.endswith("zarr.json")]
+            stored, files = sum(sizes), len(sizes)
+        else:
+            stored = disk_bytes(path / name)
+            files = sum(1 for f in (path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
         arrays.append({
             "name": name, "dims": list(arr.metadata.dimension_names or ()), "shape": list(arr.shape),
             "dtype": str(arr.dtype), "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks),
             "raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None,
-            "files": sum(1 for f in (path / name).rglob("*") if f.is_file() and f.name != "zarr.json"),
+            "files": files,
             "nonfinite_values": arr.attrs.get("nonfinite_values", 0),
         })
     done = batches_done(group)
@@ -50,7 +56,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "created": info.get("created"),
         "last_run": info.get("last_run"),
         "arrays": arrays,
-        "totals": {"raw_bytes": raw_total, "stored_bytes": stored_total, "disk_bytes": disk_bytes(path),
+        "totals": {"raw_bytes": raw_total, "stored_bytes": stored_total,
+                   "disk_bytes": sum(size for size, _ in object_sizes(path)) if is_url(path) else disk_bytes(path),
                    "ratio": raw_total / stored_total if stored_total else None,
                    "files": sum(a["files"] for a in arrays)},
     }

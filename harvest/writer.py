@@ -33,7 +33,8 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .shards import PARTIAL_SUFFIX, ShardFileWriter, fsync_file, shard_geometry
+from .objstore import is_object_store
+from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
 from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
                     statistics_snapshots, write_rows, write_statistics)
@@ -108,7 +109,14 @@ class ArrayWriter:
         self.row_shape = array.shape[1:]
         self.fsync = fsync
         self.shards: ShardFileWriter | None = None
-        geometry = shard_geometry(array) if engine == "shards" else None
+        geometry = None
+        if engine == "shards" and is_object_store(array.store_path.store):  # one PUT per shard
+            geometry = shard_geometry(array, align=0, any_store=True)
+            if geometry is not None:
+                self.shards = ShardObjectWriter(_putter(array, loops), _chunk_key(array), geometry, start)
+                geometry = None
+        elif engine == "shards":
+            geometry = shard_geometry(array)
         if geometry is not None:
             lead_zeros = (0,) * (array.ndim - 1)
             self.shards = ShardFileWriter(
@@ -202,6 +210,24 @@ class ArrayWriter:
             path = array_dir / self.array.metadata.encode_chunk_key((shard, *lead_zeros))
             if path.exists():
                 fsync_file(path)
+
+
+def _chunk_key(array: zarr.Array):
+    """Shard number -> its key relative to the array (``c/3/0``)."""
+    lead_zeros = (0,) * (array.ndim - 1)
+    return lambda shard: array.metadata.encode_chunk_key((shard, *lead_zeros))
+
+
+def _putter(array: zarr.Array, loops: EventLoops):
+    """``put(key, data)``: one shard uploaded through the zarr store's async ``set`` on this thread's loop."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    store, prefix = array.store_path.store, array.path
+
+    def put(key: str, data) -> None:
+        loops.run(store.set(f"{prefix}/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+
+    return put
 
 
 def _array_dir(array: zarr.Array) -> Path | None:

@@ -195,17 +195,18 @@ def test_one_unfinished_job_per_store():
 
 # --- the store location ---------------------------------------------------------------------------
 
-def test_object_store_urls_are_refused_with_the_fix(make_spec, neox_ckpt, tmp_path):
+def test_object_store_roots_need_no_shared_filesystem(make_spec, neox_ckpt, tmp_path):
     spec_file = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True))
-    with pytest.raises(StoreNotWritableError, match=r"object-store URL.*mount the bucket.*pip install s3fs"):
-        submission.submit(spec_file, "http://127.0.0.1:8265", store_url="s3://bucket/stores", dry_run=True)
+    job = submission.submit(spec_file, "http://127.0.0.1:8265", store_url="s3://bucket/stores", dry_run=True)
+    assert job.store == "s3://bucket/stores/job.zarr" and "--store-root s3://bucket/stores" in job.entrypoint
     job = submission.submit(spec_file, "http://127.0.0.1:8265", store_url=f"file://{tmp_path}/shared", dry_run=True)
     assert job.store == str(tmp_path / "shared" / "job.zarr")
     in_spec = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True, store={"root": f"file://{tmp_path}/s2"}))
     assert submission.submit(in_spec, "http://127.0.0.1:8265", dry_run=True).store == str(tmp_path / "s2" / "job.zarr")
     in_spec = _spec_file(tmp_path, make_spec(neox_ckpt, raw=True, store={"root": "gs://bucket/stores"}))
-    with pytest.raises(SpecError, match="object-store URLs are not supported for writing yet; mount the bucket"):
-        submission.submit(in_spec, "http://127.0.0.1:8265", dry_run=True)
+    assert submission.submit(in_spec, "http://127.0.0.1:8265", dry_run=True).store == "gs://bucket/stores/job.zarr"
+    with pytest.raises(StoreNotWritableError, match="ftp://host/x"):
+        submission.submit(spec_file, "http://127.0.0.1:8265", store_url="ftp://host/x", dry_run=True)
 
 
 def test_spec_store_path_cannot_escape_the_store_url(make_spec, neox_ckpt, tmp_path):
