@@ -81,3 +81,15 @@ def make_spec(tmp_path, corpus_dir):
         return spec if raw else parse_spec(spec, base_dir=tmp_path)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_session(request):
+    """One local Ray for a test module (the pipeline and replica drivers reuse a running session).
+
+    ``RAY_CPUS`` in the module sets its CPUs (default 4); the dashboard stays off.
+    """
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 4), include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

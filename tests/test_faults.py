@@ -24,14 +24,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def fault_spec(make_spec, ckpt, path: str, stages: int = 2, raw: bool = False, **run):
     # 10 batches of 72 rows; a shard holds 320 rows, so each writer keeps ~4 batches un-durable
     return make_spec(ckpt, hooks=["hook_embed", "resid_post", "post", "ln_final"], raw=raw,

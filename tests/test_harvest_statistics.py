@@ -93,14 +93,6 @@ def assert_identical(a, b) -> None:
             np.testing.assert_array_equal(value, b.hooks[hook][key], err_msg=f"{hook} {key}")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_one_two_three_stages_give_identical_statistics(neox_ckpt, make_spec, ray_session):
     stats = {}

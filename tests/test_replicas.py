@@ -16,13 +16,8 @@ from sharding.verify import store_differences
 HOOKS = ["hook_embed", "resid_post", "z", "pattern", "post", "ln_final"]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module, with CPUs for 3 replicas x 2 stages (one thread each)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+#: CPUs of this module's local Ray (``ray_session`` in conftest.py): 3 replicas x 2 stages
+RAY_CPUS = 6
 
 
 def replica_spec(make_spec, ckpt, replicas: int, stages: int, path: str, hooks=HOOKS, **run):

@@ -17,15 +17,6 @@ from sharding.verify import store_differences
 HOOKS = ["hook_embed", "resid_post", "ln1", "z", "result", "pattern", "post", "attn_out", "ln_final"]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module (the pipeline reuses a running session)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def stage_spec(make_spec, ckpt, stages: int, path: str, hooks=HOOKS, **run):
     return make_spec(ckpt, hooks=hooks, run={"stages": stages, "threads": 1, **run},
                      store={"path": path, "chunks_per_shard": 4},
