@@ -135,3 +135,17 @@ def stdlib_docstrings(limit: int | None = None) -> list[str]:
 
 if __name__ == "__main__":  # pragma: no cover - manual use
     print(build_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gpt_neox"))
+
+
+def edited_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` whose tensors ``edit(tensors)`` changed in place (tests of bad weights)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -17,6 +17,7 @@ from harvest.errors import NonFiniteActivationError, StageError
 from harvest.runner import claim_store, prepare, run
 from harvest.spec import parse_spec
 from harvest.store import first_incomplete
+from harvest.toy import edited_checkpoint
 from sharding.pipeline import run_pipeline
 from sharding.verify import store_differences
 
@@ -90,25 +91,12 @@ def test_a_stage_that_keeps_dying_stops_the_job(make_spec, neox_ckpt, ray_sessio
         run_with(spec, kill_every_time)
 
 
-def _edited_checkpoint(src: Path, dst: Path, edit) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            (dst / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.timeout(300)  # a permanent failure retried forever would hang: the timeout fails it
 def test_nonfinite_activations_in_a_stage_stop_the_job_with_their_message(make_spec, neox_ckpt, ray_session, tmp_path):
     def poison(t):
         t["gpt_neox.layers.3.mlp.dense_4h_to_h.bias"][5] = float("nan")
 
-    ckpt = _edited_checkpoint(neox_ckpt, tmp_path / "nan", poison)
+    ckpt = edited_checkpoint(neox_ckpt, tmp_path / "nan", poison)
     spec = fault_spec(make_spec, ckpt, "nan.zarr")
     with pytest.raises(NonFiniteActivationError, match=r"NaN/inf value\(s\) in blocks\.3\.hook_resid_post, batch 0\. "
                                                        r"Nothing of this batch is marked written"):
@@ -121,7 +109,7 @@ def test_bad_weights_stop_the_job_with_the_reason(make_spec, neox_ckpt, ray_sess
     def wrong_shape(t):
         t["gpt_neox.layers.2.attention.dense.weight"] = torch.zeros(64, 32)
 
-    ckpt = _edited_checkpoint(neox_ckpt, tmp_path / "bad", wrong_shape)
+    ckpt = edited_checkpoint(neox_ckpt, tmp_path / "bad", wrong_shape)
     with pytest.raises(StageError, match=r"stage 1 \(blocks 2\.\.3 \+ ln_final\) failed: .*shape"):
         run(fault_spec(make_spec, ckpt, "bad.zarr"), progress=False)
 

@@ -220,18 +220,13 @@ def test_driver_killed_mid_run_resumes_with_another_replica_count(neox_ckpt, mak
 @pytest.mark.timeout(300)  # a permanent failure retried forever would hang: the timeout fails it
 def test_a_stage_error_stops_every_replica_with_its_message(neox_ckpt, make_spec, ray_session, tmp_path):
     """A stage's own error would happen on any replica: it stops the job, message intact, not a drop."""
-    from safetensors.torch import load_file, save_file
-
     from harvest.errors import NonFiniteActivationError
+    from harvest.toy import edited_checkpoint
 
-    bad = tmp_path / "nan"
-    bad.mkdir()
-    for f in neox_ckpt.iterdir():
-        if f.name != "model.safetensors":
-            (bad / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(neox_ckpt / "model.safetensors")
-    tensors["gpt_neox.layers.3.mlp.dense_4h_to_h.bias"][5] = float("nan")
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    def nan_bias(tensors):
+        tensors["gpt_neox.layers.3.mlp.dense_4h_to_h.bias"][5] = float("nan")
+
+    bad = edited_checkpoint(neox_ckpt, tmp_path / "nan", nan_bias)
     spec = replica_spec(make_spec, bad, 2, 1, "nan.zarr")
     with pytest.raises(NonFiniteActivationError, match=r"NaN/inf value\(s\) in blocks\.3\.hook_resid_post, batch \d+\. "
                                                        r"Nothing of this batch is marked written"):

@@ -61,16 +61,10 @@ def test_more_stages_than_blocks_is_refused(neox_ckpt, make_spec):
 
 
 def test_checkpoint_missing_a_stage_tensor_is_refused_before_the_store(neox_ckpt, make_spec, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from harvest.toy import edited_checkpoint
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in neox_ckpt.iterdir():
-        if f.name != "model.safetensors":
-            (broken / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(neox_ckpt / "model.safetensors")
-    del tensors["gpt_neox.layers.3.mlp.dense_4h_to_h.weight"]
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = edited_checkpoint(neox_ckpt, tmp_path / "broken",
+                               lambda tensors: tensors.pop("gpt_neox.layers.3.mlp.dense_4h_to_h.weight"))
     spec = stage_spec(make_spec, broken, 2, "p.zarr")
     with pytest.raises(ModelError, match=r"lacks 1 tensor\(s\) that stage 1 \(blocks 2\.\.3 \+ ln_final\) needs, "
                                          r"e\.g\. gpt_neox\.layers\.3\.mlp\.dense_4h_to_h\.weight"):
