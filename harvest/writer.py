@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .objstore import is_object_store
+from .objstore import configure, is_object_store, is_url
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
 from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
@@ -255,6 +255,14 @@ class StageStoreInfo:
     #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
     #: unfinished writes and marks the manifest, never the writers
     shared: bool = False
+    #: store.storage_options (endpoint, region) for a URL path: a Ray actor's process has not parsed the spec
+    storage_options: dict[str, Any] | None = None
+
+    def connect(self) -> None:
+        """Use this store's endpoint and region in this process (a stage actor's, which has not parsed
+        the spec): call before the first read or write of an object-store path."""
+        if is_url(self.path):
+            configure(self.path, self.storage_options)
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,7 @@ class StageWriter:
 
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
+        info.connect()
         group = self.group = open_for_writing(info.path)
         for name, _ in info.arrays if not info.shared else ():  # shared: other writers' files may be in flight
             remove_unfinished_writes(Path(info.path) / name)
@@ -469,7 +478,7 @@ def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:
             "the checkpoint or the inputs: check the weights for NaN/inf")
 
 
-def remove_unfinished_writes(array_dir: Path) -> int:
+def remove_unfinished_writes(array_dir: str | Path) -> int:
     """Delete the temporary files of shard writes that never finished; returns how many.
 
     zarr and ``harvest.shards.ShardFileWriter`` both write a shard to ``<key>.<token>.partial`` and
@@ -477,7 +486,10 @@ def remove_unfinished_writes(array_dir: Path) -> int:
     manifest counts (the shard is rewritten on resume), but a store must hold only what it says it does.
     Called when a stage's writer starts, before any write of its own: only this stage writes these arrays.
     """
-    if not array_dir.is_dir():  # a store that is not on the local file system
+    if "://" in str(array_dir):  # an object store: a shard is one PUT, nothing is left half-written
+        return 0
+    array_dir = Path(array_dir)
+    if not array_dir.is_dir():
         return 0
     stale = list(array_dir.rglob(f"*{PARTIAL_SUFFIX}"))
     for f in stale:

@@ -110,6 +110,7 @@ class PipelineStage(StageWorker):
         self.last = plan.index == plan.n_stages - 1
         self.init_error: BaseException | None = None
         try:
+            store.connect()
             super().__init__(ckpt, plan, options, store, stage_frontier(store.path, store.stage, start_batch))
         except BaseException as exc:  # noqa: BLE001 - re-raised by ready()/run()
             self.init_error = exc
@@ -464,7 +465,8 @@ def _permanent(cause: BaseException, index: int, stage) -> BaseException:
     if isinstance(cause, MemoryError) or "out of memory" in str(cause).lower():
         return StageError(f"stage {index} ({stage.describe()}) ran out of memory: {cause}. Lower run.batch_size, "
                           "use more stages or model.quantization (see `harvest plan`)")
-    return StageError(f"stage {index} ({stage.describe()}) failed: {name}: {str(cause).strip()}")
+    # first line only: errors of Rust clients (obstore) append a many-line debug dump of their cause
+    return StageError(f"stage {index} ({stage.describe()}) failed: {name}: {_first_line(str(cause))}")
 
 
 def alive_nodes() -> list[dict[str, float]]:

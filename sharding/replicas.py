@@ -137,7 +137,7 @@ class ReplicaDriver:
         """Temporary shard files of writes that never finished (a killed actor's); only while no replica writes."""
         for stage in self.job.stages:
             for p in stage.hooks:
-                remove_unfinished_writes(self.job.path / p.name)
+                remove_unfinished_writes(f"{self.job.path}/{p.name}")
 
     def stop(self) -> None:
         for rep in self.replicas:

@@ -128,6 +128,24 @@ def test_harvest_analyse_query_and_plain_xarray(s3, neox_ckpt, make_spec, tmp_pa
     assert (plain["blocks.1.hook_resid_post"].values == ref["blocks.1.hook_resid_post"].values).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"stages": 2}, {"replicas": 2, "stages": 1}], ids=["2-stages", "2-replicas"])
+def test_stage_actors_reach_the_endpoint_named_only_in_the_spec(layout, s3, neox_ckpt, make_spec, ray_session):
+    """Ray's stage actors never parse the spec: the endpoint in store.storage_options must travel to
+    them (it once did not: every multi-stage or replicated harvest into a bucket went to AWS)."""
+    from harvest.runner import run
+    from harvest.store import open_group
+
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    name = "-".join(f"{k}{v}" for k, v in layout.items())
+    result = run(s3_spec(make_spec, neox_ckpt, s3, name, run=layout), progress=False)
+    local = run(make_spec(neox_ckpt, store={"path": f"{name}.zarr"}), progress=False)
+    bucket, ref = open_group(result.path), open_group(local.path)
+    assert sorted(bucket.array_keys()) == sorted(ref.array_keys())
+    for array in ref.array_keys():
+        assert (bucket[array][...] == ref[array][...]).all(), array
+
+
 def test_missing_bucket_and_bad_credentials_fail_before_compute(s3, neox_ckpt, make_spec, tmp_path):
     raw = s3_spec(make_spec, neox_ckpt, s3, "x", raw=True)
     raw["store"]["root"] = "s3://no-such-bucket-here/x"

@@ -204,3 +204,5 @@ def test_permanent_failures_keep_their_message():
     other = _permanent(RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x64 and 32x64)"), 1, plan)
     assert str(other) == ("stage 1 (blocks 2..3 + ln_final) failed: RuntimeError: mat1 and mat2 shapes cannot be "
                           "multiplied (3x64 and 32x64)")
+    dump = _permanent(OSError("Generic S3 error: GET failed after 8 retries\n\nDebug source:\nGeneric {\n  store: S3"), 1, plan)
+    assert str(dump) == "stage 1 (blocks 2..3 + ln_final) failed: OSError: Generic S3 error: GET failed after 8 retries"

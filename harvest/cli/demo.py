@@ -3,7 +3,11 @@
 1. builds a corpus from the Python standard library's docstrings (every machine has them);
 2. trains a byte-level BPE tokenizer on it and saves a random-init GPT-NeoX checkpoint
    (safetensors) — then forgets both, and loads them back the way a user's checkpoint loads;
-3. harvests ``jobs/demo.yaml`` into a Zarr store and prints what landed.
+3. harvests ``jobs/demo.yaml`` into a Zarr store and prints what landed, opens it with plain
+   xarray, finds outlier dimensions and queries one;
+4. harvests the same job again with two replicas of the pipeline into a bucket on a real S3 server
+   (moto, on 127.0.0.1), checks every array equals the local store's, and analyses from the bucket;
+5. trains the model organisms and shows their translation heads and Fourier features.
 """
 
 from __future__ import annotations
@@ -90,6 +94,57 @@ def timings() -> None:
     print(f"  {sum(s[3] for s in _STEPS):6.1f} s  CPU {sum(s[4] for s in _STEPS):6.1f} s  in all")
 
 
+#: the object-storage step's replicas (each a full pipeline of the demo's stages)
+REPLICAS = 2
+#: moto's S3 server accepts any key; these are never real credentials, and the demo sets them only for itself
+DEMO_S3_KEYS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
+    """Harvest ``spec`` again with REPLICAS data-parallel pipelines into s3:// on a loopback moto server,
+    then show the bucket's store is the local one, element for element, and analyse it in place."""
+    import dataclasses
+    import logging
+    import os
+
+    import boto3
+    import numpy as np
+    from moto.server import ThreadedMotoServer
+
+    from ..store import open_group
+
+    os.environ.update(DEMO_S3_KEYS)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="activations")
+        print(f"S3 server {endpoint} (moto), bucket s3://activations")
+        remote = dataclasses.replace(
+            spec, run=dataclasses.replace(spec.run, replicas=REPLICAS),
+            store=dataclasses.replace(spec.store, root="s3://activations/stores",
+                                      storage_options={"endpoint": endpoint, "region": "us-east-1"}))
+        result = run(remote, overwrite=True)
+        print(f"harvested {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s) "
+              f"into {result.path}")
+        local, bucket = open_group(local_path), open_group(result.path)
+        names = sorted(local.array_keys())
+        same = [n for n in names if np.array_equal(local[n][...], bucket[n][...], equal_nan=True)]
+        print(f"{len(same)} of {len(names)} arrays equal the local {spec.run.stages}-stage store element for element"
+              + ("" if len(same) == len(names) else f"; differ: {', '.join(sorted(set(names) - set(same)))}"))
+        report = analyze_outliers(result.path, index=False, plots=False)
+        verdict = "the same as" if report.outlier_dims == local_outliers else "DIFFERENT from"
+        print(f"analysed in the bucket: outlier dimensions {report.outlier_dims}, {verdict} the local store's")
+        options = {"endpoint_url": endpoint}
+        print(f"plain xarray: xr.open_zarr('{result.path}', consolidated=False, storage_options={options})")
+        ds = xr.open_zarr(str(result.path), consolidated=False, storage_options=options)
+        print(f"              {len(ds.data_vars)} variables, dims {dict(ds.sizes)}")
+    finally:
+        server.stop()
+
+
 def main(workdir: Path = Path("build/demo")) -> None:
     workdir = Path(workdir)
     section("1. a GPT-NeoX checkpoint and a corpus, built on this machine")
@@ -127,6 +182,9 @@ def main(workdir: Path = Path("build/demo")) -> None:
     print(f"\nquery of {why}: harvest query dim {result.path} {dim}")
     print(format_query(query_dim(result.path, dim, top=5, context=6)))
 
-    section("6. model organisms: translation heads and the Fourier features of addition")
+    section(f"6. {REPLICAS} replicas x {spec.run.stages} stages into object storage (a local S3 server)")
+    replicas_into_a_bucket(spec, result.path, report.outlier_dims)
+
+    section("7. model organisms: translation heads and the Fourier features of addition")
     show(workdir.parent / "organisms")  # trained once (about a CPU-minute each), cached under build/organisms
     timings()
