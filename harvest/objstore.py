@@ -10,10 +10,17 @@ Credentials come from the environment or the provider's usual files only (``AWS_
 endpoint and region (``configure``), and ``check_access`` refuses any other key. Nothing here logs
 or records a credential.
 
-Crash safety without rename: a shard is written whole, as one PUT (``ArrayWriter`` gathers a shard
-before it writes), the manifest advances only after every PUT of a batch has succeeded, and a
-resume trusts the manifest alone. An object is replaced atomically by a PUT, so a reader sees the
-old shard or the new one, never a torn one.
+Crash safety without rename: a shard is uploaded whole (``put_object``), the manifest advances only
+after every upload of a batch has succeeded, and a resume trusts the manifest alone. An object is
+replaced atomically, so a reader sees the old shard or the new one, never a torn one:
+
+* a shard up to ``multipart_threshold()`` bytes is one PUT;
+* a larger one is a multipart upload: parts of ``part_bytes()`` uploaded ``PART_CONCURRENCY`` at a
+  time (a cloud bucket gives each connection a fraction of the bandwidth, and a failed part is
+  retried alone, not the whole shard). The object appears only when the upload is completed; an
+  upload that fails is aborted by the client (obstore), so it leaves no object and no parts. A
+  process killed mid-upload cannot abort: its parts stay invisible until the bucket's lifecycle rule
+  (``AbortIncompleteMultipartUpload``) deletes them, and the resume uploads the shard again.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
 ALLOWED_OPTIONS = ("endpoint", "region", "allow_http", "virtual_hosted_style_request")
 #: transient errors (5xx, throttling, timeouts) are retried this many times, with backoff, then fail
 RETRIES = 8
+#: shards larger than this go up as a multipart upload (``HARVEST_MULTIPART_MIB`` overrides)
+MULTIPART_THRESHOLD = 16 * 2**20
+#: size of each part but the last (``HARVEST_PART_MIB`` overrides); S3 refuses parts under 5 MiB but the last
+PART_BYTES = 8 * 2**20
+#: parts of one shard in flight at once
+PART_CONCURRENCY = 8
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 _options: dict[str, dict[str, Any]] = {}  #: bucket URL -> storage options (``configure``)
 
@@ -102,6 +115,45 @@ def zarr_store(url: str, read_only: bool = False):
     from zarr.storage import ObjectStore
 
     return ObjectStore(obstore_of(url), read_only=read_only)
+
+
+def multipart_threshold() -> int:
+    """Bytes above which a shard is a multipart upload (``HARVEST_MULTIPART_MIB``, else ``MULTIPART_THRESHOLD``)."""
+    return _mib_from_env("HARVEST_MULTIPART_MIB", MULTIPART_THRESHOLD)
+
+
+def part_bytes() -> int:
+    """Size of a multipart upload's parts (``HARVEST_PART_MIB``, else ``PART_BYTES``)."""
+    return _mib_from_env("HARVEST_PART_MIB", PART_BYTES)
+
+
+def _mib_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise SpecError(f"{name}={text!r}: give a positive number of MiB (e.g. 16), or unset it")
+    return max(1, int(value * 2**20))
+
+
+async def put_object(store, key: str, data) -> None:
+    """Upload ``data`` (bytes-like) to ``key`` of an obstore ``store``: one PUT, or a multipart upload.
+
+    Returns once the object is complete (so the caller may count its rows as durable); raises after
+    bounded retries, leaving no object (a failed multipart upload is aborted by obstore).
+    """
+    import obstore
+
+    size = memoryview(data).nbytes
+    if size <= multipart_threshold():
+        await obstore.put_async(store, key, data, use_multipart=False)
+    else:
+        await obstore.put_async(store, key, data, use_multipart=True, chunk_size=part_bytes(),
+                                max_concurrency=PART_CONCURRENCY)
 
 
 def is_object_store(store) -> bool:

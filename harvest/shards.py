@@ -464,14 +464,16 @@ class ShardFileWriter:
 
 
 class ShardObjectWriter(ShardFileWriter):
-    """The same shards for an object store (``s3://``, ``gs://``): encoded into one buffer, then one PUT.
+    """The same shards for an object store (``s3://``, ``gs://``): encoded into one buffer, then uploaded whole.
 
-    Object stores have no rename and no partial files, but a PUT replaces an object atomically: a
-    reader sees the old shard or the new one. So the records and the index go into a buffer at the
+    Object stores have no rename and no partial files, but an upload replaces an object atomically:
+    a reader sees the old shard or the new one. So the records and the index go into a buffer at the
     offsets ``ShardFileWriter`` would write them at (``_pwritev`` copies into the buffer: the one copy
     per byte, where the file writer's is the kernel's), and ``put(key, buffer)`` uploads the whole
-    shard; its rows are durable when it returns (the client retries transient errors, bounded).
-    Records are packed (``align=0``): the bytes zarr would write, and no padding to upload.
+    shard (``harvest.objstore.put_object``: one PUT, or parts in parallel for a large shard; a failed
+    multipart upload is aborted and leaves no object); its rows are durable when it returns (the
+    client retries transient errors, bounded). Records are packed (``align=0``): the bytes zarr would
+    write, and no padding to upload.
     """
 
     def __init__(self, put, chunk_key, geometry: ShardGeometry, start: int):
@@ -497,7 +499,7 @@ class ShardObjectWriter(ShardFileWriter):
             offset += len(part)
 
     def _finish_shard(self) -> None:
-        """Last record, index, one PUT: the shard's rows are durable."""
+        """Last record, index, the upload: the shard's rows are durable."""
         g = self.geometry
         if self._in_chunk:
             self._end_piecewise_record()

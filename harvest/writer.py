@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .objstore import is_object_store
+from .objstore import is_object_store, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
 from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
@@ -219,13 +219,12 @@ def _chunk_key(array: zarr.Array):
 
 
 def _putter(array: zarr.Array, loops: EventLoops):
-    """``put(key, data)``: one shard uploaded through the zarr store's async ``set`` on this thread's loop."""
-    from zarr.core.buffer import default_buffer_prototype
-
-    store, prefix = array.store_path.store, array.path
+    """``put(key, data)``: one shard uploaded (one PUT, or multipart when large: ``objstore.put_object``)
+    to the obstore store under zarr's ``ObjectStore``, on this thread's loop."""
+    store, prefix = array.store_path.store.store, array.path
 
     def put(key: str, data) -> None:
-        loops.run(store.set(f"{prefix}/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+        loops.run(put_object(store, f"{prefix}/{key}", data))
 
     return put
 

@@ -2,7 +2,13 @@
 
 Not a mock of our own: ``moto.server.ThreadedMotoServer`` speaks the S3 HTTP API that obstore
 talks to on a cloud. ``FlakyProxy`` sits between them and answers 503 to one request in ``every``
-(moto has no fault injection), so the retries are exercised over real HTTP.
+(moto has no fault injection), or the status its ``fault`` rule picks for a given request (a part
+of a multipart upload, say), so retries and aborts are exercised over real HTTP.
+
+Multipart uploads: S3 refuses parts under 5 MiB but the last; this server takes parts down to
+``MIN_PART_BYTES`` (moto's ``S3_UPLOAD_PART_MIN_SIZE``), so a test store's shards of a few KiB go up
+in parts (``HARVEST_MULTIPART_MIB`` / ``HARVEST_PART_MIB``) under the same rule, at a smaller scale.
+This module must be imported before moto is (moto reads the setting once, on import).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import threading
 
 ACCESS = {"AWS_ACCESS_KEY_ID": "harvestTESTkeyID", "AWS_SECRET_ACCESS_KEY": "harvestTESTsecretVALUE",
           "AWS_DEFAULT_REGION": "us-east-1"}
+#: smallest part (but the last) of a multipart upload this server accepts; S3's is 5 MiB
+MIN_PART_BYTES = 1024
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(MIN_PART_BYTES))
 
 
 def start_server():
@@ -26,6 +35,11 @@ def start_server():
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     from moto.server import ThreadedMotoServer
 
+    from moto import settings
+
+    if settings.S3_UPLOAD_PART_MIN_SIZE > MIN_PART_BYTES:
+        raise RuntimeError("moto was imported before tests/s3server.py: import s3server first "
+                           "(it sets S3_UPLOAD_PART_MIN_SIZE for multipart tests)")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -50,14 +64,39 @@ def objects(endpoint: str, bucket: str, prefix: str) -> dict[str, bytes]:
     return out
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and fails one request in ``every`` with 503."""
+def multipart_uploads(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Keys of the multipart uploads begun under ``prefix`` and neither completed nor aborted."""
+    import boto3
 
-    def __init__(self, upstream: str, every: int = 5):
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+
+def etag(endpoint: str, bucket: str, key: str) -> str:
+    """An object's ETag: ``"<md5>-<parts>"`` for one completed from a multipart upload, ``"<md5>"`` for a PUT."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").head_object(
+        Bucket=bucket, Key=key)["ETag"].strip('"')
+
+
+#: the error bodies the proxy answers with, by status
+_ERRORS = {503: b"SlowDown", 500: b"InternalError", 403: b"AccessDenied", 400: b"InvalidRequest"}
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and fails one request in ``every`` with 503.
+
+    ``fault``: called with ``"PUT /bucket/key?query"`` for every request; a status it returns (403, say)
+    is the answer instead of forwarding (a permanent error the client does not retry).
+    """
+
+    def __init__(self, upstream: str, every: int = 5, fault=None):
         host, port = upstream.removeprefix("http://").split(":")
         counter = itertools.count(1)
         self.failed = 0
         self.requests: list[str] = []  #: "GET /bucket/key" of every request
+        self.faults: list[str] = []  #: the requests ``fault`` failed
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,11 +107,17 @@ class FlakyProxy:
 
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.requests.append(f"{self.command} {self.path}")
-                if next(counter) % every == 0:
+                request = f"{self.command} {self.path}"
+                proxy.requests.append(request)
+                status = fault(request) if fault is not None else None
+                if status is not None:
+                    proxy.faults.append(request)
+                elif next(counter) % every == 0:
                     proxy.failed += 1
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    status = 503
+                if status is not None:
+                    msg = b"<Error><Code>" + _ERRORS.get(status, b"Injected") + b"</Code><Message>injected</Message></Error>"
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
                     self.wfile.write(msg)
@@ -94,7 +139,13 @@ class FlakyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a client that hung up (an aborted upload)
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

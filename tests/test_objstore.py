@@ -2,7 +2,8 @@
 
 Harvest into a bucket, SIGKILL and resume object-identical, analyse and query from the bucket, open it
 with plain xarray, fail before compute on a missing bucket or refused credentials, survive injected
-503s with an identical store, and never show the credentials.
+503s with an identical store, upload large shards in parts (identical objects; a part refused mid-upload
+leaves no object and no upload behind, and the resume is identical), and never show the credentials.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import time
 import pytest
 import yaml
 
+import s3server  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest; before moto: part sizes)
+
 pytest.importorskip("moto.server")
 pytest.importorskip("obstore")
-
-import s3server  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
 from harvest.errors import SpecError  # noqa: E402
 from harvest.objstore import configure  # noqa: E402
@@ -254,3 +255,79 @@ def test_shard_sink_puts_the_bytes_zarr_writes(s3):
     a, b = bucket_objects(s3, "sink-shards/x/"), bucket_objects(s3, "sink-zarr/x/")
     assert a.keys() == b.keys() and len(a) == 4
     assert all(a[k] == b[k] for k in a)
+
+
+# --- multipart uploads of large shards ------------------------------------------------------------
+
+#: test shards are ~20 KiB: above 8 KiB they go up in 4 KiB parts (the server takes parts >= 1 KiB)
+SMALL_PARTS = {"HARVEST_MULTIPART_MIB": str(8 / 1024), "HARVEST_PART_MIB": str(4 / 1024)}
+
+
+def shard_keys(objects: dict[str, bytes]) -> list[str]:
+    return sorted(k for k in objects if "hook_resid_post/c/" in k)
+
+
+def test_large_shards_go_up_in_parts_as_the_objects_single_puts_write(s3, neox_ckpt, make_spec, monkeypatch):
+    from harvest.objstore import multipart_threshold, part_bytes
+    from harvest.runner import run
+
+    run(s3_spec(make_spec, neox_ckpt, s3, "single"), progress=False)
+    for key, value in SMALL_PARTS.items():
+        monkeypatch.setenv(key, value)
+    assert (multipart_threshold(), part_bytes()) == (8192, 4096)
+    proxy = s3server.FlakyProxy(s3, every=10**9)
+    try:
+        run(s3_spec(make_spec, neox_ckpt, proxy.endpoint, "parts"), progress=False)
+    finally:
+        proxy.close()
+        configure(f"s3://{BUCKET}", {"endpoint": s3, "region": "us-east-1"})
+    a, b = bucket_objects(s3, "single/job.zarr/"), bucket_objects(s3, "parts/job.zarr/")
+    assert a.keys() == b.keys() and not [k for k in a if a[k] != b[k]]
+    big = [k for k in shard_keys(b) if len(b[k]) > 8192]
+    assert big, "no shard above the threshold: the test store is too small to go multipart"
+    for key in big:  # completed from parts (an ETag "<md5>-<parts>"), each of at most 4 KiB
+        parts = int(s3server.etag(s3, BUCKET, f"parts/job.zarr/{key}").rsplit("-", 1)[1])
+        assert parts == -(-len(b[key]) // 4096), key
+        assert "-" not in s3server.etag(s3, BUCKET, f"single/job.zarr/{key}"), key
+    assert sum("?uploads" in r for r in proxy.requests) == len(big)
+    assert not s3server.multipart_uploads(s3, BUCKET, "parts/")
+
+
+@pytest.mark.slow
+def test_a_part_refused_mid_upload_leaves_no_object_and_the_resume_is_identical(s3, neox_ckpt, make_spec,
+                                                                                 monkeypatch):
+    from harvest.runner import run
+    from harvest.store import batches_done, open_group
+
+    for key, value in SMALL_PARTS.items():
+        monkeypatch.setenv(key, value)
+    run(s3_spec(make_spec, neox_ckpt, s3, "whole"), progress=False)
+
+    def refuse_a_part_of_the_second_shard(request: str):  # mid-run: the first shards are complete
+        if request.startswith("PUT ") and "hook_resid_post/c/1/0?partNumber=2&" in request:
+            return 403
+        return None
+
+    proxy = s3server.FlakyProxy(s3, every=10**9, fault=refuse_a_part_of_the_second_shard)
+    url = f"s3://{BUCKET}/broken/job.zarr"
+    try:
+        with pytest.raises(Exception) as failed:
+            run(s3_spec(make_spec, neox_ckpt, proxy.endpoint, "broken"), progress=False)
+    finally:
+        proxy.close()
+        configure(f"s3://{BUCKET}", {"endpoint": s3, "region": "us-east-1"})
+    assert proxy.faults
+    keys = {f.split(" ", 1)[1].split("?", 1)[0].removeprefix(f"/{BUCKET}/broken/job.zarr/") for f in proxy.faults}
+    assert "403" in str(failed.value) or "privileges" in str(failed.value), failed.value
+    # the upload was aborted: no object at that key, no parts kept; the shards before it are there
+    kept = bucket_objects(s3, "broken/job.zarr/")
+    assert not keys & kept.keys() and "blocks.0.hook_resid_post/c/0/0" in kept, keys
+    assert not s3server.multipart_uploads(s3, BUCKET, "broken/")
+    group = open_group(url)
+    done = int(batches_done(group).sum())
+    assert group.attrs["harvest"]["status"] == "failed" and 0 < done < group.attrs["harvest"]["layout"]["n_batches"]
+
+    resumed = run(s3_spec(make_spec, neox_ckpt, s3, "broken"), resume=True, progress=False)
+    assert resumed.batches == group.attrs["harvest"]["layout"]["n_batches"] - done
+    a, b = bucket_objects(s3, "whole/job.zarr/"), bucket_objects(s3, "broken/job.zarr/")
+    assert a.keys() == b.keys() and not [k for k in a if a[k] != b[k]]
