@@ -190,6 +190,23 @@ def object_sizes(url: str) -> list[tuple[int, str]]:
     return [(int(meta["size"]), meta["path"]) for chunk in obstore.list(obstore_of(url)) for meta in chunk]
 
 
+def remove_objects(url: str, keys: list[str]) -> None:
+    """Delete these objects under ``url`` (keys relative to it); a missing one is no error."""
+    import obstore
+
+    from obstore.exceptions import NotFoundError
+
+    store = obstore_of(url)
+    try:
+        obstore.delete(store, keys)
+    except (NotFoundError, FileNotFoundError):  # some services refuse a missing key: one by one, then
+        for key in keys:
+            try:
+                obstore.delete(store, key)
+            except (NotFoundError, FileNotFoundError):
+                pass
+
+
 def remove_prefix(url: str) -> None:
     """Delete every object under ``url`` (a store being replaced)."""
     import obstore

@@ -647,17 +647,28 @@ MISSING_SHARD = "shard file missing"
 MISSING_CHUNK = "chunk missing from its shard (reads as the fill value)"
 
 
-def read_shard_index(data: bytes | memoryview, grid: ChunkGrid) -> np.ndarray:
+def shard_index_span(size: int, grid: ChunkGrid) -> tuple[int, int]:
+    """[start, stop) of the index inside a stored shard of ``size`` bytes (what a ranged read fetches first)."""
+    n = min(grid.index_bytes, size)
+    return (size - n, size) if grid.index_at_end else (0, n)
+
+
+def read_shard_index(data: bytes | memoryview, grid: ChunkGrid, size: int | None = None) -> np.ndarray:
     """The ``(n_inner, 2)`` uint64 (offset, length) table of a shard, checked.
 
+    ``data``: the whole shard; or, with ``size`` (the stored object's length), only its index bytes
+    (``shard_index_span``), as a ranged read of an object store fetches them.
     Raises :class:`ShardIndexError` when the file is too short for an index, the index's crc32c does
     not match, or an entry points outside the chunk area or overlaps another.
     """
-    size = len(data)
+    whole = size is None
+    size = len(data) if size is None else size
     n = grid.index_bytes
     if size < n:
         raise ShardIndexError(f"file of {size} bytes is shorter than its {n}-byte shard index (truncated)")
-    raw = memoryview(data)[size - n:] if grid.index_at_end else memoryview(data)[:n]
+    raw = memoryview(data)
+    if whole:
+        raw = raw[size - n:] if grid.index_at_end else raw[:n]
     table_bytes = raw[: 16 * grid.n_inner]
     if grid.index_crc:
         stored = int.from_bytes(bytes(raw[-4:]), "little")
@@ -700,7 +711,7 @@ def check_chunk(data: bytes | memoryview, grid: ChunkGrid) -> str | None:
 
 
 def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> list[ChunkProblem]:
-    """Every problem of one stored object (shard or plain chunk): [] when intact.
+    """Every problem of one stored object (shard or plain chunk) read whole: [] when intact.
 
     ``data`` None means the file is missing (:data:`MISSING_SHARD`), and an in-bounds inner chunk the
     index marks empty is :data:`MISSING_CHUNK`: both legitimately read as the fill value, so the caller
@@ -708,23 +719,42 @@ def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> l
     """
     if data is None:
         return [ChunkProblem(None, MISSING_SHARD)]
-    if not grid.sharded:
-        what = check_chunk(data, grid)
-        return [ChunkProblem(grid.inner_coords(unit, 0), what)] if what else []
-    try:
-        table = read_shard_index(data, grid)
-    except ShardIndexError as exc:
-        return [ChunkProblem(None, str(exc))]
     view = memoryview(data)
+    return check_stored(len(view), lambda spans: [view[a:b] for a, b in spans], grid, unit)[0]
+
+
+def check_stored(size: int, read, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
+    """Every problem of one stored object of ``size`` bytes, and the bytes read to find them.
+
+    ``read(spans)`` returns the bytes of each ``[start, stop)`` of the object: slices of a file read
+    whole, or ranged GETs of an object store. A shard is read in two steps: its index
+    (``shard_index_span``), then the records that index points to (one call, so a store client can
+    fetch them together); a shard whose index is damaged is not read further.
+    """
+    if not grid.sharded:
+        (data,) = read([(0, size)])
+        what = check_chunk(data, grid)
+        return ([ChunkProblem(grid.inner_coords(unit, 0), what)] if what else []), size
+    start, stop = shard_index_span(size, grid)
+    (raw,) = read([(start, stop)])
+    try:
+        table = read_shard_index(raw, grid, size=size)
+    except ShardIndexError as exc:
+        return [ChunkProblem(None, str(exc))], stop - start
     problems = []
+    present = []
     for i in range(grid.n_inner):
-        offset, length = int(table[i, 0]), int(table[i, 1])
-        if offset == EMPTY:  # never written: reads as the fill value; the caller decides if rows were due
+        if int(table[i, 0]) == EMPTY:  # never written: reads as the fill value; the caller decides if rows were due
             coords = grid.inner_coords(unit, i)
             if grid.inner_in_bounds(coords):
                 problems.append(ChunkProblem(coords, MISSING_CHUNK))
-            continue
-        what = check_chunk(view[offset: offset + length], grid)
+        else:
+            present.append(i)
+    spans = [(int(table[i, 0]), int(table[i, 0] + table[i, 1])) for i in present]
+    records = read(spans) if spans else []
+    for i, record in zip(present, records):
+        what = check_chunk(record, grid)
         if what:
             problems.append(ChunkProblem(grid.inner_coords(unit, i), what))
-    return problems
+    problems.sort(key=lambda p: p.coords or ())
+    return problems, stop - start + sum(b - a for a, b in spans)

@@ -331,3 +331,81 @@ def test_a_part_refused_mid_upload_leaves_no_object_and_the_resume_is_identical(
     assert resumed.batches == group.attrs["harvest"]["layout"]["n_batches"] - done
     a, b = bucket_objects(s3, "whole/job.zarr/"), bucket_objects(s3, "broken/job.zarr/")
     assert a.keys() == b.keys() and not [k for k in a if a[k] != b[k]]
+
+
+# --- harvest verify on a bucket -------------------------------------------------------------------
+
+VERIFY_HOOKS = ["blocks.*.hook_resid_post", "blocks.1.ln1.hook_normalized", "blocks.0.attn.hook_pattern"]
+
+
+def put_object(endpoint: str, key: str, data: bytes) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=data)
+
+
+def damage(data: bytes, at: int, n: int = 16) -> bytes:
+    out = bytearray(data)
+    for i in range(at, at + n):
+        out[i] ^= 0xFF
+    return bytes(out)
+
+
+def test_verify_reads_a_bucket_and_names_what_is_damaged_as_on_disk(s3, neox_ckpt, make_spec, tmp_path):
+    """A clean store in a bucket verifies; a chunk and a shard index overwritten in the bucket are named
+    (array, shard, chunk, rows, batches) exactly as the same damage in a local copy of the job, and
+    ``--redo-rows`` repairs the bucket to the objects of an untouched run."""
+    import zarr
+
+    from harvest.runner import run
+    from harvest.shards import ChunkGrid, read_shard_index
+    from harvest.verify import verify_store
+
+    sections = {"hooks": VERIFY_HOOKS, "run": {"batch_size": 2}}
+    url = run(s3_spec(make_spec, neox_ckpt, s3, "verify", **sections), progress=False).path
+    run(s3_spec(make_spec, neox_ckpt, s3, "verify", store={"path": "fresh.zarr"}, **sections), progress=False)
+    local = run(make_spec(neox_ckpt, **sections), progress=False).path
+    clean = verify_store(url)
+    assert clean.ok, clean.format()
+    assert (clean.arrays, clean.objects) == (verify_store(local).arrays, verify_store(local).objects)
+    assert clean.bytes_read == sum(len(v) for k, v in bucket_objects(s3, "verify/job.zarr/").items() if "/c/" in k)
+    out = cli("verify", url, endpoint=s3, cwd=tmp_path)
+    assert out.returncode == 0 and "intact" in out.stdout, out.stdout + out.stderr
+
+    # a chunk's bytes (the second record of a resid shard), and another array's shard index, overwritten
+    array, other = "blocks.1.hook_resid_post", "blocks.0.hook_resid_post"
+    grid = ChunkGrid.from_metadata(zarr.open_group(str(local), mode="r")[array].metadata.to_dict())
+    prefix = "verify/job.zarr/"
+    objects = bucket_objects(s3, prefix)
+
+    def second_record(data: bytes) -> int:  # packed in the bucket, page-aligned on disk
+        return int(read_shard_index(data, grid)[1, 0]) + 8
+
+    data = objects[f"{array}/c/1/0"]
+    put_object(s3, f"{prefix}{array}/c/1/0", damage(data, second_record(data)))
+    put_object(s3, f"{prefix}{other}/c/0/0", damage(objects[f"{other}/c/0/0"], len(objects[f"{other}/c/0/0"]) - 6, 4))
+    for name, shard in ((array, "c/1/0"), (other, "c/0/0")):  # the same damage on disk
+        path = local / name / shard
+        data = path.read_bytes()
+        path.write_bytes(damage(data, second_record(data)) if name == array else damage(data, len(data) - 6, 4))
+    report, on_disk = verify_store(url), verify_store(local)
+    assert [d.line() for d in report.damages] == [d.line() for d in on_disk.damages]
+    assert report.repair_commands() == on_disk.repair_commands()
+    by_array = {d.array: d for d in report.damages}
+    assert len(report.damages) == 2 and set(by_array) == {array, other}
+    chunk = by_array[array]
+    assert chunk.file == f"{array}/c/1/0" and "crc32c" in chunk.what
+    assert chunk.chunk == (grid.chunks_per_shard[0] + 1, 0)
+    assert chunk.rows == ((grid.chunks_per_shard[0] + 1) * grid.inner[0], (grid.chunks_per_shard[0] + 2) * grid.inner[0])
+    assert by_array[other].chunk is None and "index" in by_array[other].what
+    out = cli("verify", url, endpoint=s3, cwd=tmp_path)
+    assert out.returncode == 1 and "DAMAGED" in out.stdout and f"{array} chunk" in out.stdout, out.stdout + out.stderr
+    assert "--redo-rows" in out.stdout
+    no_secret(out.stdout + out.stderr)
+
+    # the repair it names, on the bucket: every object as an untouched run's
+    spec = s3_spec(make_spec, neox_ckpt, s3, "verify", **sections)
+    run(spec, resume=True, redo_rows=report.redo_rows(), progress=False)
+    assert verify_store(url).ok
+    a, b = bucket_objects(s3, prefix), bucket_objects(s3, "verify/fresh.zarr/")
+    assert a.keys() == b.keys() and not [k for k in a if a[k] != b[k]]
