@@ -12,6 +12,8 @@ one process, alternating, and the ratio is the figure that carries over.
 * upload path: ``ArrayWriter`` (the harvest's writer: whole shards, one upload each through
   ``objstore.put_object``, one array per write thread as the stage's pool does) vs ``obstore.put`` of
   shard-sized buffers of the same total bytes from the same number of threads; ratio (goal >= 0.8).
+* verify: ``harvest verify`` of the harvest pair's store in the bucket vs on disk vs plain
+  ``obstore.get`` of every object of the store from as many threads (the bound for the bucket).
 * multipart (``--shard-mib 64 128 256``): one large shard uploaded by ``objstore.put_object`` as a
   multipart upload (parts of ``PART_BYTES``, ``PART_CONCURRENCY`` in flight) vs as one PUT
   (``HARVEST_MULTIPART_MIB`` above the shard), alternating; MiB/s of each, ratio multipart / single.
@@ -117,6 +119,33 @@ def upload_pair(endpoint: str, threads: int, mib: int, repeat: int) -> tuple[flo
     return nbytes / t_writer, nbytes / t_plain
 
 
+def verify_pair(endpoint: str, work: Path, repeat: int) -> tuple[float, float, float, float]:
+    """MiB/s of ``verify_store`` on the harvest pair's store on disk, on the same store in the bucket
+    (the whole command, and its checking alone: less the fixed cost of opening the store, reading
+    its row map and listing it), and of plain ``obstore.get`` of every object of that store from as
+    many threads (the read bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+
+    from harvest.objstore import obstore_of
+    from harvest.verify import OBJECT_WORKERS, verify_store
+
+    url = f"s3://bench/stores/r{repeat}.zarr"
+    disk = verify_store(work / "stores" / f"r{repeat}.zarr")
+    bucket = verify_store(url)
+    fixed = verify_store(url, arrays=set()).seconds
+    assert disk.ok and bucket.ok
+    store = obstore_of(url)
+    keys = [m["path"] for chunk in obstore.list(store) for m in chunk if "/c/" in m["path"]]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(OBJECT_WORKERS) as pool:
+        nbytes = sum(pool.map(lambda k: len(obstore.get(store, k).bytes()), keys))
+    plain = nbytes / 2**20 / (time.perf_counter() - t)
+    mib = bucket.bytes_read / 2**20
+    return disk.bytes_read / 2**20 / disk.seconds, mib / bucket.seconds, mib / (bucket.seconds - fixed), plain
+
+
 def multipart_pair(endpoint: str, shard_mib: int, repeat: int) -> tuple[float, float]:
     """MiB/s of one ``shard_mib`` shard uploaded (multipart, single PUT) by ``objstore.put_object``."""
     import asyncio
@@ -191,14 +220,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mib", type=int, default=256, help="bytes uploaded per repeat of the upload pair")
-    parser.add_argument("--only", choices=("harvest", "upload", "multipart"), action="append",
+    parser.add_argument("--only", choices=("harvest", "upload", "multipart", "verify"), action="append",
                         help="run only these pairs (repeatable; default: all)")
     parser.add_argument("--shard-mib", type=int, nargs="+", default=[64, 128, 256],
                         help="shard sizes of the multipart pair")
     parser.add_argument("--conn-mib-s", type=float, default=None,
                         help="multipart pair through a proxy capping each connection at this many MiB/s")
     args = parser.parse_args()
-    only = set(args.only or ("harvest", "upload", "multipart"))
+    only = set(args.only or ("harvest", "upload", "multipart", "verify"))
     import s3server
 
     from harvest.objstore import PART_BYTES, PART_CONCURRENCY
@@ -206,12 +235,16 @@ def main() -> None:
     server, endpoint = s3server.start_server()
     s3server.create_bucket(endpoint, "bench")
     work = Path(tempfile.mkdtemp(prefix="objstore-bench-"))
-    harvests, uploads, multipart = [], [], {mib: [] for mib in args.shard_mib}
+    harvests, uploads, verifies, multipart = [], [], [], {mib: [] for mib in args.shard_mib}
     proxy = ThrottlingProxy(endpoint, args.conn_mib_s) if args.conn_mib_s else None
     for r in range(args.repeats):
-        if "harvest" in only:
+        if only & {"harvest", "verify"}:
             harvests.append(harvest_pair(endpoint, work, r))
             print(f"repeat {r}: harvest disk {harvests[-1][0]:,.0f} tok/s, s3 {harvests[-1][1]:,.0f} tok/s", flush=True)
+        if "verify" in only:
+            verifies.append(verify_pair(endpoint, work, r))
+            print(f"repeat {r}: verify disk {verifies[-1][0]:.0f} MiB/s, bucket {verifies[-1][1]:.0f} MiB/s "
+                  f"(checking alone {verifies[-1][2]:.0f}), plain get {verifies[-1][3]:.0f} MiB/s", flush=True)
         if "upload" in only:
             uploads.append(upload_pair(endpoint, args.threads, args.mib, r))
             print(f"repeat {r}: upload writer {uploads[-1][0] / 2**20:.0f} MiB/s, "
@@ -234,6 +267,12 @@ def main() -> None:
         print(f"upload path / plain put loop: {med(w / p for w, p in uploads):.2f}x "
               f"(writer {med(w for w, _ in uploads) / 2**20:.0f} MiB/s, put {med(p for _, p in uploads) / 2**20:.0f} "
               f"MiB/s, {args.threads} threads)")
+    if verifies:
+        print(f"verify on the bucket / plain get loop: {med(b / p for _, b, _, p in verifies):.2f}x whole command, "
+              f"{med(c / p for _, _, c, p in verifies):.2f}x checking alone; / verify on disk: "
+              f"{med(b / d for d, b, _, _ in verifies):.2f}x (disk {med(v[0] for v in verifies):.0f} MiB/s, bucket "
+              f"{med(v[1] for v in verifies):.0f} MiB/s, checking alone {med(v[2] for v in verifies):.0f} MiB/s, "
+              f"get {med(v[3] for v in verifies):.0f} MiB/s)")
     if "multipart" in only:
         where = (f"through a proxy capping each connection at {args.conn_mib_s:g} MiB/s (a model of a cloud "
                  "bucket)" if proxy else "straight to the server")

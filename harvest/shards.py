@@ -723,13 +723,15 @@ def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> l
     return check_stored(len(view), lambda spans: [view[a:b] for a, b in spans], grid, unit)[0]
 
 
-def check_stored(size: int, read, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
+def check_stored(size: int, read, grid: ChunkGrid, unit: tuple[int, ...],
+                 budget: int | None = None) -> tuple[list[ChunkProblem], int]:
     """Every problem of one stored object of ``size`` bytes, and the bytes read to find them.
 
     ``read(spans)`` returns the bytes of each ``[start, stop)`` of the object: slices of a file read
     whole, or ranged GETs of an object store. A shard is read in two steps: its index
-    (``shard_index_span``), then the records that index points to (one call, so a store client can
-    fetch them together); a shard whose index is damaged is not read further.
+    (``shard_index_span``), then the records that index points to, in calls of at most ``budget``
+    bytes (at least one record each; None: one call), so a store client fetches adjacent records
+    together while the bytes held at once stay bounded. A shard whose index is damaged is not read further.
     """
     if not grid.sharded:
         (data,) = read([(0, size)])
@@ -751,10 +753,16 @@ def check_stored(size: int, read, grid: ChunkGrid, unit: tuple[int, ...]) -> tup
         else:
             present.append(i)
     spans = [(int(table[i, 0]), int(table[i, 0] + table[i, 1])) for i in present]
-    records = read(spans) if spans else []
-    for i, record in zip(present, records):
-        what = check_chunk(record, grid)
-        if what:
-            problems.append(ChunkProblem(grid.inner_coords(unit, i), what))
+    first = 0
+    while first < len(spans):
+        last, held = first + 1, spans[first][1] - spans[first][0]
+        while last < len(spans) and (budget is None or held + spans[last][1] - spans[last][0] <= budget):
+            held += spans[last][1] - spans[last][0]
+            last += 1
+        for i, record in zip(present[first:last], read(spans[first:last])):
+            what = check_chunk(record, grid)
+            if what:
+                problems.append(ChunkProblem(grid.inner_coords(unit, i), what))
+        first = last
     problems.sort(key=lambda p: p.coords or ())
     return problems, stop - start + sum(b - a for a, b in spans)

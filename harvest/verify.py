@@ -37,6 +37,9 @@ from .shards import MISSING_CHUNK, MISSING_SHARD, ChunkGrid, ChunkProblem, check
 PROGRESS_BYTES = 256 * 2**20
 #: objects read at once from an object store by default (each read waits on the network, not the CPU)
 OBJECT_WORKERS = 16
+#: an object up to this size is read with one GET (all of it is checked: one round trip is fastest);
+#: a larger one with ranged GETs, its index first, then its records this many bytes at a time
+WHOLE_GET_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,10 @@ class _Files:
 
 class _Objects:
     """A store in a bucket: one listing gives every object and its size (a missing shard costs no
-    request); each shard is read with ranged GETs, its index first, then the chunk records it points to
-    (obstore fetches adjacent records in one request)."""
+    request). An object up to ``WHOLE_GET_BYTES`` is read with one GET and checked in memory as a file
+    is; a larger one with ranged GETs: its index first (a damaged index stops there), then the chunk
+    records it points to, ``WHOLE_GET_BYTES`` at a time (obstore fetches adjacent ranges together), so a
+    worker never holds more than that."""
 
     default_workers = OBJECT_WORKERS
 
@@ -218,17 +223,17 @@ class _Objects:
         self.sizes = {meta["path"]: int(meta["size"]) for chunk in obstore.list(self.store) for meta in chunk}
 
     def arrays(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-        out = []
-        for key in sorted(k for k in self.sizes if k == "zarr.json" or k.endswith("/zarr.json")):
+        def one(key: str) -> tuple[str, dict[str, Any] | None, str | None]:
             name = key.removesuffix("zarr.json").rstrip("/")
             try:
-                meta = json.loads(bytes(self.obstore.get(self.store, key).bytes()))
+                return name, json.loads(bytes(self.obstore.get(self.store, key).bytes())), None
             except (OSError, ValueError) as exc:
-                out.append((name, None, f"zarr.json unreadable ({exc})"))
-                continue
-            if meta.get("node_type") == "array":
-                out.append((name, meta, None))
-        return out
+                return name, None, f"zarr.json unreadable ({exc})"
+
+        keys = sorted(k for k in self.sizes if k == "zarr.json" or k.endswith("/zarr.json"))
+        with ThreadPoolExecutor(self.default_workers) as pool:
+            found = list(pool.map(one, keys))
+        return [(name, meta, error) for name, meta, error in found if meta is None or meta.get("node_type") == "array"]
 
     def size(self, key: str) -> int:
         return self.sizes.get(key, 0)
@@ -236,12 +241,15 @@ class _Objects:
     def check(self, key: str, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
         if key not in self.sizes:
             return check_shard(None, grid, unit), 0
+        if self.sizes[key] <= WHOLE_GET_BYTES:
+            data = memoryview(self.obstore.get(self.store, key).bytes())
+            return check_shard(data, grid, unit), len(data)
 
         def read(spans: list[tuple[int, int]]) -> list[memoryview]:
             got = self.obstore.get_ranges(self.store, key, starts=[a for a, _ in spans], ends=[b for _, b in spans])
             return [memoryview(b) for b in got]
 
-        return check_stored(self.sizes[key], read, grid, unit)
+        return check_stored(self.sizes[key], read, grid, unit, budget=WHOLE_GET_BYTES)
 
 
 # --- checking --------------------------------------------------------------------------------------

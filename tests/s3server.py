@@ -97,6 +97,7 @@ class FlakyProxy:
         self.failed = 0
         self.requests: list[str] = []  #: "GET /bucket/key" of every request
         self.faults: list[str] = []  #: the requests ``fault`` failed
+        self.ranges: list[tuple[str, str | None]] = []  #: (request, its Range header) of every GET
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -109,6 +110,8 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 request = f"{self.command} {self.path}"
                 proxy.requests.append(request)
+                if self.command == "GET":
+                    proxy.ranges.append((request, self.headers.get("Range")))
                 status = fault(request) if fault is not None else None
                 if status is not None:
                     proxy.faults.append(request)

@@ -351,13 +351,14 @@ def damage(data: bytes, at: int, n: int = 16) -> bytes:
     return bytes(out)
 
 
-def test_verify_reads_a_bucket_and_names_what_is_damaged_as_on_disk(s3, neox_ckpt, make_spec, tmp_path):
+def test_verify_reads_a_bucket_and_names_what_is_damaged_as_on_disk(s3, neox_ckpt, make_spec, tmp_path, monkeypatch):
     """A clean store in a bucket verifies; a chunk and a shard index overwritten in the bucket are named
     (array, shard, chunk, rows, batches) exactly as the same damage in a local copy of the job, and
     ``--redo-rows`` repairs the bucket to the objects of an untouched run."""
     import zarr
 
     from harvest.runner import run
+    from harvest import verify
     from harvest.shards import ChunkGrid, read_shard_index
     from harvest.verify import verify_store
 
@@ -391,6 +392,21 @@ def test_verify_reads_a_bucket_and_names_what_is_damaged_as_on_disk(s3, neox_ckp
     report, on_disk = verify_store(url), verify_store(local)
     assert [d.line() for d in report.damages] == [d.line() for d in on_disk.damages]
     assert report.repair_commands() == on_disk.repair_commands()
+    # shards above WHOLE_GET_BYTES: ranged GETs, the index first, then each record (a budget of 0 bytes)
+    proxy = s3server.FlakyProxy(s3, every=10**9)
+    try:
+        monkeypatch.setattr(verify, "WHOLE_GET_BYTES", 0)
+        configure(url, {"endpoint": proxy.endpoint, "region": "us-east-1"})
+        ranged = verify_store(url)
+    finally:
+        proxy.close()
+        configure(url, {"endpoint": s3, "region": "us-east-1"})
+    assert [d.line() for d in ranged.damages] == [d.line() for d in report.damages]
+    for key in (k for k in objects if k.startswith(f"{array}/c/")):
+        gets = [h for r, h in proxy.ranges if r.split("?")[0].endswith(f"/{key}")]
+        size, records = len(objects[key]), int((read_shard_index(objects[key], grid)[:, 0] != 2**64 - 1).sum())
+        assert gets[0] == f"bytes={size - grid.index_bytes}-{size - 1}", (key, gets)  # the index, then each record
+        assert len(gets) == 1 + records and all(h.startswith("bytes=") for h in gets), (key, gets)
     by_array = {d.array: d for d in report.damages}
     assert len(report.damages) == 2 and set(by_array) == {array, other}
     chunk = by_array[array]
