@@ -101,8 +101,14 @@ def obstore_of(url: str, options: dict[str, Any] | None = None):
 
     opts = dict(_options.get(bucket_of(url), {}) if options is None else options)
     client = {"timeout": "120s", "connect_timeout": "10s"}
-    endpoint = str(opts.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
-    if opts.pop("allow_http", None) or endpoint.startswith("http://"):  # a local S3-compatible server
+    if url.split("://", 1)[0].lower() in ("gs", "gcs"):  # GCS names the endpoint base_url and has no region
+        opts.pop("region", None)
+        if "endpoint" in opts:
+            opts["base_url"] = opts.pop("endpoint")
+        endpoint = str(opts.get("base_url") or os.environ.get("GOOGLE_BASE_URL", ""))
+    else:
+        endpoint = str(opts.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
+    if opts.pop("allow_http", None) or endpoint.startswith("http://"):  # a local S3- or GCS-compatible server
         client["allow_http"] = True
     retry = {"max_retries": RETRIES, "retry_timeout": timedelta(minutes=5),
              "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15),

