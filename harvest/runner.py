@@ -82,6 +82,7 @@ class Job:
             on_nonfinite=self.spec.capture.on_nonfinite,
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
+            storage_options=dict(self.spec.store.storage_options),
             statistics=StatisticsPlan(tuple(h for h in self.statistics if h in {p.name for p in stage.hooks}),
                                       TOP_K, THRESHOLD, self.layout.token_starts()) if self.statistics else None,
         )

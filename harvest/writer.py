@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .objstore import is_object_store, put_object
+from .objstore import configure, is_object_store, is_url, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
 from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
@@ -254,6 +254,14 @@ class StageStoreInfo:
     #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
     #: unfinished writes and marks the manifest, never the writers
     shared: bool = False
+    #: store.storage_options (endpoint, region) of a store on object storage: a stage actor is another
+    #: process, which must be told where the bucket's service is (credentials: its own environment)
+    storage_options: dict[str, Any] | None = None
+
+    def configure_store(self) -> None:
+        """Tell this process where the store's service is (``objstore.configure``): first thing in a stage actor."""
+        if self.storage_options is not None and is_url(self.path):
+            configure(self.path, self.storage_options)
 
 
 @dataclass(frozen=True)
@@ -278,6 +286,7 @@ class StageWriter:
 
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
+        info.configure_store()
         group = self.group = open_for_writing(info.path)
         for name, _ in info.arrays if not info.shared else ():  # shared: other writers' files may be in flight
             remove_unfinished_writes(Path(info.path) / name)
