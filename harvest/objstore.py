@@ -33,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import ObjectStoreAccessError, SpecError
+from .errors import ObjectStoreAccessError, SpecError, StoreError
 
 #: URL schemes opened as object stores
 SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
@@ -153,13 +153,22 @@ async def put_object(store, key: str, data) -> None:
     bounded retries, leaving no object (a failed multipart upload is aborted by obstore).
     """
     import obstore
+    from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
 
     size = memoryview(data).nbytes
-    if size <= multipart_threshold():
-        await obstore.put_async(store, key, data, use_multipart=False)
-    else:
-        await obstore.put_async(store, key, data, use_multipart=True, chunk_size=part_bytes(),
-                                max_concurrency=PART_CONCURRENCY)
+    try:
+        if size <= multipart_threshold():
+            await obstore.put_async(store, key, data, use_multipart=False)
+        else:
+            await obstore.put_async(store, key, data, use_multipart=True, chunk_size=part_bytes(),
+                                    max_concurrency=PART_CONCURRENCY)
+    except (PermissionDeniedError, UnauthenticatedError) as exc:
+        raise ObjectStoreAccessError(
+            f"upload of {key} refused ({_first_line(exc)}); the batches uploaded before it are kept: set "
+            "credentials that may write there in the environment, then run again with --resume") from None
+    except BaseError as exc:  # transient errors were retried (bounded) before this
+        raise StoreError(f"upload of {key} failed ({_first_line(exc)}); the batches uploaded before it are kept: "
+                         "fix the cause, then run again with --resume") from None
 
 
 def is_object_store(store) -> bool:
