@@ -208,7 +208,6 @@ def object_sizes(url: str) -> list[tuple[int, str]]:
 def remove_objects(url: str, keys: list[str]) -> None:
     """Delete these objects under ``url`` (keys relative to it); a missing one is no error."""
     import obstore
-
     from obstore.exceptions import NotFoundError
 
     store = obstore_of(url)
