@@ -24,7 +24,6 @@ pytest.importorskip("obstore")
 
 from harvest.errors import ObjectStoreAccessError, SpecError  # noqa: E402
 from harvest.objstore import configure  # noqa: E402
-from harvest.spec import parse_spec  # noqa: E402
 
 BUCKET = "acts"
 
