@@ -9,9 +9,19 @@ one process, alternating, and the ratio is the figure that carries over.
 
 * harvest: the same job (a small GPT-NeoX, every layer's ``resid_post``, fp32) into ``/tmp`` and
   into ``s3://bench/…``; tokens/s of each, ratio S3 / disk.
-* upload path: ``ArrayWriter`` (the harvest's writer: whole shards, one PUT each through zarr's
-  ``ObjectStore``, one array per write thread as the stage's pool does) vs ``obstore.put`` of
+* upload path: ``ArrayWriter`` (the harvest's writer: whole shards, one upload each through
+  ``objstore.put_object``, one array per write thread as the stage's pool does) vs ``obstore.put`` of
   shard-sized buffers of the same total bytes from the same number of threads; ratio (goal >= 0.8).
+* verify: ``harvest verify`` of the harvest pair's store in the bucket vs on disk vs plain
+  ``obstore.get`` of every object of the store from as many threads (the bound for the bucket).
+* multipart (``--shard-mib 64 128 256``): one large shard uploaded by ``objstore.put_object`` as a
+  multipart upload (parts of ``PART_BYTES``, ``PART_CONCURRENCY`` in flight) vs as one PUT
+  (``HARVEST_MULTIPART_MIB`` above the shard), alternating; MiB/s of each, ratio multipart / single.
+  ``--conn-mib-s R`` puts a loopback proxy in front of the server that holds each request's body to
+  R MiB/s, as a cloud bucket limits one connection (tens of MiB/s) while it scales across many: a model
+  of the network the multipart path is for, labelled as such in the output.
+
+    .venv/bin/python bench/objstore_throughput.py --only multipart --shard-mib 64 128 256 [--conn-mib-s 50]
 """
 
 from __future__ import annotations
@@ -109,33 +119,167 @@ def upload_pair(endpoint: str, threads: int, mib: int, repeat: int) -> tuple[flo
     return nbytes / t_writer, nbytes / t_plain
 
 
+def verify_pair(endpoint: str, work: Path, repeat: int) -> tuple[float, float, float, float]:
+    """MiB/s of ``verify_store`` on the harvest pair's store on disk, on the same store in the bucket
+    (the whole command, and its checking alone: less the fixed cost of opening the store, reading
+    its row map and listing it), and of plain ``obstore.get`` of every object of that store from as
+    many threads (the read bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+
+    from harvest.objstore import obstore_of
+    from harvest.verify import OBJECT_WORKERS, verify_store
+
+    url = f"s3://bench/stores/r{repeat}.zarr"
+    disk = verify_store(work / "stores" / f"r{repeat}.zarr")
+    bucket = verify_store(url)
+    fixed = verify_store(url, arrays=set()).seconds
+    assert disk.ok and bucket.ok
+    store = obstore_of(url)
+    keys = [m["path"] for chunk in obstore.list(store) for m in chunk if "/c/" in m["path"]]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(OBJECT_WORKERS) as pool:
+        nbytes = sum(pool.map(lambda k: len(obstore.get(store, k).bytes()), keys))
+    plain = nbytes / 2**20 / (time.perf_counter() - t)
+    mib = bucket.bytes_read / 2**20
+    return disk.bytes_read / 2**20 / disk.seconds, mib / bucket.seconds, mib / (bucket.seconds - fixed), plain
+
+
+def multipart_pair(endpoint: str, shard_mib: int, repeat: int) -> tuple[float, float]:
+    """MiB/s of one ``shard_mib`` shard uploaded (multipart, single PUT) by ``objstore.put_object``."""
+    import asyncio
+
+    from harvest.objstore import obstore_of, put_object
+
+    store = obstore_of(f"s3://bench/multipart{repeat}", {"endpoint": endpoint, "region": "us-east-1"})
+    data = np.random.default_rng(repeat).integers(0, 256, shard_mib * 2**20, dtype=np.uint8)
+    rates = {}
+    for mode in ("multipart", "single") if repeat % 2 == 0 else ("single", "multipart"):
+        if mode == "single":
+            os.environ["HARVEST_MULTIPART_MIB"] = str(shard_mib + 1)
+        t = time.perf_counter()
+        asyncio.run(put_object(store, f"{mode}-{shard_mib}", memoryview(data)))
+        rates[mode] = shard_mib / (time.perf_counter() - t)
+        os.environ.pop("HARVEST_MULTIPART_MIB", None)
+    return rates["multipart"], rates["single"]
+
+
+class ThrottlingProxy:
+    """A loopback HTTP proxy that takes each request's body at ``mib_s`` MiB/s, then forwards it:
+    one connection's bandwidth capped, as on a cloud bucket, many connections in parallel."""
+
+    def __init__(self, upstream: str, mib_s: float):
+        import http.client
+        import http.server
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                t = time.perf_counter()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(max(0.0, len(body) / (mib_s * 2**20) - (time.perf_counter() - t)))
+                conn = http.client.HTTPConnection(host, int(port), timeout=300)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mib", type=int, default=256, help="bytes uploaded per repeat of the upload pair")
+    parser.add_argument("--only", choices=("harvest", "upload", "multipart", "verify"), action="append",
+                        help="run only these pairs (repeatable; default: all)")
+    parser.add_argument("--shard-mib", type=int, nargs="+", default=[64, 128, 256],
+                        help="shard sizes of the multipart pair")
+    parser.add_argument("--conn-mib-s", type=float, default=None,
+                        help="multipart pair through a proxy capping each connection at this many MiB/s")
     args = parser.parse_args()
+    only = set(args.only or ("harvest", "upload", "multipart", "verify"))
     import s3server
+
+    from harvest.objstore import PART_BYTES, PART_CONCURRENCY
 
     server, endpoint = s3server.start_server()
     s3server.create_bucket(endpoint, "bench")
     work = Path(tempfile.mkdtemp(prefix="objstore-bench-"))
-    harvests, uploads = [], []
+    harvests, uploads, verifies, multipart = [], [], [], {mib: [] for mib in args.shard_mib}
+    proxy = ThrottlingProxy(endpoint, args.conn_mib_s) if args.conn_mib_s else None
     for r in range(args.repeats):
-        harvests.append(harvest_pair(endpoint, work, r))
-        uploads.append(upload_pair(endpoint, args.threads, args.mib, r))
-        print(f"repeat {r}: harvest disk {harvests[-1][0]:,.0f} tok/s, s3 {harvests[-1][1]:,.0f} tok/s; "
-              f"upload writer {uploads[-1][0] / 2**20:.0f} MiB/s, plain put {uploads[-1][1] / 2**20:.0f} MiB/s",
-              flush=True)
+        if only & {"harvest", "verify"}:
+            harvests.append(harvest_pair(endpoint, work, r))
+            print(f"repeat {r}: harvest disk {harvests[-1][0]:,.0f} tok/s, s3 {harvests[-1][1]:,.0f} tok/s", flush=True)
+        if "verify" in only:
+            verifies.append(verify_pair(endpoint, work, r))
+            print(f"repeat {r}: verify disk {verifies[-1][0]:.0f} MiB/s, bucket {verifies[-1][1]:.0f} MiB/s "
+                  f"(checking alone {verifies[-1][2]:.0f}), plain get {verifies[-1][3]:.0f} MiB/s", flush=True)
+        if "upload" in only:
+            uploads.append(upload_pair(endpoint, args.threads, args.mib, r))
+            print(f"repeat {r}: upload writer {uploads[-1][0] / 2**20:.0f} MiB/s, "
+                  f"plain put {uploads[-1][1] / 2**20:.0f} MiB/s", flush=True)
+        if "multipart" in only:
+            for mib in args.shard_mib:
+                multipart[mib].append(multipart_pair(proxy.endpoint if proxy else endpoint, mib, r))
+                print(f"repeat {r}: {mib} MiB shard: multipart {multipart[mib][-1][0]:.0f} MiB/s, "
+                      f"single PUT {multipart[mib][-1][1]:.0f} MiB/s", flush=True)
+    if proxy is not None:
+        proxy.close()
     server.stop()
     med = statistics.median
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"harvest into S3 / into disk: {med(s / d for d, s in harvests):.2f}x "
-          f"(median of {args.repeats}; disk {med(d for d, _ in harvests):,.0f} tok/s, "
-          f"s3 {med(s for _, s in harvests):,.0f} tok/s)")
-    print(f"upload path / plain put loop: {med(w / p for w, p in uploads):.2f}x "
-          f"(writer {med(w for w, _ in uploads) / 2**20:.0f} MiB/s, put {med(p for _, p in uploads) / 2**20:.0f} MiB/s, "
-          f"{args.threads} threads)")
+    if harvests:
+        print(f"harvest into S3 / into disk: {med(s / d for d, s in harvests):.2f}x "
+              f"(median of {args.repeats}; disk {med(d for d, _ in harvests):,.0f} tok/s, "
+              f"s3 {med(s for _, s in harvests):,.0f} tok/s)")
+    if uploads:
+        print(f"upload path / plain put loop: {med(w / p for w, p in uploads):.2f}x "
+              f"(writer {med(w for w, _ in uploads) / 2**20:.0f} MiB/s, put {med(p for _, p in uploads) / 2**20:.0f} "
+              f"MiB/s, {args.threads} threads)")
+    if verifies:
+        print(f"verify on the bucket / plain get loop: {med(b / p for _, b, _, p in verifies):.2f}x whole command, "
+              f"{med(c / p for _, _, c, p in verifies):.2f}x checking alone; / verify on disk: "
+              f"{med(b / d for d, b, _, _ in verifies):.2f}x (disk {med(v[0] for v in verifies):.0f} MiB/s, bucket "
+              f"{med(v[1] for v in verifies):.0f} MiB/s, checking alone {med(v[2] for v in verifies):.0f} MiB/s, "
+              f"get {med(v[3] for v in verifies):.0f} MiB/s)")
+    if "multipart" in only:
+        where = (f"through a proxy capping each connection at {args.conn_mib_s:g} MiB/s (a model of a cloud "
+                 "bucket)" if proxy else "straight to the server")
+        print(f"multipart ({PART_BYTES // 2**20} MiB parts, {PART_CONCURRENCY} in flight) / single PUT, {where}:")
+        for mib, pairs in multipart.items():
+            print(f"  {mib:4d} MiB shard: {med(m / s for m, s in pairs):.2f}x (median of {args.repeats}; "
+                  f"multipart {med(m for m, _ in pairs):.0f} MiB/s, single {med(s for _, s in pairs):.0f} MiB/s)")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,17 @@ Credentials come from the environment or the provider's usual files only (``AWS_
 endpoint and region (``configure``), and ``check_access`` refuses any other key. Nothing here logs
 or records a credential.
 
-Crash safety without rename: a shard is written whole, as one PUT (``ArrayWriter`` gathers a shard
-before it writes), the manifest advances only after every PUT of a batch has succeeded, and a
-resume trusts the manifest alone. An object is replaced atomically by a PUT, so a reader sees the
-old shard or the new one, never a torn one.
+Crash safety without rename: a shard is uploaded whole (``put_object``), the manifest advances only
+after every upload of a batch has succeeded, and a resume trusts the manifest alone. An object is
+replaced atomically, so a reader sees the old shard or the new one, never a torn one:
+
+* a shard up to ``multipart_threshold()`` bytes is one PUT;
+* a larger one is a multipart upload: parts of ``part_bytes()`` uploaded ``PART_CONCURRENCY`` at a
+  time (a cloud bucket gives each connection a fraction of the bandwidth, and a failed part is
+  retried alone, not the whole shard). The object appears only when the upload is completed; an
+  upload that fails is aborted by the client (obstore), so it leaves no object and no parts. A
+  process killed mid-upload cannot abort: its parts stay invisible until the bucket's lifecycle rule
+  (``AbortIncompleteMultipartUpload``) deletes them, and the resume uploads the shard again.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import ObjectStoreAccessError, SpecError
+from .errors import ObjectStoreAccessError, SpecError, StoreError
 
 #: URL schemes opened as object stores
 SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
@@ -34,6 +41,12 @@ SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
 ALLOWED_OPTIONS = ("endpoint", "region", "allow_http", "virtual_hosted_style_request")
 #: transient errors (5xx, throttling, timeouts) are retried this many times, with backoff, then fail
 RETRIES = 8
+#: shards larger than this go up as a multipart upload (``HARVEST_MULTIPART_MIB`` overrides)
+MULTIPART_THRESHOLD = 16 * 2**20
+#: size of each part but the last (``HARVEST_PART_MIB`` overrides); S3 refuses parts under 5 MiB but the last
+PART_BYTES = 8 * 2**20
+#: parts of one shard in flight at once
+PART_CONCURRENCY = 8
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 _options: dict[str, dict[str, Any]] = {}  #: bucket URL -> storage options (``configure``)
 
@@ -88,8 +101,14 @@ def obstore_of(url: str, options: dict[str, Any] | None = None):
 
     opts = dict(_options.get(bucket_of(url), {}) if options is None else options)
     client = {"timeout": "120s", "connect_timeout": "10s"}
-    endpoint = str(opts.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
-    if opts.pop("allow_http", None) or endpoint.startswith("http://"):  # a local S3-compatible server
+    if url.split("://", 1)[0].lower() in ("gs", "gcs"):  # GCS names the endpoint base_url and has no region
+        opts.pop("region", None)
+        if "endpoint" in opts:
+            opts["base_url"] = opts.pop("endpoint")
+        endpoint = str(opts.get("base_url") or os.environ.get("GOOGLE_BASE_URL", ""))
+    else:
+        endpoint = str(opts.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
+    if opts.pop("allow_http", None) or endpoint.startswith("http://"):  # a local S3- or GCS-compatible server
         client["allow_http"] = True
     retry = {"max_retries": RETRIES, "retry_timeout": timedelta(minutes=5),
              "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15),
@@ -102,6 +121,54 @@ def zarr_store(url: str, read_only: bool = False):
     from zarr.storage import ObjectStore
 
     return ObjectStore(obstore_of(url), read_only=read_only)
+
+
+def multipart_threshold() -> int:
+    """Bytes above which a shard is a multipart upload (``HARVEST_MULTIPART_MIB``, else ``MULTIPART_THRESHOLD``)."""
+    return _mib_from_env("HARVEST_MULTIPART_MIB", MULTIPART_THRESHOLD)
+
+
+def part_bytes() -> int:
+    """Size of a multipart upload's parts (``HARVEST_PART_MIB``, else ``PART_BYTES``)."""
+    return _mib_from_env("HARVEST_PART_MIB", PART_BYTES)
+
+
+def _mib_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise SpecError(f"{name}={text!r}: give a positive number of MiB (e.g. 16), or unset it")
+    return max(1, int(value * 2**20))
+
+
+async def put_object(store, key: str, data) -> None:
+    """Upload ``data`` (bytes-like) to ``key`` of an obstore ``store``: one PUT, or a multipart upload.
+
+    Returns once the object is complete (so the caller may count its rows as durable); raises after
+    bounded retries, leaving no object (a failed multipart upload is aborted by obstore).
+    """
+    import obstore
+    from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+
+    size = memoryview(data).nbytes
+    try:
+        if size <= multipart_threshold():
+            await obstore.put_async(store, key, data, use_multipart=False)
+        else:
+            await obstore.put_async(store, key, data, use_multipart=True, chunk_size=part_bytes(),
+                                    max_concurrency=PART_CONCURRENCY)
+    except (PermissionDeniedError, UnauthenticatedError) as exc:
+        raise ObjectStoreAccessError(
+            f"upload of {key} refused ({_first_line(exc)}); the batches uploaded before it are kept: set "
+            "credentials that may write there in the environment, then run again with --resume") from None
+    except BaseError as exc:  # transient errors were retried (bounded) before this
+        raise StoreError(f"upload of {key} failed ({_first_line(exc)}); the batches uploaded before it are kept: "
+                         "fix the cause, then run again with --resume") from None
 
 
 def is_object_store(store) -> bool:
@@ -136,6 +203,22 @@ def object_sizes(url: str) -> list[tuple[int, str]]:
     import obstore
 
     return [(int(meta["size"]), meta["path"]) for chunk in obstore.list(obstore_of(url)) for meta in chunk]
+
+
+def remove_objects(url: str, keys: list[str]) -> None:
+    """Delete these objects under ``url`` (keys relative to it); a missing one is no error."""
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    store = obstore_of(url)
+    try:
+        obstore.delete(store, keys)
+    except (NotFoundError, FileNotFoundError):  # some services refuse a missing key: one by one, then
+        for key in keys:
+            try:
+                obstore.delete(store, key)
+            except (NotFoundError, FileNotFoundError):
+                pass
 
 
 def remove_prefix(url: str) -> None:

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteActivationError, SpecError
+from .objstore import is_url, join, remove_objects
 from .shape import single_stage
 from .shards import ChunkGrid
 from .stage import Stage, resolve_device
@@ -158,10 +159,13 @@ def _single_thread_pool():
 
 def _remove_shards(job: Job, arr, t: Target) -> None:
     grid = ChunkGrid.from_metadata(arr.metadata.to_dict())
-    folder = job.path / t.array
-    for i in range(t.start // grid.unit[0], -(-t.stop // grid.unit[0])):
-        for rest in itertools.product(*(range(g) for g in grid.grid[1:])):
-            (folder / grid.key((i, *rest))).unlink(missing_ok=True)
+    keys = [grid.key((i, *rest)) for i in range(t.start // grid.unit[0], -(-t.stop // grid.unit[0]))
+            for rest in itertools.product(*(range(g) for g in grid.grid[1:]))]
+    if is_url(job.path):  # a store in a bucket: delete the objects
+        remove_objects(join(str(job.path), t.array), keys)
+        return
+    for key in keys:
+        (job.path / t.array / key).unlink(missing_ok=True)
 
 
 def _check_finite(job: Job, name: str, batch: int, data: np.ndarray) -> None:

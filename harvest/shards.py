@@ -464,14 +464,16 @@ class ShardFileWriter:
 
 
 class ShardObjectWriter(ShardFileWriter):
-    """The same shards for an object store (``s3://``, ``gs://``): encoded into one buffer, then one PUT.
+    """The same shards for an object store (``s3://``, ``gs://``): encoded into one buffer, then uploaded whole.
 
-    Object stores have no rename and no partial files, but a PUT replaces an object atomically: a
-    reader sees the old shard or the new one. So the records and the index go into a buffer at the
+    Object stores have no rename and no partial files, but an upload replaces an object atomically:
+    a reader sees the old shard or the new one. So the records and the index go into a buffer at the
     offsets ``ShardFileWriter`` would write them at (``_pwritev`` copies into the buffer: the one copy
     per byte, where the file writer's is the kernel's), and ``put(key, buffer)`` uploads the whole
-    shard; its rows are durable when it returns (the client retries transient errors, bounded).
-    Records are packed (``align=0``): the bytes zarr would write, and no padding to upload.
+    shard (``harvest.objstore.put_object``: one PUT, or parts in parallel for a large shard; a failed
+    multipart upload is aborted and leaves no object); its rows are durable when it returns (the
+    client retries transient errors, bounded). Records are packed (``align=0``): the bytes zarr would
+    write, and no padding to upload.
     """
 
     def __init__(self, put, chunk_key, geometry: ShardGeometry, start: int):
@@ -497,7 +499,7 @@ class ShardObjectWriter(ShardFileWriter):
             offset += len(part)
 
     def _finish_shard(self) -> None:
-        """Last record, index, one PUT: the shard's rows are durable."""
+        """Last record, index, the upload: the shard's rows are durable."""
         g = self.geometry
         if self._in_chunk:
             self._end_piecewise_record()
@@ -645,17 +647,28 @@ MISSING_SHARD = "shard file missing"
 MISSING_CHUNK = "chunk missing from its shard (reads as the fill value)"
 
 
-def read_shard_index(data: bytes | memoryview, grid: ChunkGrid) -> np.ndarray:
+def shard_index_span(size: int, grid: ChunkGrid) -> tuple[int, int]:
+    """[start, stop) of the index inside a stored shard of ``size`` bytes (what a ranged read fetches first)."""
+    n = min(grid.index_bytes, size)
+    return (size - n, size) if grid.index_at_end else (0, n)
+
+
+def read_shard_index(data: bytes | memoryview, grid: ChunkGrid, size: int | None = None) -> np.ndarray:
     """The ``(n_inner, 2)`` uint64 (offset, length) table of a shard, checked.
 
+    ``data``: the whole shard; or, with ``size`` (the stored object's length), only its index bytes
+    (``shard_index_span``), as a ranged read of an object store fetches them.
     Raises :class:`ShardIndexError` when the file is too short for an index, the index's crc32c does
     not match, or an entry points outside the chunk area or overlaps another.
     """
-    size = len(data)
+    whole = size is None
+    size = len(data) if size is None else size
     n = grid.index_bytes
     if size < n:
         raise ShardIndexError(f"file of {size} bytes is shorter than its {n}-byte shard index (truncated)")
-    raw = memoryview(data)[size - n:] if grid.index_at_end else memoryview(data)[:n]
+    raw = memoryview(data)
+    if whole:
+        raw = raw[size - n:] if grid.index_at_end else raw[:n]
     table_bytes = raw[: 16 * grid.n_inner]
     if grid.index_crc:
         stored = int.from_bytes(bytes(raw[-4:]), "little")
@@ -698,7 +711,7 @@ def check_chunk(data: bytes | memoryview, grid: ChunkGrid) -> str | None:
 
 
 def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> list[ChunkProblem]:
-    """Every problem of one stored object (shard or plain chunk): [] when intact.
+    """Every problem of one stored object (shard or plain chunk) read whole: [] when intact.
 
     ``data`` None means the file is missing (:data:`MISSING_SHARD`), and an in-bounds inner chunk the
     index marks empty is :data:`MISSING_CHUNK`: both legitimately read as the fill value, so the caller
@@ -706,23 +719,50 @@ def check_shard(data: bytes | None, grid: ChunkGrid, unit: tuple[int, ...]) -> l
     """
     if data is None:
         return [ChunkProblem(None, MISSING_SHARD)]
-    if not grid.sharded:
-        what = check_chunk(data, grid)
-        return [ChunkProblem(grid.inner_coords(unit, 0), what)] if what else []
-    try:
-        table = read_shard_index(data, grid)
-    except ShardIndexError as exc:
-        return [ChunkProblem(None, str(exc))]
     view = memoryview(data)
+    return check_stored(len(view), lambda spans: [view[a:b] for a, b in spans], grid, unit)[0]
+
+
+def check_stored(size: int, read, grid: ChunkGrid, unit: tuple[int, ...],
+                 budget: int | None = None) -> tuple[list[ChunkProblem], int]:
+    """Every problem of one stored object of ``size`` bytes, and the bytes read to find them.
+
+    ``read(spans)`` returns the bytes of each ``[start, stop)`` of the object: slices of a file read
+    whole, or ranged GETs of an object store. A shard is read in two steps: its index
+    (``shard_index_span``), then the records that index points to, in calls of at most ``budget``
+    bytes (at least one record each; None: one call), so a store client fetches adjacent records
+    together while the bytes held at once stay bounded. A shard whose index is damaged is not read further.
+    """
+    if not grid.sharded:
+        (data,) = read([(0, size)])
+        what = check_chunk(data, grid)
+        return ([ChunkProblem(grid.inner_coords(unit, 0), what)] if what else []), size
+    start, stop = shard_index_span(size, grid)
+    (raw,) = read([(start, stop)])
+    try:
+        table = read_shard_index(raw, grid, size=size)
+    except ShardIndexError as exc:
+        return [ChunkProblem(None, str(exc))], stop - start
     problems = []
+    present = []
     for i in range(grid.n_inner):
-        offset, length = int(table[i, 0]), int(table[i, 1])
-        if offset == EMPTY:  # never written: reads as the fill value; the caller decides if rows were due
+        if int(table[i, 0]) == EMPTY:  # never written: reads as the fill value; the caller decides if rows were due
             coords = grid.inner_coords(unit, i)
             if grid.inner_in_bounds(coords):
                 problems.append(ChunkProblem(coords, MISSING_CHUNK))
-            continue
-        what = check_chunk(view[offset: offset + length], grid)
-        if what:
-            problems.append(ChunkProblem(grid.inner_coords(unit, i), what))
-    return problems
+        else:
+            present.append(i)
+    spans = [(int(table[i, 0]), int(table[i, 0] + table[i, 1])) for i in present]
+    first = 0
+    while first < len(spans):
+        last, held = first + 1, spans[first][1] - spans[first][0]
+        while last < len(spans) and (budget is None or held + spans[last][1] - spans[last][0] <= budget):
+            held += spans[last][1] - spans[last][0]
+            last += 1
+        for i, record in zip(present[first:last], read(spans[first:last])):
+            what = check_chunk(record, grid)
+            if what:
+                problems.append(ChunkProblem(grid.inner_coords(unit, i), what))
+        first = last
+    problems.sort(key=lambda p: p.coords or ())
+    return problems, stop - start + sum(b - a for a, b in spans)

@@ -1,7 +1,9 @@
 """``harvest verify``: prove a store intact, or name every damaged chunk and how to repair it.
 
-Every stored object of every array is read straight from disk (threads in parallel, no zarr decode)
-and checked with :mod:`harvest.shards`: each shard index (its crc32c, its offsets and lengths inside
+Every stored object of every array is read straight from disk, or from the bucket of a store on
+object storage (``s3://…``, ``gs://…``: one listing, then ranged GETs of each shard's index and of
+the chunk records it points to), in parallel threads, no zarr decode, and checked with
+:mod:`harvest.shards`: each shard index (its crc32c, its offsets and lengths inside
 the file), each inner chunk's crc32c, and that every shard holding rows the progress manifest counts
 as written is there. Each damage is reported with the token rows (or sequences) and the batches it
 covers, and the repair: ``harvest run SPEC --resume --redo-rows A:B`` for activations, which
@@ -10,7 +12,7 @@ re-harvests only those batches.
 Library use::
 
     from harvest.verify import verify_store
-    report = verify_store("stores/demo.zarr")
+    report = verify_store("stores/demo.zarr")        # or "s3://bucket/prefix/demo.zarr"
     report.ok, print(report.format())
 """
 
@@ -27,11 +29,17 @@ from typing import Any
 import numpy as np
 
 from .errors import CorruptChunkError, StoreError
+from .objstore import normalize, obstore_of
 from .store import MANIFEST_GROUP, batches_done, open_group, read_provenance
-from .shards import MISSING_CHUNK, MISSING_SHARD, ChunkGrid, ChunkProblem, check_shard
+from .shards import MISSING_CHUNK, MISSING_SHARD, ChunkGrid, ChunkProblem, check_shard, check_stored
 
 #: stores larger than this get a progress bar (when asked for one)
 PROGRESS_BYTES = 256 * 2**20
+#: objects read at once from an object store by default (each read waits on the network, not the CPU)
+OBJECT_WORKERS = 16
+#: an object up to this size is read with one GET (all of it is checked: one round trip is fastest);
+#: a larger one with ranged GETs, its index first, then its records this many bytes at a time
+WHOLE_GET_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -160,44 +168,103 @@ class RowMap:
         return done[np.minimum(batch, len(done) - 1)] if len(done) else np.zeros(len(self.seq), bool)
 
 
-# --- checking --------------------------------------------------------------------------------------
+# --- where the stored objects are: files, or objects in a bucket ------------------------------------
 
-def _array_dirs(root: Path) -> list[tuple[str, Path, dict[str, Any] | None, str | None]]:
-    """(name, folder, metadata or None, error) of every array under the store, in path order."""
-    out = []
-    for meta_file in sorted(root.rglob("zarr.json")):
-        folder = meta_file.parent
-        name = folder.relative_to(root).as_posix()
+class _Files:
+    """A store on the local file system: each stored object is a file, read whole (one read)."""
+
+    default_workers = min(8, (os.cpu_count() or 1) * 2)
+
+    def __init__(self, root: Path):
+        if not root.is_dir():
+            raise StoreError(f"harvest verify reads a store folder or an s3:// / gs:// URL; {root} is not a folder")
+        self.root = root
+
+    def arrays(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+        """(name, metadata or None, error) of every array under the store, in path order."""
+        out = []
+        for meta_file in sorted(self.root.rglob("zarr.json")):
+            name = meta_file.parent.relative_to(self.root).as_posix()
+            try:
+                meta = json.loads(meta_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                out.append((name, None, f"zarr.json unreadable ({exc})"))
+                continue
+            if meta.get("node_type") == "array":
+                out.append((name, meta, None))
+        return out
+
+    def size(self, key: str) -> int:
+        path = self.root / key
+        return path.stat().st_size if path.is_file() else 0
+
+    def check(self, key: str, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
         try:
-            meta = json.loads(meta_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            out.append((name, folder, None, f"zarr.json unreadable ({exc})"))
-            continue
-        if meta.get("node_type") == "array":
-            out.append((name, folder, meta, None))
-    return out
+            data = (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return check_shard(None, grid, unit), 0
+        return check_shard(data, grid, unit), len(data)
 
 
-def _check_file(path: Path, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return check_shard(None, grid, unit), 0
-    return check_shard(data, grid, unit), len(data)
+class _Objects:
+    """A store in a bucket: one listing gives every object and its size (a missing shard costs no
+    request). An object up to ``WHOLE_GET_BYTES`` is read with one GET and checked in memory as a file
+    is; a larger one with ranged GETs: its index first (a damaged index stops there), then the chunk
+    records it points to, ``WHOLE_GET_BYTES`` at a time (obstore fetches adjacent ranges together), so a
+    worker never holds more than that."""
 
+    default_workers = OBJECT_WORKERS
+
+    def __init__(self, url: str):
+        import obstore
+
+        self.obstore = obstore
+        self.store = obstore_of(url)
+        self.sizes = {meta["path"]: int(meta["size"]) for chunk in obstore.list(self.store) for meta in chunk}
+
+    def arrays(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+        def one(key: str) -> tuple[str, dict[str, Any] | None, str | None]:
+            name = key.removesuffix("zarr.json").rstrip("/")
+            try:
+                return name, json.loads(bytes(self.obstore.get(self.store, key).bytes())), None
+            except (OSError, ValueError) as exc:
+                return name, None, f"zarr.json unreadable ({exc})"
+
+        keys = sorted(k for k in self.sizes if k == "zarr.json" or k.endswith("/zarr.json"))
+        with ThreadPoolExecutor(self.default_workers) as pool:
+            found = list(pool.map(one, keys))
+        return [(name, meta, error) for name, meta, error in found if meta is None or meta.get("node_type") == "array"]
+
+    def size(self, key: str) -> int:
+        return self.sizes.get(key, 0)
+
+    def check(self, key: str, grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[list[ChunkProblem], int]:
+        if key not in self.sizes:
+            return check_shard(None, grid, unit), 0
+        if self.sizes[key] <= WHOLE_GET_BYTES:
+            data = memoryview(self.obstore.get(self.store, key).bytes())
+            return check_shard(data, grid, unit), len(data)
+
+        def read(spans: list[tuple[int, int]]) -> list[memoryview]:
+            got = self.obstore.get_ranges(self.store, key, starts=[a for a, _ in spans], ends=[b for _, b in spans])
+            return [memoryview(b) for b in got]
+
+        return check_stored(self.sizes[key], read, grid, unit, budget=WHOLE_GET_BYTES)
+
+
+# --- checking --------------------------------------------------------------------------------------
 
 def verify_store(path: str | Path, *, workers: int | None = None, progress: bool = False,
                  arrays: set[str] | None = None, span: tuple[int, int] | None = None) -> VerifyReport:
-    """Check every chunk of every array of a store; see the module docstring.
+    """Check every chunk of every array of a store (a folder or an object-store URL); see the module docstring.
 
     ``arrays`` / ``span``: check only these arrays, and only their shards overlapping [start, stop)
     of the leading axis (to name the damage an analysis hit without reading the whole store).
     """
     t0 = time.perf_counter()
-    root = Path(path)
+    root = normalize(path)
     group = open_group(root)
-    if not root.is_dir():
-        raise StoreError(f"harvest verify reads a store on the local file system; {root} is not a folder")
+    source = _Objects(root) if isinstance(root, str) else _Files(root)
     info = read_provenance(group)
     report = VerifyReport(str(root), spec_name=info.get("spec", {}).get("name"))
     hooks = set(info.get("hooks", []))
@@ -211,7 +278,7 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
     claimed = rowmap.claimed_rows(done)
 
     tasks = []
-    for name, folder, meta, error in _array_dirs(root):
+    for name, meta, error in source.arrays():
         if arrays is not None and name not in arrays:
             continue
         if meta is None:
@@ -226,9 +293,8 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
                 lo, hi = _unit_span(grid, unit)
                 if hi <= span[0] or lo >= span[1]:
                     continue
-            file = folder / grid.key(unit)
-            tasks.append((name, grid, axis, unit, file))
-    total = sum(f.stat().st_size for *_, f in tasks if f.is_file())
+            tasks.append((name, grid, axis, unit, f"{name}/{grid.key(unit)}" if name else grid.key(unit)))
+    total = sum(source.size(key) for *_, key in tasks)
     bar = None
     if progress and total >= PROGRESS_BYTES:
         from tqdm.auto import tqdm
@@ -236,20 +302,19 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify")
 
     def run(task):
-        name, grid, axis, unit, file = task
-        problems, n = _check_file(file, grid, unit)
+        name, grid, axis, unit, key = task
+        problems, n = source.check(key, grid, unit)
         if bar is not None:
             bar.update(n)
         return task, problems, n
 
-    n_workers = workers or min(8, (os.cpu_count() or 1) * 2)
     try:
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="verify") as pool:
+        with ThreadPoolExecutor(workers or source.default_workers, thread_name_prefix="verify") as pool:
             results = list(pool.map(run, tasks))
     finally:
         if bar is not None:
             bar.close()
-    for (name, grid, axis, unit, file), problems, n in results:
+    for (name, grid, axis, unit, key), problems, n in results:
         report.objects += 1
         report.bytes_read += n
         for problem in problems:
@@ -257,7 +322,7 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
                 span = _unit_span(grid, unit) if problem.coords is None else grid.lead_span(problem.coords)
                 if name not in hooks or not _claimed(claimed, axis, span, rowmap):
                     continue  # never written: reads as the fill value, as the manifest says
-            report.damages.append(_damage(name, root, file, grid, axis, unit, problem, rowmap, hooks))
+            report.damages.append(_damage(name, key, grid, axis, unit, problem, rowmap, hooks))
     report.damages.sort(key=lambda d: (d.array, d.span or (0, 0), d.chunk or ()))
     report.seconds = time.perf_counter() - t0
     return report
@@ -279,7 +344,7 @@ def _claimed(claimed: np.ndarray | None, axis: str | None, span: tuple[int, int]
     return bool(claimed[span[0]:span[1]].any())
 
 
-def _damage(name: str, root: Path, file: Path, grid: ChunkGrid, axis: str | None, unit: tuple[int, ...],
+def _damage(name: str, key: str, grid: ChunkGrid, axis: str | None, unit: tuple[int, ...],
             problem: ChunkProblem, rowmap: RowMap, hooks: set[str]) -> Damage:
     span = grid.lead_span(problem.coords) if problem.coords is not None else _unit_span(grid, unit)
     rows = batches = None
@@ -294,7 +359,7 @@ def _damage(name: str, root: Path, file: Path, grid: ChunkGrid, axis: str | None
     if name not in hooks:
         rows = rows if axis in ("token", "sequence") else None
         batches = None
-    return Damage(name, file.relative_to(root).as_posix(), problem.what, problem.coords, axis, span, rows, batches, fix)
+    return Damage(name, key, problem.what, problem.coords, axis, span, rows, batches, fix)
 
 
 def rebuild_fix(name: str) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from .errors import NonFiniteActivationError, StoreError
-from .objstore import configure, is_object_store, is_url
+from .objstore import configure, is_object_store, is_url, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
 from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
@@ -219,13 +219,12 @@ def _chunk_key(array: zarr.Array):
 
 
 def _putter(array: zarr.Array, loops: EventLoops):
-    """``put(key, data)``: one shard uploaded through the zarr store's async ``set`` on this thread's loop."""
-    from zarr.core.buffer import default_buffer_prototype
-
-    store, prefix = array.store_path.store, array.path
+    """``put(key, data)``: one shard uploaded (one PUT, or multipart when large: ``objstore.put_object``)
+    to the obstore store under zarr's ``ObjectStore``, on this thread's loop."""
+    store, prefix = array.store_path.store.store, array.path
 
     def put(key: str, data) -> None:
-        loops.run(store.set(f"{prefix}/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+        loops.run(put_object(store, f"{prefix}/{key}", data))
 
     return put
 
@@ -255,13 +254,13 @@ class StageStoreInfo:
     #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
     #: unfinished writes and marks the manifest, never the writers
     shared: bool = False
-    #: store.storage_options (endpoint, region) for a URL path: a Ray actor's process has not parsed the spec
+    #: store.storage_options (endpoint, region) of a store on object storage: a stage actor is another
+    #: process, which must be told where the bucket's service is (credentials: its own environment)
     storage_options: dict[str, Any] | None = None
 
-    def connect(self) -> None:
-        """Use this store's endpoint and region in this process (a stage actor's, which has not parsed
-        the spec): call before the first read or write of an object-store path."""
-        if is_url(self.path):
+    def configure_store(self) -> None:
+        """Tell this process where the store's service is (``objstore.configure``): first thing in a stage actor."""
+        if self.storage_options is not None and is_url(self.path):
             configure(self.path, self.storage_options)
 
 
@@ -287,7 +286,7 @@ class StageWriter:
 
     def __init__(self, info: StageStoreInfo, start_batch: int, max_pending: int = 4, threads: int = 1):
         self.info = info
-        info.connect()
+        info.configure_store()
         group = self.group = open_for_writing(info.path)
         for name, _ in info.arrays if not info.shared else ():  # shared: other writers' files may be in flight
             remove_unfinished_writes(Path(info.path) / name)

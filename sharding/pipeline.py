@@ -110,7 +110,7 @@ class PipelineStage(StageWorker):
         self.last = plan.index == plan.n_stages - 1
         self.init_error: BaseException | None = None
         try:
-            store.connect()
+            store.configure_store()  # a bucket's endpoint, before the first read of the store
             super().__init__(ckpt, plan, options, store, stage_frontier(store.path, store.stage, start_batch))
         except BaseException as exc:  # noqa: BLE001 - re-raised by ready()/run()
             self.init_error = exc

