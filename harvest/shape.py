@@ -101,6 +101,8 @@ class Workload:
     n_rows: int  #: captured token rows
     rows_per_batch: int  #: most captured rows in one micro-batch
     estimated: str | None = None  #: how the numbers were estimated (None: exact, from the prompts)
+    #: every batch but the last captures exactly ``rows_per_batch`` token rows (estimates assume so)
+    fixed_token_rows: bool = True
 
     @property
     def n_batches(self) -> int:
@@ -109,8 +111,22 @@ class Workload:
 
 def workload_of(layout: Layout) -> Workload:
     """The exact workload of laid-out prompts."""
-    per_batch = max((r1 - r0 for r0, r1 in (layout.batch_rows(k) for k in range(layout.n_batches))), default=0)
-    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch)
+    rows = np.diff(layout.batch_ends("token"), prepend=0)
+    per_batch = int(rows.max(initial=0))
+    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch,
+                    fixed_token_rows=bool((rows[:-1] == per_batch).all()))
+
+
+def batch_rows(work: Workload, axis: str) -> int | None:
+    """Rows every batch but the last adds along ``axis`` (``token`` or ``sequence``); None when they vary.
+
+    Sequences are always ``batch_size`` a batch. Token rows vary when sequences of different lengths are
+    captured at every position (``positions: all`` over documents, say); ``last``, ``sample`` or packed
+    windows capture the same number from every sequence.
+    """
+    if axis == "sequence":
+        return work.batch_size
+    return work.rows_per_batch if work.fixed_token_rows and work.rows_per_batch > 0 else None
 
 
 def estimate_workload(spec: JobSpec, why: str) -> Workload:
@@ -132,14 +148,53 @@ def estimate_workload(spec: JobSpec, why: str) -> Workload:
 
 # --- the stored arrays -----------------------------------------------------------------------------
 
-def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int) -> tuple[int, int]:
-    """(rows per chunk, rows per shard) along the leading axis for a target chunk size."""
+def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int,
+                 batch_rows: int | None = None) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) along the leading axis for a target chunk size.
+
+    With ``batch_rows`` (the rows every batch adds, ``batch_rows``), shards are sized in whole batches
+    (``batch_aligned_layout``), so every batch end is a shard end and the job's units of work
+    (``unit_bounds``) are as fine as a few batches; without, chunks are about ``chunk_mib`` and
+    shards ``chunks_per_shard`` chunks, wherever batches end.
+    """
+    if batch_rows:  # sized in whole batches
+        return batch_aligned_layout(n, row_bytes, chunk_mib, chunks_per_shard, batch_rows)
     target = max(1, int(chunk_mib * 2**20) // max(row_bytes, 1))
     # balance the chunks: edge chunks are stored full-size, so 1.5 target chunks would waste 25%
     chunk = -(-max(n, 1) // -(-max(n, 1) // target))
     shard = chunk * chunks_per_shard
     shard = min(shard, -(-max(n, 1) // chunk) * chunk)
     return chunk, shard
+
+
+def batch_aligned_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int,
+                         batch_rows: int) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) with every shard end on a batch end.
+
+    The shard is the candidate nearest (by ratio) the ``chunk_mib`` x ``chunks_per_shard`` target among
+    ``2^j`` batches' rows (j >= 0) and the divisors of one batch's rows (several shards a batch). Either
+    way batch k's end, ``k x batch_rows``, is a shard end every ``2^j`` batches (or at every batch), and
+    powers of two keep a job's units short: the arrays' shard spans divide one another, so a unit is the
+    longest span, never the product of spans. Chunks are the divisor of the shard nearest ``chunk_mib``
+    (zarr needs chunks that tile a shard). An array that one such shard would hold whole is one shard of
+    balanced chunks, as ``chunk_layout`` sizes it: its only shard end is the array's end either way.
+    """
+    target_chunk = max(1.0, chunk_mib * 2**20 / max(row_bytes, 1))
+    target = target_chunk * chunks_per_shard
+    spans = [batch_rows]
+    while spans[-1] < target:
+        spans.append(2 * spans[-1])
+    shard = min(spans + _divisors(batch_rows), key=lambda c: (abs(np.log(c / target)), -c))
+    if shard >= n:
+        chunk = -(-max(n, 1) // -(-max(n, 1) // max(1, int(target_chunk))))
+        return chunk, -(-max(n, 1) // chunk) * chunk
+    n_chunks = min(_divisors(shard), key=lambda d: (abs(np.log(shard / d / target_chunk)), d))
+    return shard // n_chunks, shard
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 @dataclass(frozen=True)
@@ -206,15 +261,17 @@ def array_plans(hooks: list[HookPoint], dims: ModelDims, spec: JobSpec, work: Wo
         dtype = p.dtype or store_dtype
         lead = work.n_rows if p.axis == "token" else work.n_sequences
         shape = (lead, *(sizes[d] for d in p.dims[1:]))
-        out.append(array_plan(p, shape, dtype, spec.store.chunk_mib, spec.store.chunks_per_shard))
+        out.append(array_plan(p, shape, dtype, spec.store.chunk_mib, spec.store.chunks_per_shard,
+                              batch_rows(work, p.axis)))
     return out
 
 
 def array_plan(point: HookPoint, shape: tuple[int, ...], dtype: str, chunk_mib: float,
-               chunks_per_shard: int) -> ArrayPlan:
-    """One array's plan: chunks of about ``chunk_mib`` along its leading axis, ``chunks_per_shard`` to a shard."""
+               chunks_per_shard: int, batch_rows: int | None = None) -> ArrayPlan:
+    """One array's plan: chunks of about ``chunk_mib`` along its leading axis, ``chunks_per_shard`` to a shard
+    (shards in whole batches when every batch adds ``batch_rows`` rows: ``chunk_layout``)."""
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard)
+    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard, batch_rows)
     return ArrayPlan(point, tuple(shape), dtype, chunk, shard)
 
 

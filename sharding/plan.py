@@ -50,7 +50,7 @@ from harvest.layout import Layout
 from harvest.prompts import build_source
 from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
                            layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
-from harvest.shape import stage_resources, unit_bounds
+from harvest.shape import batch_rows, stage_resources, unit_bounds
 from harvest.spec import JobSpec
 from harvest.summary import human
 from harvest.writer import write_threads_for
@@ -591,6 +591,10 @@ def format_replicas(plan: Plan) -> list[str]:
              + (" (run.replicas: auto, resolved on this machine)" if spec.run.replicas == "auto" else ""),
              f"  units of work (runs of batches owning whole shards of every array, handed to replicas one at a time): "
              f"{len(units)}, the largest {largest} batch(es)"]
+    if any(batch_rows(plan.work, a.point.axis) is None for a in plan.arrays):
+        lines.append("  shards of the token arrays cannot be sized in whole batches: batches capture different numbers "
+                     "of token rows (sequences of different lengths, captured at every position), so units end only "
+                     "where their shard ends meet batch ends")
     if res.replicas > 1 and len(units) < 2 * res.replicas:
         lines.append(f"  note: {len(units)} unit(s) for {res.replicas} replicas: shards span many batches, so some "
                      "replicas idle; smaller shards (store.chunk_mib, store.chunks_per_shard) or a run.batch_size "

@@ -62,6 +62,90 @@ def test_job_units_cover_the_batches_in_order(neox_ckpt, make_spec):
     assert len(units) > 1, "the test job must give more than one unit, or replicas would have nothing to share"
 
 
+def test_shards_are_sized_in_whole_batches():
+    """Shards span 2^j batches or divide one batch, nearest the chunk_mib target; chunks tile the shard."""
+    from harvest.shape import chunk_layout
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        batch = int(rng.integers(1, 5000))
+        n = int(rng.integers(1, 200)) * batch + int(rng.integers(0, batch))
+        row_bytes = int(rng.choice([4, 256, 8192, 24576 * 2]))
+        chunk_mib, cps = float(rng.choice([0.001, 0.1, 1, 16])), int(rng.integers(1, 9))
+        chunk, shard = chunk_layout(n, row_bytes, chunk_mib, cps, batch)
+        assert shard % chunk == 0, (chunk, shard)
+        if shard >= n:  # one shard: its one end is the array's end
+            continue
+        span = shard / batch
+        assert span == 1 or (span > 1 and span == 2 ** round(np.log2(span))) or batch % shard == 0, (batch, shard)
+        target = chunk_mib * 2**20 / row_bytes * cps
+        if target >= 1 and batch <= target:  # the nearest power of two batches: within 2x of the target
+            assert target / 2 <= shard <= 2 * target, (batch, shard, target)
+    # with no fixed batch rows: today's sizing, wherever batches end
+    assert chunk_layout(10_000, 256, 0.001, 2) == chunk_layout(10_000, 256, 0.001, 2, None)
+
+
+def test_units_are_a_few_batches_for_the_shipped_real_jobs(tmp_path):
+    """GPT-J-6B and NeoX-20B resid jobs: units of at most 4 batches (NeoX-20B had 4 units in all before)."""
+    from pathlib import Path
+
+    from harvest.spec import load_spec
+    from sharding.plan import plan_job, plan_units
+
+    repo = Path(__file__).resolve().parent.parent
+    for job in ("jobs/gptj-6b-resid.yaml", "jobs/neox-20b-resid.yaml"):
+        plan = plan_job(load_spec(repo / job, base_dir=repo, store_root=str(tmp_path)))
+        units = plan_units(plan)
+        assert len(units) >= plan.work.n_batches / 4 and max(b - a for a, b in units) <= 4, (job, len(units))
+        for a in plan.arrays:  # every shard end is a batch end
+            assert a.shard_rows % plan.work.rows_per_batch == 0 or plan.work.rows_per_batch % a.shard_rows == 0
+
+
+def test_rows_that_vary_by_batch_keep_todays_sizing_and_the_plan_says_why(neox_ckpt, make_spec):
+    from harvest.shape import batch_rows, chunk_layout
+    from sharding.plan import format_plan, plan_job
+
+    spec = make_spec(neox_ckpt, run={"replicas": 2, "batch_size": 2},
+                     prompts={"mode": "windowed", "max_sequences": 20}, store={"chunk_mib": 0.001})
+    job = prepare(spec)
+    rows = np.diff(job.layout.batch_ends("token"))
+    assert len(set(rows[:-1].tolist())) > 1, "the test needs batches of different row counts"
+    work = plan_job(spec).work
+    assert batch_rows(work, "token") is None and batch_rows(work, "sequence") == 2
+    a = job.arrays[0]
+    assert (a.chunk_rows, a.shard_rows) == chunk_layout(a.shape[0], a.row_bytes, 0.001, 2)
+    assert "cannot be sized in whole batches" in format_plan(plan_job(spec))
+
+
+def test_resume_keeps_the_layout_of_a_store_made_before_batch_sized_shards(neox_ckpt, make_spec, monkeypatch):
+    """A store laid out by the old rule (shards wherever batches end) is resumed in its own layout, and
+    the units replicas get never split one of its shards."""
+    import harvest.shape
+    from harvest.store import open_group
+
+    spec = make_spec(neox_ckpt, hooks=HOOKS, run={"replicas": 2, "threads": 1, "batch_size": 3},
+                     capture={"hooks": HOOKS, "positions": "last"}, prompts={"max_sequences": 20},
+                     store={"path": "old.zarr", "chunk_mib": 0.001, "chunks_per_shard": 1})
+    new = prepare(spec).arrays
+    with monkeypatch.context() as m:
+        m.setattr(harvest.shape, "batch_rows", lambda work, axis: None)  # the sizing before
+        old = prepare(spec)
+        claim_store(old, resume=False, overwrite=False)
+    assert old.arrays != new, "the test needs a layout that differs between the two rules"
+    job = prepare(spec)
+    assert job.arrays == new
+    claim_store(job, resume=True, overwrite=False)
+    assert job.arrays == old.arrays
+    group = open_group(job.path)
+    for a in job.arrays:
+        assert (a.chunk_rows, a.shard_rows) == (group[a.point.name].chunks[0], group[a.point.name].shards[0])
+    ends = {"token": job.layout.batch_ends("token"), "sequence": job.layout.batch_ends("sequence")}
+    for u0, u1 in job_units(job.layout, job.arrays):
+        for a in job.arrays:
+            end = int(ends[a.point.axis][u1 - 1])
+            assert end % a.shard_rows == 0 or end >= a.shape[0], "a unit must end on a shard end of the store"
+
+
 @pytest.mark.parametrize("value, message", [(0, "run.replicas must be an integer >= 1"), ("many", "run.replicas must be"),
                                             (1.5, "run.replicas must be"), (True, "run.replicas must be")])
 def test_replicas_must_be_a_positive_integer_or_auto(neox_ckpt, make_spec, value, message):
