@@ -19,6 +19,7 @@ actors ask Ray for. Nothing here loads weights or touches a store:
 from __future__ import annotations
 
 from collections.abc import Mapping
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,7 @@ class Workload:
     estimated: str | None = None  #: how the numbers were estimated (None: exact, from the prompts)
     #: every batch but the last captures exactly ``rows_per_batch`` token rows (estimates assume so)
     fixed_token_rows: bool = True
+    n_tokens: int = 0  #: tokens the forward runs over (every position of every sequence; 0: unknown)
 
     @property
     def n_batches(self) -> int:
@@ -114,7 +116,7 @@ def workload_of(layout: Layout) -> Workload:
     rows = np.diff(layout.batch_ends("token"), prepend=0)
     per_batch = int(rows.max(initial=0))
     return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch,
-                    fixed_token_rows=bool((rows[:-1] == per_batch).all()))
+                    fixed_token_rows=bool((rows[:-1] == per_batch).all()), n_tokens=layout.tokens_before(layout.n_batches))
 
 
 def batch_rows(work: Workload, axis: str) -> int | None:
@@ -143,7 +145,7 @@ def estimate_workload(spec: JobSpec, why: str) -> Workload:
                "sample": min(positions.sample, seq_len), "list": len(positions.explicit),
                "source": min(size.source_positions, seq_len)}[positions.kind]
     return Workload(spec.run.batch_size, seq_len, n, n * per_seq, min(spec.run.batch_size, n) * per_seq,
-                    estimated=f"{why}: {size.note}")
+                    estimated=f"{why}: {size.note}", n_tokens=n * seq_len)
 
 
 # --- the stored arrays -----------------------------------------------------------------------------
@@ -362,6 +364,25 @@ def stage_resources(spec: JobSpec, *, node_cpus: float, gpus: float, nodes: int 
     cpus = spec.run.threads or max(1, int(node_cpus) // (n * per_node))
     gpu = 1 if kind == "cuda" or (kind == "auto" and gpus >= n * replicas) else 0
     return Resources(n, kind, cpus, gpu, replicas)
+
+
+def local_ray_cpus(spec: JobSpec, stages: int, replicas: int) -> int:
+    """Logical CPUs of the Ray a job starts on this machine (no ``run.address``): at least one per
+    actor thread, so every stage actor can be placed; threads beyond the cores share them."""
+    return max(os.cpu_count() or 1, (spec.run.threads or 1) * stages * replicas)
+
+
+def missing_resources(needs: Resources, have: Mapping[str, float]) -> list[str]:
+    """What ``have`` (Ray resource totals) lacks for ``needs``, one phrase per kind; empty when it fits.
+
+    ``harvest submit`` checks a cluster with it and ``harvest plan`` this machine.
+    """
+    out = []
+    for kind, need, per in (("CPU", needs.cpus, needs.cpus_per_stage), ("GPU", needs.gpus, needs.gpus_per_stage)):
+        if need and have.get(kind, 0) < need:
+            out.append(f"{needs.replicas} replica(s) x {needs.stages} stage(s) need {need:g} {kind}(s) ({per:g} per "
+                       f"stage actor) but there are {have.get(kind, 0):g}")
+    return out
 
 
 def cluster_capacity(nodes: list[Mapping[str, Any]]) -> tuple[float, float]:

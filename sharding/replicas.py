@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from harvest.errors import ReplicaLost, StageError
-from harvest.shape import Resources, cluster_capacity, job_units, stage_resources
+from harvest.shape import Resources, cluster_capacity, job_units, local_ray_cpus, stage_resources
 from harvest.store import batches_done, mark_written, open_for_writing, open_group
 from harvest.writer import remove_unfinished_writes
 
@@ -365,7 +365,7 @@ def run_replicas(job, progress: bool, *, on_batch=None, started: Callable[[Repli
     spec = job.spec
     units = todo_units(job)
     replicas = spec.run.replicas if isinstance(spec.run.replicas, int) else 1
-    local_cpus = max(os.cpu_count() or 1, (spec.run.threads or 1) * len(job.stages) * replicas)
+    local_cpus = local_ray_cpus(spec, len(job.stages), replicas)
     driver = ReplicaDriver(job, on_batch)
     layout = job.layout
     with RaySession(spec.run.address, local_cpus, spec.run.dashboard):
