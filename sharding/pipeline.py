@@ -149,10 +149,10 @@ class PipelineStage(StageWorker):
         self.writer.begin_unit(batch)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def end_unit(self) -> int:
-        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)."""
-        self.writer.end_unit()
-        return os.getpid()
+    def end_unit(self) -> dict[str, Any]:
+        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)
+        and the unit's NaN/inf counts per array."""
+        return {"pid": os.getpid(), "nonfinite": self.writer.end_unit()}
 
     def memory(self) -> dict[str, int]:
         """Peak RSS before loading weights, after loading, and now (bytes)."""

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from harvest.errors import SpecError
+from harvest.errors import SpecError, StageError
 from harvest.runner import claim_store, prepare, run
 from harvest.shape import job_units, unit_bounds
 from sharding.verify import store_differences
@@ -171,6 +171,37 @@ def test_resources_count_replicas_times_stages(neox_ckpt, make_spec):
     assert resources.job_needs(auto, [{"CPU": 32}]).replicas == 1
 
 
+def test_replicas_ask_for_one_bundle_each_spread_over_nodes(neox_ckpt, make_spec, monkeypatch):
+    """One SPREAD placement group, one bundle per replica holding all its stages (a bundle is on one node);
+    each replica's stage actors go into its own bundle. Checked on the request, without a cluster."""
+    import ray
+
+    from harvest.shape import Resources
+    from sharding import replicas
+
+    asked = {}
+
+    class Placed(Exception):
+        pass
+
+    def placement_group(bundles, strategy=None, name=""):
+        asked.update(bundles=bundles, strategy=strategy)
+        raise Placed
+
+    monkeypatch.setattr(replicas, "placement_group", placement_group)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    job = prepare(replica_spec(make_spec, neox_ckpt, 3, 2, "placed.zarr"))
+    claim_store(job, resume=False, overwrite=False)
+    with pytest.raises(Placed):
+        replicas.ReplicaDriver(job).start(Resources(stages=2, device="cuda", cpus_per_stage=4, gpus_per_stage=1,
+                                                    replicas=3))
+    assert asked == {"bundles": [{"CPU": 8.0, "GPU": 2.0}] * 3, "strategy": "SPREAD"}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 4.0})
+    with pytest.raises(StageError, match=r"3 replica\(s\) x 2 stage\(s\) need 6 GPU\(s\) \(1 per stage actor\) but "
+                                         r"there are 4 in the Ray cluster; lower run.replicas"):
+        replicas.ReplicaDriver(job).start(Resources(2, "cuda", 4, 1, 3))
+
+
 def test_plan_shows_replicas_and_units(neox_ckpt, make_spec):
     from sharding.plan import format_plan, plan_job, plan_units
 
@@ -317,3 +348,37 @@ def test_a_stage_error_stops_every_replica_with_its_message(neox_ckpt, make_spec
         run(spec, progress=False)
     info = json.loads((spec.store_path() / "zarr.json").read_text())["attributes"]["harvest"]
     assert info["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_nonfinite_values_attribute_is_the_jobs_total_with_replicas(neox_ckpt, make_spec, ray_session, tmp_path):
+    """``on_nonfinite: flag`` with R = 2: each array's ``nonfinite_values`` is the whole job's count (what the
+    store holds and what R = 1 records), not the count of whichever replica wrote it last."""
+    import zarr
+
+    from harvest.toy import edited_checkpoint
+
+    def inf_bias(tensors):
+        tensors["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"][5] = float("inf")
+
+    bad = edited_checkpoint(neox_ckpt, tmp_path / "inf", inf_bias)
+    hooks = ["blocks.{0..2}.hook_resid_post"]
+
+    def spec(replicas: int, path: str):
+        return make_spec(bad, hooks=hooks, capture={"hooks": hooks, "positions": "last", "on_nonfinite": "flag"},
+                         run={"batch_size": 2, "threads": 1, "replicas": replicas}, prompts={"max_sequences": 20},
+                         store={"path": path, "chunk_mib": 0.001, "chunks_per_shard": 1})
+
+    job = prepare(spec(2, "two.zarr"))
+    assert len(job_units(job.layout, job.arrays)) >= 4, "both replicas must write units with inf in them"
+    one, two = run(spec(1, "one.zarr"), progress=False), run(spec(2, "two.zarr"), progress=False)
+    g1, g2 = zarr.open_group(str(one.path), mode="r"), zarr.open_group(str(two.path), mode="r")
+    stored = {name: int((~np.isfinite(g2[name][...])).sum()) for name in (f"blocks.{i}.hook_resid_post" for i in range(3))}
+    stored = {name: n for name, n in stored.items() if n}
+    assert "blocks.1.hook_resid_post" in stored and "blocks.0.hook_resid_post" not in stored
+    for name, n in stored.items():
+        assert g2[name].attrs["nonfinite_values"] == n == g1[name].attrs["nonfinite_values"], name
+    assert "nonfinite_values" not in g2["blocks.0.hook_resid_post"].attrs
+    assert two.nonfinite == one.nonfinite == stored
+    assert g2.attrs["harvest"]["nonfinite"] == stored
+    assert store_differences(one.path, two.path) == []
