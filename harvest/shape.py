@@ -10,10 +10,12 @@ actors ask Ray for. Nothing here loads weights or touches a store:
   one-stage plan;
 - **workload**: sequences, width of a micro-batch, captured rows, rows per batch: exact from a
   ``Layout``, else estimated by each prompt source from its own spec section;
-- **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows;
+- **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows (shards in
+  whole batches where every batch adds the same rows, so shard ends fall on batch ends);
 - **units**: the runs of consecutive batches that own whole shards of every array (what a replica
   is handed at a time);
-- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint), times replicas.
+- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint), times replicas;
+  what a cluster (or the local Ray) lacks for them.
 """
 
 from __future__ import annotations
