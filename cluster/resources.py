@@ -12,7 +12,7 @@ from typing import Any
 from ray.util.state import list_nodes
 
 from harvest.errors import ClusterResourcesError
-from harvest.shape import Resources, cluster_capacity, missing_resources, stage_resources
+from harvest.shape import Resources, cluster_capacity, stage_resources
 
 
 def job_needs(spec, nodes: list[Mapping[str, Any]] = ()) -> Resources:
@@ -52,7 +52,7 @@ def total(nodes: list[Mapping[str, float]]) -> dict[str, float]:
 def check_resources(needs: Resources, have: dict[str, float], url: str, n_nodes: int) -> None:
     """Raise ``ClusterResourcesError`` naming what the plan needs and what the cluster has."""
     short = [kind for kind, need in (("CPU", needs.cpus), ("GPU", needs.gpus)) if need and have.get(kind, 0) < need]
-    if missing_resources(needs, have):
+    if short:
         has = ", ".join(f"{have.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
         raise ClusterResourcesError(
             f"the job needs {needs.describe()}, but the cluster at {url} has {has} (ray.cluster_resources() "

@@ -377,7 +377,7 @@ def local_ray_cpus(spec: JobSpec, stages: int, replicas: int) -> int:
 def missing_resources(needs: Resources, have: Mapping[str, float]) -> list[str]:
     """What ``have`` (Ray resource totals) lacks for ``needs``, one phrase per kind; empty when it fits.
 
-    ``harvest submit`` checks a cluster with it and ``harvest plan`` this machine.
+    The replica driver checks its Ray cluster with it and ``harvest plan`` this machine.
     """
     out = []
     for kind, need, per in (("CPU", needs.cpus, needs.cpus_per_stage), ("GPU", needs.gpus, needs.gpus_per_stage)):

@@ -538,7 +538,7 @@ def local_resources(spec: JobSpec, device: str) -> Resources:
 def placement_problems(plan: Plan) -> list[str]:
     """What this machine lacks to place the plan's actors, when the job would run on a local Ray.
 
-    The same comparison as ``harvest submit``'s cluster check (``harvest.shape.missing_resources``),
+    The comparison ``harvest.shape.missing_resources`` (the replica driver's check of its Ray cluster too),
     against what the local Ray is started with (``harvest.shape.local_ray_cpus``) and this machine's
     GPUs. A CUDA plan on a machine with no GPU at all is a plan for another machine: not checked here
     (as its GPU memory is not), and the plan says so.
