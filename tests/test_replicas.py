@@ -382,3 +382,25 @@ def test_nonfinite_values_attribute_is_the_jobs_total_with_replicas(neox_ckpt, m
     assert two.nonfinite == one.nonfinite == stored
     assert g2.attrs["harvest"]["nonfinite"] == stored
     assert store_differences(one.path, two.path) == []
+
+
+@pytest.mark.slow
+def test_replicas_resume_a_store_laid_out_before_batch_sized_shards(neox_ckpt, make_spec, ray_session, monkeypatch):
+    """A store created by the old sizing (shards wherever batches end), continued with --resume and 2 replicas:
+    its own shards are the units' bounds, so no shard gets two writers and the store equals an R = 1 run of it."""
+    import harvest.shape
+
+    def spec(replicas: int, path: str):
+        return make_spec(neox_ckpt, hooks=HOOKS, capture={"hooks": HOOKS, "positions": "last"},
+                         run={"replicas": replicas, "threads": 1, "batch_size": 3}, prompts={"max_sequences": 20},
+                         store={"path": path, "chunk_mib": 0.001, "chunks_per_shard": 1})
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest.shape, "batch_rows", lambda work, axis: None)  # the sizing before
+        reference = run(spec(1, "old-ref.zarr"), progress=False).path
+        old = prepare(spec(2, "old.zarr"))
+        claim_store(old, resume=False, overwrite=False)  # laid out, nothing harvested yet
+    assert prepare(spec(2, "old.zarr")).arrays != old.arrays, "the layouts must differ for the test to mean anything"
+    result = run(spec(2, "old.zarr"), resume=True, progress=False)
+    assert result.batches == old.layout.n_batches
+    assert store_differences(reference, result.path) == []
