@@ -151,7 +151,7 @@ def job_speed(plan, replicas: int, *, tokens_per_second: float | None = None, pr
         name = torch.cuda.get_device_name() if plan.device == "cuda" else f"cpu, {threads or torch.get_num_threads()} thread(s)"
         source = (f"matmul probe on this machine's {name}: {flops / 1e12:.3g} TFLOP/s in "
                   f"{spec.model.dtype if plan.device == 'cuda' else 'float32'} x efficiency {eff} (sharding/speed.py, "
-                  f"calibrated on recorded forwards) / {slowest / 1e9:.2f} GFLOP/token of the slowest stage")
+                  f"calibrated on recorded forwards) / {slowest / 1e6:,.1f} MFLOP/token of the slowest stage")
     speed = Speed(replicas, rate, source, per_token)
     root = spec.store_path()
     if isinstance(root, str) and "://" in root and not root.startswith("file://"):
