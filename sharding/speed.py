@@ -28,7 +28,8 @@ import torch
 #: fraction of the probe's matmul FLOP/s a forward reaches, counting FLOPs as the plan does.
 #: cpu: Pythia-160m's shape (fp32, 8 x 256 tokens, base model, 1 thread) measured side by side with the
 #: probe on this project's 2-core AMD EPYC: 525 tok/s = 92 GFLOP/s by the plan's 174.8 MFLOP/token,
-#: against 94-105 GFLOP/s from the probe: 0.87-0.98 (/tmp-free script in bench/RESULTS.md, "Plan speed").
+#: against 94-105 GFLOP/s from the probe: 0.87-0.98, so 0.85 (bench/plan_calibration.py; bench/RESULTS.md,
+#: "Plan speed").
 #: cuda: GPT-J-6B fp16 (8 x 512 tokens, base model) ran 41.6k tok/s on an H200 (bench/gpu_harvest-h200.json)
 #: = 475 TFLOP/s by the plan's 11.43 GFLOP/token; no probe was recorded on that card, and a large fp16
 #: matmul reaches ~750-800 TFLOP/s on it (cuBLAS, typical: to confirm with this probe on the card): 0.6.
