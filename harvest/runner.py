@@ -7,6 +7,7 @@ never leaves a half-claimed store behind.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import platform
@@ -266,6 +267,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
         return 0
     _check_fingerprint(info, job, path)
     group = open_group(path, mode="r+")
+    job.arrays = stored_layout(job.arrays, group)
     n_stages_before = len(info.get("stages", []))
     start = first_incomplete(group)
     if n_stages_before != len(job.stages):
@@ -277,6 +279,20 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     info.update(status="running", stages=_provenance(job, "running")["stages"])
     write_provenance(group, info)
     return start
+
+
+def stored_layout(arrays: list[ArrayPlan], group) -> list[ArrayPlan]:
+    """The arrays with the chunk and shard rows the store was laid out with.
+
+    A store keeps the layout it was created with: one made before shards were sized in whole batches
+    (``harvest.shape.chunk_layout``) is continued in its own layout, and the units replicas are handed
+    (``harvest.shape.job_units``) follow its shards, not the ones a new store would get.
+    """
+    out = []
+    for a in arrays:
+        arr = group[a.point.name]
+        out.append(dataclasses.replace(a, chunk_rows=int(arr.chunks[0]), shard_rows=int((arr.shards or arr.chunks)[0])))
+    return out
 
 
 def _check_fingerprint(info: dict[str, Any], job: Job, path: Path) -> None:

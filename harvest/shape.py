@@ -10,15 +10,18 @@ actors ask Ray for. Nothing here loads weights or touches a store:
   one-stage plan;
 - **workload**: sequences, width of a micro-batch, captured rows, rows per batch: exact from a
   ``Layout``, else estimated by each prompt source from its own spec section;
-- **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows;
+- **arrays**: every activation array's shape, dtype, bytes per row, chunk and shard rows (shards in
+  whole batches where every batch adds the same rows, so shard ends fall on batch ends);
 - **units**: the runs of consecutive batches that own whole shards of every array (what a replica
   is handed at a time);
-- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint), times replicas.
+- **resources**: CPUs and GPUs per stage actor (or per one-stage job's entrypoint), times replicas;
+  what a cluster (or the local Ray) lacks for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +104,9 @@ class Workload:
     n_rows: int  #: captured token rows
     rows_per_batch: int  #: most captured rows in one micro-batch
     estimated: str | None = None  #: how the numbers were estimated (None: exact, from the prompts)
+    #: every batch but the last captures exactly ``rows_per_batch`` token rows (estimates assume so)
+    fixed_token_rows: bool = True
+    n_tokens: int = 0  #: tokens the forward runs over (every position of every sequence; 0: unknown)
 
     @property
     def n_batches(self) -> int:
@@ -109,8 +115,22 @@ class Workload:
 
 def workload_of(layout: Layout) -> Workload:
     """The exact workload of laid-out prompts."""
-    per_batch = max((r1 - r0 for r0, r1 in (layout.batch_rows(k) for k in range(layout.n_batches))), default=0)
-    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch)
+    rows = np.diff(layout.batch_ends("token"), prepend=0)
+    per_batch = int(rows.max(initial=0))
+    return Workload(layout.batch_size, layout.max_len, layout.n_sequences, layout.n_rows, per_batch,
+                    fixed_token_rows=bool((rows[:-1] == per_batch).all()), n_tokens=layout.tokens_before(layout.n_batches))
+
+
+def batch_rows(work: Workload, axis: str) -> int | None:
+    """Rows every batch but the last adds along ``axis`` (``token`` or ``sequence``); None when they vary.
+
+    Sequences are always ``batch_size`` a batch. Token rows vary when sequences of different lengths are
+    captured at every position (``positions: all`` over documents, say); ``last``, ``sample`` or packed
+    windows capture the same number from every sequence.
+    """
+    if axis == "sequence":
+        return work.batch_size
+    return work.rows_per_batch if work.fixed_token_rows and work.rows_per_batch > 0 else None
 
 
 def estimate_workload(spec: JobSpec, why: str) -> Workload:
@@ -127,19 +147,58 @@ def estimate_workload(spec: JobSpec, why: str) -> Workload:
                "sample": min(positions.sample, seq_len), "list": len(positions.explicit),
                "source": min(size.source_positions, seq_len)}[positions.kind]
     return Workload(spec.run.batch_size, seq_len, n, n * per_seq, min(spec.run.batch_size, n) * per_seq,
-                    estimated=f"{why}: {size.note}")
+                    estimated=f"{why}: {size.note}", n_tokens=n * seq_len)
 
 
 # --- the stored arrays -----------------------------------------------------------------------------
 
-def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int) -> tuple[int, int]:
-    """(rows per chunk, rows per shard) along the leading axis for a target chunk size."""
+def chunk_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int,
+                 batch_rows: int | None = None) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) along the leading axis for a target chunk size.
+
+    With ``batch_rows`` (the rows every batch adds, ``batch_rows``), shards are sized in whole batches
+    (``batch_aligned_layout``), so every batch end is a shard end and the job's units of work
+    (``unit_bounds``) are as fine as a few batches; without, chunks are about ``chunk_mib`` and
+    shards ``chunks_per_shard`` chunks, wherever batches end.
+    """
+    if batch_rows:  # sized in whole batches
+        return batch_aligned_layout(n, row_bytes, chunk_mib, chunks_per_shard, batch_rows)
     target = max(1, int(chunk_mib * 2**20) // max(row_bytes, 1))
     # balance the chunks: edge chunks are stored full-size, so 1.5 target chunks would waste 25%
     chunk = -(-max(n, 1) // -(-max(n, 1) // target))
     shard = chunk * chunks_per_shard
     shard = min(shard, -(-max(n, 1) // chunk) * chunk)
     return chunk, shard
+
+
+def batch_aligned_layout(n: int, row_bytes: int, chunk_mib: float, chunks_per_shard: int,
+                         batch_rows: int) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) with every shard end on a batch end.
+
+    The shard is the candidate nearest (by ratio) the ``chunk_mib`` x ``chunks_per_shard`` target among
+    ``2^j`` batches' rows (j >= 0) and the divisors of one batch's rows (several shards a batch). Either
+    way batch k's end, ``k x batch_rows``, is a shard end every ``2^j`` batches (or at every batch), and
+    powers of two keep a job's units short: the arrays' shard spans divide one another, so a unit is the
+    longest span, never the product of spans. Chunks are the divisor of the shard nearest ``chunk_mib``
+    (zarr needs chunks that tile a shard). An array that one such shard would hold whole is one shard of
+    balanced chunks, as ``chunk_layout`` sizes it: its only shard end is the array's end either way.
+    """
+    target_chunk = max(1.0, chunk_mib * 2**20 / max(row_bytes, 1))
+    target = target_chunk * chunks_per_shard
+    spans = [batch_rows]
+    while spans[-1] < target:
+        spans.append(2 * spans[-1])
+    shard = min(spans + _divisors(batch_rows), key=lambda c: (abs(np.log(c / target)), -c))
+    if shard >= n:
+        chunk = -(-max(n, 1) // -(-max(n, 1) // max(1, int(target_chunk))))
+        return chunk, -(-max(n, 1) // chunk) * chunk
+    n_chunks = min(_divisors(shard), key=lambda d: (abs(np.log(shard / d / target_chunk)), d))
+    return shard // n_chunks, shard
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 @dataclass(frozen=True)
@@ -206,15 +265,17 @@ def array_plans(hooks: list[HookPoint], dims: ModelDims, spec: JobSpec, work: Wo
         dtype = p.dtype or store_dtype
         lead = work.n_rows if p.axis == "token" else work.n_sequences
         shape = (lead, *(sizes[d] for d in p.dims[1:]))
-        out.append(array_plan(p, shape, dtype, spec.store.chunk_mib, spec.store.chunks_per_shard))
+        out.append(array_plan(p, shape, dtype, spec.store.chunk_mib, spec.store.chunks_per_shard,
+                              batch_rows(work, p.axis)))
     return out
 
 
 def array_plan(point: HookPoint, shape: tuple[int, ...], dtype: str, chunk_mib: float,
-               chunks_per_shard: int) -> ArrayPlan:
-    """One array's plan: chunks of about ``chunk_mib`` along its leading axis, ``chunks_per_shard`` to a shard."""
+               chunks_per_shard: int, batch_rows: int | None = None) -> ArrayPlan:
+    """One array's plan: chunks of about ``chunk_mib`` along its leading axis, ``chunks_per_shard`` to a shard
+    (shards in whole batches when every batch adds ``batch_rows`` rows: ``chunk_layout``)."""
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard)
+    chunk, shard = chunk_layout(shape[0], row_bytes, chunk_mib, chunks_per_shard, batch_rows)
     return ArrayPlan(point, tuple(shape), dtype, chunk, shard)
 
 
@@ -305,6 +366,25 @@ def stage_resources(spec: JobSpec, *, node_cpus: float, gpus: float, nodes: int 
     cpus = spec.run.threads or max(1, int(node_cpus) // (n * per_node))
     gpu = 1 if kind == "cuda" or (kind == "auto" and gpus >= n * replicas) else 0
     return Resources(n, kind, cpus, gpu, replicas)
+
+
+def local_ray_cpus(spec: JobSpec, stages: int, replicas: int) -> int:
+    """Logical CPUs of the Ray a job starts on this machine (no ``run.address``): at least one per
+    actor thread, so every stage actor can be placed; threads beyond the cores share them."""
+    return max(os.cpu_count() or 1, (spec.run.threads or 1) * stages * replicas)
+
+
+def missing_resources(needs: Resources, have: Mapping[str, float]) -> list[str]:
+    """What ``have`` (Ray resource totals) lacks for ``needs``, one phrase per kind; empty when it fits.
+
+    The replica driver checks its Ray cluster with it and ``harvest plan`` this machine.
+    """
+    out = []
+    for kind, need, per in (("CPU", needs.cpus, needs.cpus_per_stage), ("GPU", needs.gpus, needs.gpus_per_stage)):
+        if need and have.get(kind, 0) < need:
+            out.append(f"{needs.replicas} replica(s) x {needs.stages} stage(s) need {need:g} {kind}(s) ({per:g} per "
+                       f"stage actor) but there are {have.get(kind, 0):g}")
+    return out
 
 
 def cluster_capacity(nodes: list[Mapping[str, Any]]) -> tuple[float, float]:

@@ -303,6 +303,7 @@ class StageWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self.nonfinite: dict[str, int] = {}
+        self.unit_nonfinite: dict[str, int] = {}  #: shared: the current unit's counts (the driver sums units)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"stage{info.stage}-write") if threads > 1 else None
         self._thread = threading.Thread(target=self._loop, name=f"stage{info.stage}-writer", daemon=True)
         self._thread.start()
@@ -328,8 +329,9 @@ class StageWriter:
         self._queue.put(_Unit(batch))
         self.next_batch = batch
 
-    def end_unit(self) -> None:
-        """Block until every batch submitted is on disk (a unit ends on shard ends: nothing is left buffered)."""
+    def end_unit(self) -> dict[str, int]:
+        """Block until every batch submitted is on disk (a unit ends on shard ends: nothing is left buffered);
+        returns the unit's NaN/inf counts per array (``on_nonfinite: flag``)."""
         done = threading.Event()
         self._queue.put(_Sync(done))
         while not done.wait(0.5):
@@ -337,6 +339,7 @@ class StageWriter:
             if not self._thread.is_alive():
                 raise StoreError(f"stage {self.info.stage}: the writer stopped before the unit was written")
         self.raise_if_failed()
+        return dict(self.unit_nonfinite)
 
     def close(self) -> None:
         """Write everything still buffered and the final manifest; re-raise a writer failure."""
@@ -399,6 +402,7 @@ class StageWriter:
                 starts = self.info.batch_starts[axis]
                 writer.restart(int(starts[item.batch]) if item.batch < len(starts) else writer.array.shape[0])
             self.marked = item.batch
+            self.unit_nonfinite = {}
         else:
             self._each_array(lambda name: self.writers[name][0].flush())
             item.done.set()
@@ -429,8 +433,10 @@ class StageWriter:
                 "or set capture.on_nonfinite: flag to store them and record where"
             )
         self.nonfinite[name] = self.nonfinite.get(name, 0) + count
-        writer, _ = self.writers[name]
-        writer.array.attrs["nonfinite_values"] = self.nonfinite[name]
+        self.unit_nonfinite[name] = self.unit_nonfinite.get(name, 0) + count
+        if not self.info.shared:  # shared writers' counts are per unit: the replica driver writes the total
+            writer, _ = self.writers[name]
+            writer.array.attrs["nonfinite_values"] = self.nonfinite[name]
 
     def _mark(self, processed: int, final: bool = False) -> None:
         """Advance the manifest to the last batch whose rows are durable in every array."""

@@ -44,7 +44,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from harvest.errors import HarvestError, Interrupted, StageError
-from harvest.shape import Resources, cluster_capacity, stage_resources
+from harvest.shape import Resources, cluster_capacity, local_ray_cpus, stage_resources
 from harvest.store import stage_frontier
 from harvest.worker import StageWorker
 from harvest.writer import StageStoreInfo
@@ -150,10 +150,10 @@ class PipelineStage(StageWorker):
         self.writer.begin_unit(batch)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def end_unit(self) -> int:
-        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)."""
-        self.writer.end_unit()
-        return os.getpid()
+    def end_unit(self) -> dict[str, Any]:
+        """Block until the unit's rows are on disk; returns this process's id (restarts show as new ids)
+        and the unit's NaN/inf counts per array."""
+        return {"pid": os.getpid(), "nonfinite": self.writer.end_unit()}
 
     def memory(self) -> dict[str, int]:
         """Peak RSS before loading weights, after loading, and now (bytes)."""
@@ -483,7 +483,7 @@ def run_pipeline(job, start_batch: int, progress: bool, *, on_batch=None) -> dic
     pipeline = Pipeline(job, start_batch, on_batch)
     layout = job.layout
     # an embedded Ray gets this machine's CPUs, or what run.threads asks for all stages if more
-    local_cpus = max(os.cpu_count() or 1, (job.spec.run.threads or 0) * len(job.stages))
+    local_cpus = local_ray_cpus(job.spec, len(job.stages), 1)
     with RaySession(job.spec.run.address, local_cpus, job.spec.run.dashboard):
         bar = tqdm(total=layout.tokens_before(layout.n_batches), initial=layout.tokens_before(start_batch),
                    unit="tok", unit_scale=True,

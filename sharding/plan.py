@@ -50,10 +50,12 @@ from harvest.layout import Layout
 from harvest.prompts import build_source
 from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
                            layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
-from harvest.shape import stage_resources, unit_bounds
+from harvest.shape import Resources, batch_rows, local_ray_cpus, missing_resources, stage_resources, unit_bounds
 from harvest.spec import JobSpec
 from harvest.summary import human
 from harvest.writer import write_threads_for
+
+from .speed import Speed, job_speed
 
 MIB, GIB = 2**20, 2**30
 #: resident memory of a process that imported torch, transformers and zarr, built a model skeleton and
@@ -386,6 +388,13 @@ class Plan:
     shared_budget: int | None = None
     driver: int = 0  #: the driver process and the hidden states in flight in Ray's object store
     problems: list[str] = field(default_factory=list)
+    #: what the actors ask of Ray on this machine (``run.replicas: auto`` resolved against its GPUs)
+    resources: Resources | None = None
+    speed: Speed | None = None  #: expected tokens/s and write bandwidth (``plan_job``)
+
+    @property
+    def replicas(self) -> int:
+        return self.resources.replicas if self.resources is not None else 1
 
     @property
     def store_bytes(self) -> int:
@@ -402,7 +411,8 @@ class Plan:
 
     @property
     def total_memory(self) -> int:
-        return sum(s.host for s in self.stages) + self.driver
+        """Host memory of every replica's stages and the driver, all on one machine."""
+        return self.replicas * sum(s.host for s in self.stages) + self.driver
 
     @property
     def fits(self) -> bool:
@@ -413,11 +423,19 @@ class Plan:
             raise PlanDoesNotFitError("; ".join(self.problems))
 
 
-def plan_job(spec: JobSpec) -> Plan:
-    """Plan a job from its spec without loading weights (``harvest plan``): see ``format_plan``."""
+def plan_job(spec: JobSpec, *, probe: bool = False, tokens_per_second: float | None = None) -> Plan:
+    """Plan a job from its spec without loading weights (``harvest plan``): see ``format_plan``.
+
+    ``probe``: measure this machine's matmul rate and the store target's write speed (``sharding.speed``;
+    ``harvest plan`` does unless ``--no-probe``); ``tokens_per_second``: one replica's rate, as the user
+    knows it, instead of the compute probe.
+    """
     ckpt = planning_checkpoint(spec)
     hooks = job_hooks(spec, ckpt.arch, ckpt.n_layers)
-    return build_plan(ckpt, hooks, spec, workload_for(spec, ckpt))
+    plan = build_plan(ckpt, hooks, spec, workload_for(spec, ckpt))
+    threads = plan.resources.cpus_per_stage if plan.device == "cpu" else None
+    plan.speed = job_speed(plan, plan.replicas, tokens_per_second=tokens_per_second, probe=probe, threads=threads)
+    return plan
 
 
 def partition_stages(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, layout=None) -> list[StagePlan]:
@@ -461,10 +479,11 @@ def build_plan(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, work: Wo
         stages = [costs.stage(0, 1, one.start, one.stop, one.final_norm, one.unembed, one.hooks, budgets[0])]
     else:
         stages = partition(costs, hooks, n_stages, needs_final_norm(hooks), needs_unembed(hooks), budgets)
+    resources = local_resources(spec, device)
     driver = 0
     if n_stages > 1:
         # hidden states in Ray's object store: those in flight, plus those each stage's output keeps until
-        # the next stage's writer has made them durable (up to one shard of its arrays, in batches)
+        # the next stage's writer has made them durable (up to one shard of its arrays, in batches), per replica
         in_flight = spec.run.max_in_flight or 2 * n_stages
         hidden = work.batch_size * work.max_len * shape.d_model * ITEMSIZE[spec.model.dtype]
         by_name = {a.point.name: a for a in arrays}
@@ -473,8 +492,11 @@ def build_plan(ckpt: Checkpoint, hooks: list[HookPoint], spec: JobSpec, work: Wo
             rows = [by_name[p.name].shard_rows / max(work.rows_per_batch if p.axis == "token" else work.batch_size, 1)
                     for p in s.plan.hooks]
             kept += min(work.n_batches, math.ceil(max(rows, default=0)) + 1)
-        driver = PROCESS_BYTES + (in_flight * (n_stages - 1) + kept) * hidden
-    plan = Plan(spec, ckpt.directory, shape, hooks, work, arrays, stages, device, source, shared, driver)
+        driver = PROCESS_BYTES + resources.replicas * (in_flight * (n_stages - 1) + kept) * hidden
+    elif not resources.in_process:  # one-stage replicas: a Ray driver beside the actors
+        driver = PROCESS_BYTES
+    plan = Plan(spec, ckpt.directory, shape, hooks, work, arrays, stages, device, source, shared, driver,
+                resources=resources)
     plan.problems = _problems(plan)
     return plan
 
@@ -488,11 +510,45 @@ def _problems(plan: Plan) -> list[str]:
                        f"({plan.budget_source}): short by {_gib(s.shortfall)}; try {hint}")
     if plan.shared_budget is not None and plan.total_memory > plan.shared_budget:
         short = plan.total_memory - plan.shared_budget
-        who = f"the {len(plan.stages)} stages and the driver" if len(plan.stages) > 1 else "the job"
+        r = plan.replicas
+        who = (f"the {r} replicas x {len(plan.stages)} stages and the driver" if r > 1 else
+               f"the {len(plan.stages)} stages and the driver" if len(plan.stages) > 1 else "the job")
         out.append(f"{who} need {_gib(plan.total_memory)} together but {plan.budget_source} is "
                    f"{_gib(plan.shared_budget)}: short by {_gib(short)}; try "
-                   "model.quantization: int8 or nf4, fewer stages, a smaller run.batch_size or store.chunk_mib")
+                   + ("fewer run.replicas, " if r > 1 else "")
+                   + "model.quantization: int8 or nf4, fewer stages, a smaller run.batch_size or store.chunk_mib")
+    out += placement_problems(plan)
     return out
+
+
+def runs_locally(spec: JobSpec) -> bool:
+    """The job would start its own Ray (or none) on this machine: no run.address, no $RAY_ADDRESS."""
+    return not (spec.run.address or os.environ.get("RAY_ADDRESS"))
+
+
+def local_gpus(device: str) -> int:
+    return torch.cuda.device_count() if device == "cuda" and torch.cuda.is_available() else 0
+
+
+def local_resources(spec: JobSpec, device: str) -> Resources:
+    """What the actors ask of Ray on this machine (``run.replicas: auto`` resolved against its GPUs)."""
+    return stage_resources(spec, node_cpus=os.cpu_count() or 1, gpus=local_gpus(device))
+
+
+def placement_problems(plan: Plan) -> list[str]:
+    """What this machine lacks to place the plan's actors, when the job would run on a local Ray.
+
+    The comparison ``harvest.shape.missing_resources`` (the replica driver's check of its Ray cluster too),
+    against what the local Ray is started with (``harvest.shape.local_ray_cpus``) and this machine's
+    GPUs. A CUDA plan on a machine with no GPU at all is a plan for another machine: not checked here
+    (as its GPU memory is not), and the plan says so.
+    """
+    res = plan.resources
+    if res is None or not runs_locally(plan.spec) or (res.gpus and not local_gpus(plan.device)):
+        return []
+    have = {"CPU": local_ray_cpus(plan.spec, res.stages, res.replicas), "GPU": local_gpus(plan.device)}
+    return [f"{line} on this machine (a local Ray); lower run.replicas or run.stages, or use a cluster (run.address)"
+            for line in missing_resources(res, have)]
 
 
 def _gib(n: float | None) -> str:
@@ -582,15 +638,20 @@ def plan_units(plan: Plan) -> list[tuple[int, int]]:
 def format_replicas(plan: Plan) -> list[str]:
     """Replicas x stages, what they ask of Ray here, and the units the replicas share."""
     spec = plan.spec
-    gpus = torch.cuda.device_count() if plan.device == "cuda" else 0
-    res = stage_resources(spec, node_cpus=os.cpu_count() or 1, gpus=gpus)
+    res = plan.resources or local_resources(spec, plan.device)
     units = plan_units(plan)
     largest = max((b - a for a, b in units), default=0)
     lines = [f"{res.replicas} replica(s) x {len(plan.stages)} stage(s) = {res.actors} "
              f"{'process (no Ray)' if res.in_process else 'Ray stage actor(s)'}, asking for {res.describe()}"
              + (" (run.replicas: auto, resolved on this machine)" if spec.run.replicas == "auto" else ""),
+             *(["  placement not checked: no GPU on this machine (a plan for another one)"]
+               if res.gpus and runs_locally(spec) and not local_gpus(plan.device) else []),
              f"  units of work (runs of batches owning whole shards of every array, handed to replicas one at a time): "
              f"{len(units)}, the largest {largest} batch(es)"]
+    if any(batch_rows(plan.work, a.point.axis) is None for a in plan.arrays):
+        lines.append("  shards of the token arrays cannot be sized in whole batches: batches capture different numbers "
+                     "of token rows (sequences of different lengths, captured at every position), so units end only "
+                     "where their shard ends meet batch ends")
     if res.replicas > 1 and len(units) < 2 * res.replicas:
         lines.append(f"  note: {len(units)} unit(s) for {res.replicas} replicas: shards span many batches, so some "
                      "replicas idle; smaller shards (store.chunk_mib, store.chunks_per_shard) or a run.batch_size "
@@ -647,6 +708,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  files: {plan.n_files} for the activations (shards + metadata), plus ~{2 * 12} for row maps, "
                  "LayerNorms, tokenizer and progress")
     lines += [""] + format_replicas(plan)
+    if plan.speed is not None:
+        lines += [""] + plan.speed.lines()
     lines.append("")
     lines += [f"DOES NOT FIT: {p}" for p in plan.problems] or ["fits: yes"]
     return "\n".join(lines)

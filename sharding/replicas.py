@@ -18,8 +18,13 @@ pipeline runs). The driver owns the rest:
   its unit goes back to the queue for the others; the job fails only when every replica is gone.
   A stage's own error (non-finite values, out of memory, a store error) stops the job as it does
   with one replica: it would happen on any replica;
-- **placement**: each replica's stages sit in one ``STRICT_PACK`` placement group, so hidden states
-  stay in one node's object store; on a one-node Ray every group lands on that node.
+- **placement**: one placement group with one bundle per replica, sized for all its stages
+  (``replica_bundle``), and the ``SPREAD`` strategy. A bundle is always on one node, so a replica's
+  stages share a node and its hidden states stay in that node's object store (what ``STRICT_PACK``
+  per replica gave), while ``SPREAD`` puts the replicas' bundles on distinct nodes as evenly as the
+  cluster allows, so their GPUs, CPUs and disks add up. Ray has no spread across placement groups;
+  its one per-group node hint, ``_soft_target_node_id``, is private and experimental. On a one-node
+  Ray every bundle lands on that node.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -41,7 +45,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from harvest.errors import ReplicaLost, StageError
-from harvest.shape import Resources, cluster_capacity, job_units, stage_resources
+from harvest.shape import (Resources, cluster_capacity, job_units, local_ray_cpus, missing_resources,
+                           stage_resources)
 from harvest.store import batches_done, mark_written, open_for_writing, open_group
 from harvest.writer import remove_unfinished_writes
 
@@ -59,7 +64,6 @@ class Replica:
 
     index: int
     actors: list
-    group: Any = None  #: its placement group
     pids: list[int] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)  #: Ray node id of each stage
     restarts: int = 0
@@ -88,7 +92,9 @@ class ReplicaDriver:
         self.busy = 0  #: replicas working on a unit
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
-        self.group = None
+        self.group = None  #: the store's zarr group (the manifest)
+        self.placement = None  #: the placement group: one bundle per replica
+        self.nonfinite: dict[str, int] = {}  #: NaN/inf counts of the units marked durable, per array
 
     # -- resources and actors --
     def resources(self) -> Resources:
@@ -99,33 +105,32 @@ class ReplicaDriver:
     def start(self, resources: Resources) -> None:
         job = self.job
         cpus, gpus, r = resources.cpus_per_stage, resources.gpus_per_stage, resources.replicas
-        total = ray.cluster_resources()
-        for kind, amount in (("CPU", resources.cpus), ("GPU", resources.gpus)):
-            if amount and total.get(kind, 0) < amount:
-                raise StageError(
-                    f"{r} replicas x {self.n} stages need {amount:g} {kind}s ({amount / resources.actors:g} each) but "
-                    f"the Ray cluster has {total.get(kind, 0):g}; lower run.replicas, run.threads or run.stages, "
-                    "or use a bigger cluster (run.address)")
+        short = missing_resources(resources, ray.cluster_resources())
+        if short:
+            raise StageError(f"{'; '.join(short)} in the Ray cluster; lower run.replicas, run.threads or run.stages, "
+                             "or use a bigger cluster (run.address)")
         self.remove_unfinished_writes()  # before any writer starts: no write of this run is in flight yet
         options = dataclasses.replace(job.stage_options(), threads=cpus, **({"device": "cuda"} if gpus else {}))
         remote = ray.remote(PipelineStage)
         name = f"harvest-{job.spec.name}-{os.getpid()}-{time.time_ns() % 10**9}"
-        bundle = {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+        bundle = replica_bundle(resources)
+        # one bundle per replica, holding all its stages: a bundle sits on one node, so a replica's hidden
+        # states stay in that node's object store; SPREAD puts the bundles on distinct nodes where it can
+        self.placement = placement_group([dict(bundle) for _ in range(r)], strategy="SPREAD", name=name)
         for j in range(r):
-            pg = placement_group([dict(bundle) for _ in job.stages], strategy="STRICT_PACK", name=f"{name}-r{j}")
             actors = [
                 remote.options(
                     name=f"{name}-r{j}-stage{stage.index}", num_cpus=cpus, num_gpus=gpus,
                     max_restarts=job.spec.run.max_restarts, max_task_retries=0, max_concurrency=1,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=j),
                 ).remote(job.ckpt, stage, options, dataclasses.replace(job.stage_info(stage), shared=True),
                          job.layout.n_batches)
-                for i, stage in enumerate(job.stages)]
-            self.replicas.append(Replica(j, actors, pg))
-        ready, _ = ray.wait([rep.group.ready() for rep in self.replicas], num_returns=r, timeout=START_TIMEOUT_S)
-        if len(ready) < r:
-            raise StageError(f"only {len(ready)} of {r} replicas could be placed within {START_TIMEOUT_S:.0f} s: each "
-                             f"needs {self.n} x {bundle} on one node; lower run.replicas or use a bigger cluster")
+                for stage in job.stages]
+            self.replicas.append(Replica(j, actors))
+        ready, _ = ray.wait([self.placement.ready()], timeout=START_TIMEOUT_S)
+        if not ready:
+            raise StageError(f"{r} replicas could not be placed within {START_TIMEOUT_S:.0f} s: each needs {bundle} on "
+                             "one node (all its stages); lower run.replicas or run.threads, or use a bigger cluster")
         for rep in self.replicas:
             try:
                 positions = self._all(rep, "ready")
@@ -146,11 +151,11 @@ class ReplicaDriver:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-            if rep.group is not None:
-                try:
-                    remove_placement_group(rep.group)
-                except Exception:  # noqa: BLE001
-                    pass
+        if self.placement is not None:
+            try:
+                remove_placement_group(self.placement)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def _all(self, rep: Replica, method: str, *args) -> list:
         """Call ``method`` on every stage of ``rep``; waits through restarts; a stage's own error is raised."""
@@ -179,8 +184,9 @@ class ReplicaDriver:
         return out
 
     # -- one unit on one replica --
-    def run_unit(self, rep: Replica, unit: tuple[int, int]) -> bool:
-        """Harvest ``unit`` on ``rep``, redone from its start after a lost actor; False when stopped."""
+    def run_unit(self, rep: Replica, unit: tuple[int, int]) -> dict[str, int] | None:
+        """Harvest ``unit`` on ``rep``, redone from its start after a lost actor; returns the unit's NaN/inf
+        counts per array, None when stopped."""
         for attempt in range(UNIT_ATTEMPTS):
             placed = self._all(rep, "begin", unit[0])
             pids = [p["pid"] for p in placed]
@@ -189,12 +195,17 @@ class ReplicaDriver:
             rep.pids, rep.nodes = pids, [p["node"] for p in placed]
             try:
                 if not self._stream(rep, unit):
-                    return False
+                    return None
                 ended = self._all(rep, "end_unit")
-                if ended != rep.pids:
+                if [e["pid"] for e in ended] != rep.pids:
                     # an actor restarted during the unit: the new one holds none of the unit's rows
-                    raise ReplicaLost(f"a stage restarted during the unit (processes {rep.pids} -> {ended})")
-                return True
+                    raise ReplicaLost(f"a stage restarted during the unit (processes {rep.pids} -> "
+                                      f"{[e['pid'] for e in ended]})")
+                counts: dict[str, int] = {}
+                for e in ended:
+                    for name, v in e["nonfinite"].items():
+                        counts[name] = counts.get(name, 0) + v
+                return counts
             except ReplicaLost as exc:
                 log.warning("replica %d lost an actor in batches %d..%d (%s); redoing the unit from its start",
                             rep.index, unit[0], unit[1] - 1, exc)
@@ -284,13 +295,15 @@ class ReplicaDriver:
                 self.stop_event.set()
                 self._release(None)
                 return
-            if finished:
+            if finished is not None:
                 with self.lock:
                     for i in range(self.n):
                         mark_written(self.group, i, unit[1], start=unit[0])
+                    for name, v in finished.items():
+                        self.nonfinite[name] = self.nonfinite.get(name, 0) + v
                     rep.units += 1
                     rep.seconds += time.perf_counter() - t0
-            self._release(None if finished else unit)
+            self._release(None if finished is not None else unit)
 
     def _release(self, unit: tuple[int, int] | None) -> None:
         """A replica is done with a unit; ``unit``: one to hand to another replica."""
@@ -329,14 +342,15 @@ class ReplicaDriver:
         for rep in self.replicas:
             log.info("replica %d: %d unit(s), %d tokens, %.0f tok/s, %d restart(s), nodes %s", rep.index, rep.units,
                      rep.tokens, rep.tokens_per_second, rep.restarts, sorted(set(rep.nodes)))
-        merged: dict[str, int] = {}
         for rep in self.replicas:
             if rep.alive:
-                for counts in self._all(rep, "close"):
-                    for name, v in counts.items():
-                        merged[name] = merged.get(name, 0) + v
+                self._all(rep, "close")
         self.remove_unfinished_writes()  # every writer has closed: what is left is a killed actor's
-        return merged
+        # the job's counts, summed over the units this run marked (a redone unit counts once; a dropped
+        # replica's finished units still count): each array's attribute holds the total, not one replica's
+        for name, v in self.nonfinite.items():
+            self.group[name].attrs["nonfinite_values"] = v
+        return dict(self.nonfinite)
 
     def _show(self, bar) -> None:
         if bar is None:
@@ -347,6 +361,13 @@ class ReplicaDriver:
         rates = " ".join(f"r{rep.index} {rep.tokens_per_second:,.0f}" if rep.alive else f"r{rep.index} dropped"
                          for rep in self.replicas)
         bar.set_postfix_str(f"tok/s {rates}", refresh=False)
+
+
+def replica_bundle(resources: Resources) -> dict[str, float]:
+    """One replica's placement bundle: every stage's CPUs and GPUs, so its stages share a node."""
+    n = resources.stages
+    return {"CPU": float(n * resources.cpus_per_stage),
+            **({"GPU": float(n * resources.gpus_per_stage)} if resources.gpus_per_stage else {})}
 
 
 def todo_units(job) -> list[tuple[int, int]]:
@@ -365,7 +386,7 @@ def run_replicas(job, progress: bool, *, on_batch=None, started: Callable[[Repli
     spec = job.spec
     units = todo_units(job)
     replicas = spec.run.replicas if isinstance(spec.run.replicas, int) else 1
-    local_cpus = max(os.cpu_count() or 1, (spec.run.threads or 1) * len(job.stages) * replicas)
+    local_cpus = local_ray_cpus(spec, len(job.stages), replicas)
     driver = ReplicaDriver(job, on_batch)
     layout = job.layout
     with RaySession(spec.run.address, local_cpus, spec.run.dashboard):

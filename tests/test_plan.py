@@ -204,3 +204,115 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_peak(make_checkpoi
           f"{estimate.activations / 2**20:.0f}, capture {estimate.capture / 2**20:.0f}, process "
           f"{estimate.process / 2**20:.0f}); measured {measured / 2**20:.0f} MiB")
     assert abs(estimate.peak - measured) < 0.15 * measured
+
+
+# --- expected speed and write bandwidth (sharding/speed.py) ---------------------------------------------
+
+def test_plan_estimates_tokens_per_second_and_the_write_bandwidth_it_needs(neox_ckpt, make_spec, monkeypatch):
+    import sharding.speed
+
+    probed = []
+    monkeypatch.setattr(sharding.speed, "probe_write", lambda where, mib=128: probed.append(where) or 50e9)
+    spec = make_spec(neox_ckpt, run={"replicas": 2, "threads": 1})
+    plan = plan_job(spec, probe=True)
+    speed = plan.speed
+    assert speed.replicas == 2 and speed.per_replica > 0 and speed.total == 2 * speed.per_replica
+    assert speed.bytes_per_token == pytest.approx(plan.store_bytes / plan.work.n_tokens)
+    assert speed.write_total == pytest.approx(speed.total * speed.bytes_per_token)
+    assert speed.write_per_replica == pytest.approx(speed.per_replica * speed.bytes_per_token)
+    # the rate is the probe's FLOP/s x the efficiency over the slowest stage's FLOPs per token
+    flops = speed.per_replica * max(s.flops_per_token for s in plan.stages) / sharding.speed.EFFICIENCY["cpu"]
+    assert 1e8 < flops < 1e14
+    text = format_plan(plan)
+    assert re.search(r"expected tokens/s: [\d,]+ per replica, [\d,]+ in all \(2 replica\(s\)\); source: matmul probe "
+                     r"on this machine's cpu, 1 thread\(s\)", text)
+    assert "write bandwidth that needs:" in text and "store target writes 50.00 GB/s (measured: 128 MiB" in text
+    assert "WARNING" not in text and probed and str(probed[0]).startswith(str(spec.store_path().parent.parent))
+
+
+def test_plan_warns_when_the_store_target_is_slower_than_needed(neox_ckpt, make_spec, monkeypatch):
+    import sharding.speed
+
+    monkeypatch.setattr(sharding.speed, "probe_write", lambda where, mib=128: 1e3)  # 1 KB/s: a very slow disk
+    plan = plan_job(make_spec(neox_ckpt), probe=False, tokens_per_second=1000)
+    assert plan.speed.target is None, "--no-probe writes nothing"
+    plan = plan_job(make_spec(neox_ckpt), probe=True, tokens_per_second=1000)
+    assert plan.speed.per_replica == 1000 and "--tokens-per-second (as given)" in plan.speed.rate_source
+    (warning,) = plan.speed.warnings
+    assert warning.startswith("the store's target writes 0.00 GB/s but 1 replica(s) at the expected rate need")
+    assert "WARNING: the store's target writes" in format_plan(plan)
+    assert plan.fits, "a slow disk slows the job; it does not make the plan fail"
+
+
+def test_the_real_write_probe_writes_and_removes_its_file(tmp_path):
+    from sharding.speed import probe_write
+
+    assert probe_write(tmp_path, mib=8) > 0 and list(tmp_path.iterdir()) == []
+
+
+def test_plan_cli_no_probe_measures_nothing(neox_ckpt, make_spec, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import sharding.speed
+    from harvest import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--no-probe must not probe")
+
+    monkeypatch.setattr(sharding.speed, "probe_write", refuse)
+    monkeypatch.setattr(sharding.speed, "probe_flops", refuse)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec(neox_ckpt, raw=True)))
+    monkeypatch.setattr(sys, "argv", ["harvest", "plan", str(spec_file), "--no-probe"])
+    cli.main()
+    out = capsys.readouterr().out
+    assert "expected tokens/s: not estimated (--no-probe; pass --tokens-per-second" in out
+    assert "store target: not probed (--no-probe)" in out
+    monkeypatch.setattr(sys, "argv", ["harvest", "plan", str(spec_file), "--no-probe", "--tokens-per-second", "500"])
+    cli.main()
+    out = capsys.readouterr().out
+    assert "expected tokens/s: 500 per replica, 500 in all (1 replica(s)); source: --tokens-per-second" in out
+
+
+def test_plan_does_not_probe_an_object_store(neox_ckpt, make_spec, monkeypatch):
+    import sharding.speed
+
+    monkeypatch.setattr(sharding.speed, "probe_write", lambda *a, **k: pytest.fail("an object store is not probed"))
+    plan = plan_job(make_spec(neox_ckpt, store={"root": "s3://bucket/stores"}), probe=True, tokens_per_second=100)
+    assert plan.speed.target is None and "an object store: not probed" in format_plan(plan)
+
+
+# --- placement on this machine ---------------------------------------------------------------------------
+
+def test_plan_refuses_what_this_machine_cannot_place(neox_ckpt, make_spec, monkeypatch):
+    import sharding.plan
+
+    monkeypatch.setattr(sharding.plan, "local_gpus", lambda device: 2 if device == "cuda" else 0)
+    cuda = {"device": "cuda"}
+    plan = plan_job(make_spec(neox_ckpt, model=cuda, run={"replicas": 2, "stages": 2, "memory_gib": 8}))
+    assert not plan.fits
+    assert ("2 replica(s) x 2 stage(s) need 4 GPU(s) (1 per stage actor) but there are 2 on this machine (a local "
+            "Ray); lower run.replicas or run.stages, or use a cluster (run.address)") in plan.problems
+    assert plan_job(make_spec(neox_ckpt, model=cuda, run={"replicas": 1, "stages": 2, "memory_gib": 8})).fits
+    auto = plan_job(make_spec(neox_ckpt, model=cuda, run={"replicas": "auto", "stages": 2, "memory_gib": 8}))
+    assert auto.fits and auto.replicas == 1, "auto: as many whole pipelines as this machine's GPUs hold"
+    monkeypatch.setattr(sharding.plan, "local_gpus", lambda device: 8 if device == "cuda" else 0)
+    auto = plan_job(make_spec(neox_ckpt, model=cuda, run={"replicas": "auto", "stages": 2, "memory_gib": 8}))
+    assert auto.replicas == 4 and "4 replica(s) x 2 stage(s) = 8 Ray stage actor(s)" in format_plan(auto)
+    # on a cluster the plan does not check this machine: submit checks the cluster
+    remote = plan_job(make_spec(neox_ckpt, model=cuda, run={"replicas": 4, "stages": 2, "memory_gib": 8,
+                                                             "address": "ray://h:10001"}))
+    assert remote.fits
+
+
+def test_replicas_share_this_machines_memory(neox_ckpt, make_spec, monkeypatch):
+    import sharding.plan
+
+    one = plan_job(make_spec(neox_ckpt, run={"replicas": 1, "threads": 1}))
+    available = int(one.total_memory * 1.5)
+    monkeypatch.setattr(sharding.plan.psutil, "virtual_memory", lambda: type("M", (), {"available": available})())
+    assert plan_job(make_spec(neox_ckpt, run={"replicas": 1, "threads": 1})).fits
+    three = plan_job(make_spec(neox_ckpt, run={"replicas": 3, "threads": 1}))
+    assert three.total_memory > 3 * sum(s.host for s in three.stages)
+    assert not three.fits and three.problems[0].startswith("the 3 replicas x 1 stages and the driver need")
+    assert "fewer run.replicas" in three.problems[0]

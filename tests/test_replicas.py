@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from harvest.errors import SpecError
+from harvest.errors import SpecError, StageError
 from harvest.runner import claim_store, prepare, run
 from harvest.shape import job_units, unit_bounds
 from sharding.verify import store_differences
@@ -62,6 +62,90 @@ def test_job_units_cover_the_batches_in_order(neox_ckpt, make_spec):
     assert len(units) > 1, "the test job must give more than one unit, or replicas would have nothing to share"
 
 
+def test_shards_are_sized_in_whole_batches():
+    """Shards span 2^j batches or divide one batch, nearest the chunk_mib target; chunks tile the shard."""
+    from harvest.shape import chunk_layout
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        batch = int(rng.integers(1, 5000))
+        n = int(rng.integers(1, 200)) * batch + int(rng.integers(0, batch))
+        row_bytes = int(rng.choice([4, 256, 8192, 24576 * 2]))
+        chunk_mib, cps = float(rng.choice([0.001, 0.1, 1, 16])), int(rng.integers(1, 9))
+        chunk, shard = chunk_layout(n, row_bytes, chunk_mib, cps, batch)
+        assert shard % chunk == 0, (chunk, shard)
+        if shard >= n:  # one shard: its one end is the array's end
+            continue
+        span = shard / batch
+        assert span == 1 or (span > 1 and span == 2 ** round(np.log2(span))) or batch % shard == 0, (batch, shard)
+        target = chunk_mib * 2**20 / row_bytes * cps
+        if target >= 1 and batch <= target:  # the nearest power of two batches: within 2x of the target
+            assert target / 2 <= shard <= 2 * target, (batch, shard, target)
+    # with no fixed batch rows: today's sizing, wherever batches end
+    assert chunk_layout(10_000, 256, 0.001, 2) == chunk_layout(10_000, 256, 0.001, 2, None)
+
+
+def test_units_are_a_few_batches_for_the_shipped_real_jobs(tmp_path):
+    """GPT-J-6B and NeoX-20B resid jobs: units of at most 4 batches (NeoX-20B had 4 units in all before)."""
+    from pathlib import Path
+
+    from harvest.spec import load_spec
+    from sharding.plan import plan_job, plan_units
+
+    repo = Path(__file__).resolve().parent.parent
+    for job in ("jobs/gptj-6b-resid.yaml", "jobs/neox-20b-resid.yaml"):
+        plan = plan_job(load_spec(repo / job, base_dir=repo, store_root=str(tmp_path)))
+        units = plan_units(plan)
+        assert len(units) >= plan.work.n_batches / 4 and max(b - a for a, b in units) <= 4, (job, len(units))
+        for a in plan.arrays:  # every shard end is a batch end
+            assert a.shard_rows % plan.work.rows_per_batch == 0 or plan.work.rows_per_batch % a.shard_rows == 0
+
+
+def test_rows_that_vary_by_batch_keep_todays_sizing_and_the_plan_says_why(neox_ckpt, make_spec):
+    from harvest.shape import batch_rows, chunk_layout
+    from sharding.plan import format_plan, plan_job
+
+    spec = make_spec(neox_ckpt, run={"replicas": 2, "batch_size": 2},
+                     prompts={"mode": "windowed", "max_sequences": 20}, store={"chunk_mib": 0.001})
+    job = prepare(spec)
+    rows = np.diff(job.layout.batch_ends("token"))
+    assert len(set(rows[:-1].tolist())) > 1, "the test needs batches of different row counts"
+    work = plan_job(spec).work
+    assert batch_rows(work, "token") is None and batch_rows(work, "sequence") == 2
+    a = job.arrays[0]
+    assert (a.chunk_rows, a.shard_rows) == chunk_layout(a.shape[0], a.row_bytes, 0.001, 2)
+    assert "cannot be sized in whole batches" in format_plan(plan_job(spec))
+
+
+def test_resume_keeps_the_layout_of_a_store_made_before_batch_sized_shards(neox_ckpt, make_spec, monkeypatch):
+    """A store laid out by the old rule (shards wherever batches end) is resumed in its own layout, and
+    the units replicas get never split one of its shards."""
+    import harvest.shape
+    from harvest.store import open_group
+
+    spec = make_spec(neox_ckpt, hooks=HOOKS, run={"replicas": 2, "threads": 1, "batch_size": 3},
+                     capture={"hooks": HOOKS, "positions": "last"}, prompts={"max_sequences": 20},
+                     store={"path": "old.zarr", "chunk_mib": 0.001, "chunks_per_shard": 1})
+    new = prepare(spec).arrays
+    with monkeypatch.context() as m:
+        m.setattr(harvest.shape, "batch_rows", lambda work, axis: None)  # the sizing before
+        old = prepare(spec)
+        claim_store(old, resume=False, overwrite=False)
+    assert old.arrays != new, "the test needs a layout that differs between the two rules"
+    job = prepare(spec)
+    assert job.arrays == new
+    claim_store(job, resume=True, overwrite=False)
+    assert job.arrays == old.arrays
+    group = open_group(job.path)
+    for a in job.arrays:
+        assert (a.chunk_rows, a.shard_rows) == (group[a.point.name].chunks[0], group[a.point.name].shards[0])
+    ends = {"token": job.layout.batch_ends("token"), "sequence": job.layout.batch_ends("sequence")}
+    for u0, u1 in job_units(job.layout, job.arrays):
+        for a in job.arrays:
+            end = int(ends[a.point.axis][u1 - 1])
+            assert end % a.shard_rows == 0 or end >= a.shape[0], "a unit must end on a shard end of the store"
+
+
 @pytest.mark.parametrize("value, message", [(0, "run.replicas must be an integer >= 1"), ("many", "run.replicas must be"),
                                             (1.5, "run.replicas must be"), (True, "run.replicas must be")])
 def test_replicas_must_be_a_positive_integer_or_auto(neox_ckpt, make_spec, value, message):
@@ -85,6 +169,37 @@ def test_resources_count_replicas_times_stages(neox_ckpt, make_spec):
     auto = make_spec(neox_ckpt, run={"stages": 2, "replicas": "auto"}, model={"device": "auto"})
     assert resources.job_needs(auto, [{"CPU": 32, "GPU": 8}, {"CPU": 32, "GPU": 8}]).replicas == 8
     assert resources.job_needs(auto, [{"CPU": 32}]).replicas == 1
+
+
+def test_replicas_ask_for_one_bundle_each_spread_over_nodes(neox_ckpt, make_spec, monkeypatch):
+    """One SPREAD placement group, one bundle per replica holding all its stages (a bundle is on one node);
+    each replica's stage actors go into its own bundle. Checked on the request, without a cluster."""
+    import ray
+
+    from harvest.shape import Resources
+    from sharding import replicas
+
+    asked = {}
+
+    class Placed(Exception):
+        pass
+
+    def placement_group(bundles, strategy=None, name=""):
+        asked.update(bundles=bundles, strategy=strategy)
+        raise Placed
+
+    monkeypatch.setattr(replicas, "placement_group", placement_group)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    job = prepare(replica_spec(make_spec, neox_ckpt, 3, 2, "placed.zarr"))
+    claim_store(job, resume=False, overwrite=False)
+    with pytest.raises(Placed):
+        replicas.ReplicaDriver(job).start(Resources(stages=2, device="cuda", cpus_per_stage=4, gpus_per_stage=1,
+                                                    replicas=3))
+    assert asked == {"bundles": [{"CPU": 8.0, "GPU": 2.0}] * 3, "strategy": "SPREAD"}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 4.0})
+    with pytest.raises(StageError, match=r"3 replica\(s\) x 2 stage\(s\) need 6 GPU\(s\) \(1 per stage actor\) but "
+                                         r"there are 4 in the Ray cluster; lower run.replicas"):
+        replicas.ReplicaDriver(job).start(Resources(2, "cuda", 4, 1, 3))
 
 
 def test_plan_shows_replicas_and_units(neox_ckpt, make_spec):
@@ -233,3 +348,59 @@ def test_a_stage_error_stops_every_replica_with_its_message(neox_ckpt, make_spec
         run(spec, progress=False)
     info = json.loads((spec.store_path() / "zarr.json").read_text())["attributes"]["harvest"]
     assert info["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_nonfinite_values_attribute_is_the_jobs_total_with_replicas(neox_ckpt, make_spec, ray_session, tmp_path):
+    """``on_nonfinite: flag`` with R = 2: each array's ``nonfinite_values`` is the whole job's count (what the
+    store holds and what R = 1 records), not the count of whichever replica wrote it last."""
+    import zarr
+
+    from harvest.toy import edited_checkpoint
+
+    def inf_bias(tensors):
+        tensors["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"][5] = float("inf")
+
+    bad = edited_checkpoint(neox_ckpt, tmp_path / "inf", inf_bias)
+    hooks = ["blocks.{0..2}.hook_resid_post"]
+
+    def spec(replicas: int, path: str):
+        return make_spec(bad, hooks=hooks, capture={"hooks": hooks, "positions": "last", "on_nonfinite": "flag"},
+                         run={"batch_size": 2, "threads": 1, "replicas": replicas}, prompts={"max_sequences": 20},
+                         store={"path": path, "chunk_mib": 0.001, "chunks_per_shard": 1})
+
+    job = prepare(spec(2, "two.zarr"))
+    assert len(job_units(job.layout, job.arrays)) >= 4, "both replicas must write units with inf in them"
+    one, two = run(spec(1, "one.zarr"), progress=False), run(spec(2, "two.zarr"), progress=False)
+    g1, g2 = zarr.open_group(str(one.path), mode="r"), zarr.open_group(str(two.path), mode="r")
+    stored = {name: int((~np.isfinite(g2[name][...])).sum()) for name in (f"blocks.{i}.hook_resid_post" for i in range(3))}
+    stored = {name: n for name, n in stored.items() if n}
+    assert "blocks.1.hook_resid_post" in stored and "blocks.0.hook_resid_post" not in stored
+    for name, n in stored.items():
+        assert g2[name].attrs["nonfinite_values"] == n == g1[name].attrs["nonfinite_values"], name
+    assert "nonfinite_values" not in g2["blocks.0.hook_resid_post"].attrs
+    assert two.nonfinite == one.nonfinite == stored
+    assert g2.attrs["harvest"]["nonfinite"] == stored
+    assert store_differences(one.path, two.path) == []
+
+
+@pytest.mark.slow
+def test_replicas_resume_a_store_laid_out_before_batch_sized_shards(neox_ckpt, make_spec, ray_session, monkeypatch):
+    """A store created by the old sizing (shards wherever batches end), continued with --resume and 2 replicas:
+    its own shards are the units' bounds, so no shard gets two writers and the store equals an R = 1 run of it."""
+    import harvest.shape
+
+    def spec(replicas: int, path: str):
+        return make_spec(neox_ckpt, hooks=HOOKS, capture={"hooks": HOOKS, "positions": "last"},
+                         run={"replicas": replicas, "threads": 1, "batch_size": 3}, prompts={"max_sequences": 20},
+                         store={"path": path, "chunk_mib": 0.001, "chunks_per_shard": 1})
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest.shape, "batch_rows", lambda work, axis: None)  # the sizing before
+        reference = run(spec(1, "old-ref.zarr"), progress=False).path
+        old = prepare(spec(2, "old.zarr"))
+        claim_store(old, resume=False, overwrite=False)  # laid out, nothing harvested yet
+    assert prepare(spec(2, "old.zarr")).arrays != old.arrays, "the layouts must differ for the test to mean anything"
+    result = run(spec(2, "old.zarr"), resume=True, progress=False)
+    assert result.batches == old.layout.n_batches
+    assert store_differences(reference, result.path) == []

@@ -185,3 +185,49 @@ def test_a_submitted_job_stopped_by_ray_flushes_and_exits_143(job):
     assert f"[harvest] stopped: interrupted by SIGTERM; {saved}/{info['layout']['n_batches']} batches are saved" \
         in log, log[-3000:]
     assert "Traceback" not in log
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("signum,group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-2-replicas", "Ctrl-C-to-the-group-2-replicas"])
+def test_interrupted_replicas_stop_cleanly_and_resume_byte_identical(job, signum, group):
+    """``run.replicas: 2``: the driver stops both replicas, keeps the units already marked, exits 130/143 with the
+    one-line resume hint; ``--resume`` (again with 2 replicas) ends byte-identical to an uninterrupted R = 1 run.
+    Shards of one batch here, so every batch is a unit the replicas pull."""
+    d, raw, _ = job
+    small = {**raw, "store": {**raw["store"], "chunk_mib": 0.0625, "chunks_per_shard": 1}}
+    clean_spec = d / "replicas-clean.yaml"
+    clean_spec.write_text(yaml.safe_dump({**small, "store": {**small["store"], "path": "replicas-clean.zarr"}}))
+    clean = d / "stores" / "replicas-clean.zarr"
+    if not clean.exists():
+        done = subprocess.run(harvest_cmd("run", str(clean_spec), "-q"), cwd=d, env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    name = f"{signal.Signals(signum).name.lower()}-replicas.zarr"
+    spec = d / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({**small, "store": {**small["store"], "path": name},
+                                    "run": {**small["run"], "replicas": 2}}))
+    store = d / "stores" / name
+
+    code, err = interrupt_midway(harvest_cmd("run", str(spec)), d, signum, group)
+
+    assert code == 128 + signum, err[-3000:]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith(f"error: interrupted by {signal.Signals(signum).name}; "), last
+    assert f"continue with: harvest run {spec} --resume" in last and "Traceback" not in err, err[-3000:]
+    group_ = zarr.open_group(str(store), mode="r")
+    info = group_.attrs["harvest"]
+    n_batches = info["layout"]["n_batches"]
+    saved = int(group_["_progress/stage_0"][...].sum())
+    assert info["status"] == "interrupted" and 0 < saved < n_batches, (info.get("stopped"), saved)
+
+    resumed = subprocess.run(harvest_cmd("run", str(spec), "--resume", "-q"), cwd=d, env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = zarr.open_group(str(store), mode="r").attrs["harvest"]
+    assert info["status"] == "complete"
+    assert not [p for p in store.rglob("*") if ".partial" in p.name], "a stopped replica's temporary file is left"
+    a, b = store_files(store), store_files(clean)
+    assert a.keys() == b.keys()
+    differing = [k for k in a if a[k] != b[k]]
+    assert not differing, f"files differ after interrupt and resume: {differing[:5]}"

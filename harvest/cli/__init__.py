@@ -89,19 +89,26 @@ def run(
 def plan(
     spec: Path = typer.Argument(..., help="YAML job spec, e.g. jobs/neox-20b-resid.yaml."),
     store_root: Optional[str] = StoreRoot,
+    tokens_per_second: Optional[float] = typer.Option(
+        None, "--tokens-per-second", min=0.001, help="One replica's forward tokens/s, if known (replaces the matmul probe)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Measure nothing: no matmul probe, no write probe."),
 ) -> None:
     """Stages, memory per stage, store size and file layout of a job, without loading any weights.
 
     \b
     Needs only the model's config.json (no weights, no tokenizer: then rows are estimated).
-    Exits with status 2 and the shortfall when a stage does not fit its memory.
+    Expected tokens/s come from a short matmul probe of the plan's device (or --tokens-per-second);
+    the store target's write speed from writing 128 MiB under its root (a temporary file, deleted).
+    Exits with status 2 and the shortfall when a stage does not fit its memory, or what this machine
+    lacks when the job would run here and it cannot place its actors.
     Examples:
       harvest plan jobs/neox-20b-resid.yaml
-      harvest plan jobs/gptj-6b-resid.yaml
+      harvest plan jobs/gptj-6b-resid.yaml --tokens-per-second 40000
+      harvest plan jobs/demo.yaml --no-probe
     """
     from sharding.plan import format_plan, plan_job
 
-    job_plan = plan_job(load_spec(spec, store_root=store_root))
+    job_plan = plan_job(load_spec(spec, store_root=store_root), probe=not no_probe, tokens_per_second=tokens_per_second)
     typer.echo(format_plan(job_plan))
     job_plan.check()
 
