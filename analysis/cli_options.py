@@ -16,8 +16,17 @@ from typing import Annotated, Optional
 
 import typer
 
-Store = Annotated[Path, typer.Argument(metavar="STORE", help="Path of a harvest store (a .zarr directory).",
-                                       show_default=False)]
+from harvest.objstore import normalize
+
+
+def _store_location(value: str | None) -> str | Path | None:
+    """A path as a ``Path``, a URL kept whole (as a ``Path``, ``s3://b/x`` would become ``s3:/b/x``)."""
+    return None if value is None else normalize(value)
+
+
+Store = Annotated[str, typer.Argument(metavar="STORE", help="Path of a harvest store (a .zarr directory), or its URL "
+                                      "(s3://bucket/prefix/job.zarr, gs://…).", show_default=False,
+                                      callback=_store_location)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Where the Dask graph runs: 'threads' in this process (default), 'sync' (one thread), "

@@ -103,7 +103,7 @@ def test_harvest_analyse_query_and_plain_xarray(s3, neox_ckpt, make_spec, tmp_pa
     assert out.returncode == 0, out.stderr
     q = cli("query", "dim", url, "3", endpoint=s3, cwd=tmp_path)
     assert q.returncode == 0, q.stderr
-    assert "dim 3" in q.stdout or "3" in q.stdout
+    assert f"dim 3 of " in q.stdout and f"in {url}" in q.stdout, q.stdout  # the URL whole, not s3:/…
     shown = cli("inspect", url, endpoint=s3, cwd=tmp_path)
     assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
     no_secret(out.stdout + out.stderr + q.stdout + q.stderr + shown.stdout + shown.stderr)
