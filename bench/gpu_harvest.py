@@ -254,6 +254,7 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     import numpy as np
     import torch
 
+    from harvest import shards
     from harvest.runner import run
     from harvest.shards import ShardFileWriter
     from harvest.spec import parse_spec
@@ -320,6 +321,7 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
         "drain_seconds": end - marks[-1], "setup_seconds": marks[0] - t0,
         "stored_bytes": stored, "logical_bytes": sum(group[n].nbytes for n in arrays), "arrays": len(arrays),
         "shard_bytes": a.shards[0] * int(np.prod(a.shape[1:])) * a.dtype.itemsize, "nonfinite": result.nonfinite,
+        "chunk_bytes": a.chunks[0] * int(np.prod(a.shape[1:])) * a.dtype.itemsize, "fuse_bytes": shards.FUSE_BYTES,
         "gpu_peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
     }
     shutil.rmtree(result.path, ignore_errors=True)
@@ -329,6 +331,9 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     log(f"harvest {variant} (write threads {res['write_threads']}): "
         f"{res['timed_tokens'] / res['seconds']:.0f} tok/s, drain {res['drain_seconds']:.2f} s, "
         f"writer {res['writer_cpu'] / max(res['logical_bytes'] / 1e9, 1e-9):.2f} CPU-s/GB, "
+        f"chunks of {res['chunk_bytes'] / 2**20:.2f} MiB"
+        + (f" (each checksummed and written in {-(-res['chunk_bytes'] // res['fuse_bytes'])} pieces)"
+           if res["engine"] == "shards" and not res["direct_io"] else "") + ", "
         f"CPU s by thread {json.dumps({k: round(v, 2) for k, v in list(thread_cpu.items())[:6]})}")
     return res
 
