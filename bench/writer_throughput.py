@@ -19,6 +19,8 @@ interleaved, each repetition in a fresh directory deleted right after (so dirty 
 - shards: ``harvest.writer.ArrayWriter`` with ``harvest.shards`` (records 4 KiB-aligned, the default);
 - shards, unfused: the same with each chunk checksummed whole, then written in one call (the writer before
   checksum and copy were fused piece by piece: ``FUSE_BYTES`` set past the chunk size);
+- shards, crc32c package: the default writer with the ``crc32c`` package's CRC-32C where the optional, faster
+  ``crc32c-rs`` is installed (the label of "shards" names the one it used);
 - shards, packed: the same with records packed as zarr packs them (``align=0``);
 - zarr: ``ArrayWriter`` with ``store.writer: zarr`` (zarr-python's default pipeline: the writer before);
 - O_DIRECT: raw and shards with ``O_DIRECT`` (aligned buffers, offsets and lengths);
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import shutil
@@ -58,6 +61,7 @@ VARIANTS = {
     "raw_pieces": ("raw pwrite in 1 MiB calls, one file per shard", "raw"),
     "shards": ("**shards (aligned records, default)**", "raw"),
     "unfused": ("shards, checksum then write per chunk (before)", "raw"),
+    "crc32c": ("shards, with the `crc32c` package", "raw"),
     "packed": ("shards, packed records (zarr's byte layout)", "raw"),
     "zarr": ("zarr-python default pipeline (the writer before)", "raw"),
     "zstd": ("zstd-1: falls back to zarr's codecs", "raw"),
@@ -126,13 +130,15 @@ def run_store(variant: str, root: Path, batch: list, n_rows: int, threads: int):
     harvest.shards.RECORD_ALIGN = harvest.shards.SECTOR
 
     def go() -> None:
-        fuse = harvest.shards.FUSE_BYTES
+        fuse, crc = harvest.shards.FUSE_BYTES, harvest.shards.crc32c
         if variant == "unfused":
             harvest.shards.FUSE_BYTES = 1 << 62  # one piece per chunk: checksum it whole, then write it
+        if variant == "crc32c":
+            harvest.shards.crc32c = importlib.import_module("crc32c")
         try:
             _write_store(writers, loops, batch, n_rows, threads)
         finally:
-            harvest.shards.FUSE_BYTES = fuse
+            harvest.shards.FUSE_BYTES, harvest.shards.crc32c = fuse, crc
     return go
 
 
@@ -281,13 +287,15 @@ def measure_one(variant: str, shape: str, threads: int, batch: list, n_rows: int
 
 def measure(shapes: list[str], threads_list: list[int], variants: list[str], reps: int, batch_rows: int,
             shards: int) -> dict:
+    import harvest.shards
     from harvest.shards import direct_io_supported
     from harvest.shape import chunk_layout
 
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "machine": common.machine(),
             "versions": common.versions(), "batch_rows": batch_rows, "shards": shards, "reps": reps,
-            "direct_io": direct_io_supported(OUT), "load_before": os.getloadavg()[0], "args": " ".join(sys.argv[1:])}
+            "direct_io": direct_io_supported(OUT), "load_before": os.getloadavg()[0], "args": " ".join(sys.argv[1:]),
+            "crc32c": harvest.shards.crc32c.__name__}
     runs = []
     for shape in shapes:
         _, n_arrays, cols = SHAPES[shape]
@@ -341,6 +349,8 @@ def render(res: dict) -> str:
     per_gb = lambda rs, key: common.median([r[key] / (r["bytes"] / 1e9) for r in rs])  # noqa: E731
     for (shape, threads, variant), rs in cells.items():
         label, bound = VARIANTS[variant]
+        if variant == "shards" and meta.get("crc32c"):
+            label = label.replace(")**", f", {meta['crc32c']})**")
         rows.append(f"| {SHAPES[shape][0]} ({SHAPES[shape][1]} × {SHAPES[shape][2]}) | {threads} | {label} | "
                     f"{common.median([rate(r) for r in rs]) / 1e9:.2f} | {ratio(rs, bound, rate)} | "
                     f"{common.median([per_cpu(r) for r in rs]) / 1e9:.2f} | {ratio(rs, bound, per_cpu)} | "

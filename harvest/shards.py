@@ -73,7 +73,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import crc32c
+try:  # optional (``harvest[fast-crc]``): the same CRC-32C, about twice the speed per core where the CPU has
+    # VPCLMULQDQ (AVX-512), the same call ``crc32c(data, value=0)``, the GIL released from 32 KiB up
+    import crc32c_rs as crc32c
+except ImportError:
+    import crc32c
 import numpy as np
 
 from .errors import ShardIndexError

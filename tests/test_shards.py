@@ -104,17 +104,20 @@ def test_a_packed_shard_is_byte_identical_to_zarrs(tmp_path, rows, row_shape, ch
     assert files(tmp_path / "a.zarr") == files(tmp_path / "b.zarr")
 
 
+@pytest.mark.parametrize("crc", ["crc32c", "crc32c_rs"])
 @pytest.mark.parametrize("fuse", [40, 4096])
 @pytest.mark.parametrize("rows,row_shape,chunk,cps", SHAPES)
-def test_chunks_checksummed_and_written_in_pieces_are_zarrs_bytes(tmp_path, monkeypatch, fuse, rows, row_shape,
+def test_chunks_checksummed_and_written_in_pieces_are_zarrs_bytes(tmp_path, monkeypatch, crc, fuse, rows, row_shape,
                                                                   chunk, cps):
     """Buffered writes go piece by piece (``FUSE_BYTES``), the checksum carried across pieces: with pieces
     smaller than a row (40 bytes) or cutting rows and chunks anywhere, the packed files are still zarr's bytes,
-    and the object-store writer, which shares the path, uploads the same shards."""
+    and the object-store writer, which shares the path, uploads the same shards; with either CRC-32C package
+    (``crc32c_rs`` is the optional faster one)."""
     import harvest.shards
     from harvest.shards import ShardObjectWriter
 
     data = values(rows, row_shape, "float16")
+    monkeypatch.setattr(harvest.shards, "crc32c", pytest.importorskip(crc))
     monkeypatch.setattr(harvest.shards, "FUSE_BYTES", fuse)
     monkeypatch.setattr(harvest.shards, "RECORD_ALIGN", 0)
     ours = make_array(tmp_path / "a.zarr", "x", rows, row_shape, chunk, cps, "float16")
