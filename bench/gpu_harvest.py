@@ -346,8 +346,11 @@ def measure(work: Path, smoke: bool, variants: list[str], durable_batches: int =
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark needs a GPU (use --smoke to check the script on CPU)")
     dtype = "float32" if smoke else "float16"
+    from harvest import shards
+
     meta = {"started": started.isoformat(timespec="minutes"), "smoke": smoke, "machine": common.machine(),
-            "versions": common.versions(), "batch": BATCH, "seq": SEQ, "warmup": WARMUP, "timed": TIMED}
+            "versions": common.versions(), "batch": BATCH, "seq": SEQ, "warmup": WARMUP, "timed": TIMED,
+            "crc32c": shards.crc32c.__name__}  # the optional crc32c-rs (harvest[fast-crc]) where installed
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         meta["gpu"] = {"name": props.name, "memory": props.total_memory, "sms": props.multi_processor_count}
@@ -434,7 +437,7 @@ Command: `python bench/gpu_harvest.py --json OUT.json --harvest {','.join(h['var
 device machine, then `.venv/bin/python bench/gpu_harvest.py --render bench/gpu_harvest-h200.json` here
 (started {meta['started']} UTC, {meta['minutes']:.1f} min in all).
 Machine: {gpu.get('name', '?')} ({gpu.get('memory', 0) / 2**30:.0f} GiB, {gpu.get('sms', '?')} SMs), {mach['cpu']},
-nproc {mach['nproc']}, {mach['memory']} RAM. Software: {', '.join(f'{k} {v}' for k, v in vers.items())}.
+nproc {mach['nproc']}, {mach['memory']} RAM. Software: {', '.join(f'{k} {v}' for k, v in vers.items())}; CRC-32C from {meta.get('crc32c', 'crc32c')}.
 
 Model: GPT-J-6B's config (`jobs/configs/gpt-j-6b`), random init (HF's), {ck['params'] / 1e9:.2f} B parameters in
 {ck['dtype']}, saved as {ck['files']} safetensors shards with an index ({ck['bytes'] / 1e9:.1f} GB) and loaded back. Batches of
