@@ -17,8 +17,8 @@ interleaved, each repetition in a fresh directory deleted right after (so dirty 
   2-4x its usual time (seen in plain loops, no store involved), so either raw variant can be the faster one;
   the buffered writers are divided by the faster of the two in each repetition (the stronger bound);
 - shards: ``harvest.writer.ArrayWriter`` with ``harvest.shards`` (records 4 KiB-aligned, the default);
-- shards, unfused: the same with each chunk checksummed whole, then written in one call (the writer before
-  checksum and copy were fused piece by piece: ``FUSE_BYTES`` set past the chunk size);
+- shards, unfused: the writer before this change: each chunk checksummed whole by the ``crc32c`` package,
+  then written in one call (``FUSE_BYTES`` set past the chunk size);
 - shards, crc32c package: the default writer with the ``crc32c`` package's CRC-32C where the optional, faster
   ``crc32c-rs`` is installed (the label of "shards" names the one it used);
 - shards, packed: the same with records packed as zarr packs them (``align=0``);
@@ -60,8 +60,8 @@ VARIANTS = {
     "raw": ("raw pwrite, one file per shard", "raw"),
     "raw_pieces": ("raw pwrite in 1 MiB calls, one file per shard", "raw"),
     "shards": ("**shards (aligned records, default)**", "raw"),
-    "unfused": ("shards, checksum then write per chunk (before)", "raw"),
-    "crc32c": ("shards, with the `crc32c` package", "raw"),
+    "unfused": ("shards, checksum then write per chunk, `crc32c` package (before)", "raw"),
+    "crc32c": ("shards, `crc32c` package (without the fast-crc extra)", "raw"),
     "packed": ("shards, packed records (zarr's byte layout)", "raw"),
     "zarr": ("zarr-python default pipeline (the writer before)", "raw"),
     "zstd": ("zstd-1: falls back to zarr's codecs", "raw"),
@@ -133,7 +133,7 @@ def run_store(variant: str, root: Path, batch: list, n_rows: int, threads: int):
         fuse, crc = harvest.shards.FUSE_BYTES, harvest.shards.crc32c
         if variant == "unfused":
             harvest.shards.FUSE_BYTES = 1 << 62  # one piece per chunk: checksum it whole, then write it
-        if variant == "crc32c":
+        if variant in ("crc32c", "unfused"):  # the writer before had only the crc32c package
             harvest.shards.crc32c = importlib.import_module("crc32c")
         try:
             _write_store(writers, loops, batch, n_rows, threads)
