@@ -13,9 +13,9 @@ interleaved, each repetition in a fresh directory deleted right after (so dirty 
 
 - raw: ``os.pwrite`` of each shard's bytes from the batch, one file per shard, same threads: the bound;
 - raw in pieces: the same bytes in ``os.pwrite`` calls of ``harvest.shards.FUSE_BYTES`` (1 MiB), the call size
-  the shard writer uses. On this VM a call of more than ~2 MiB into the page cache now and then costs the kernel
-  2-4x its usual time (seen in plain loops, no store involved), so either raw variant can be the faster one;
-  the buffered writers are divided by the faster of the two in each repetition (the stronger bound);
+  the shard writer uses. On this VM a whole run of either now and then costs the kernel 2-5x its usual time
+  (seen in plain loops too, no store involved), so the buffered writers are divided by the faster of the two
+  raw variants in each repetition (the stronger bound);
 - shards: ``harvest.writer.ArrayWriter`` with ``harvest.shards`` (records 4 KiB-aligned, the default);
 - shards, unfused: the writer before this change: each chunk checksummed whole by the ``crc32c`` package,
   then written in one call (``FUSE_BYTES`` set past the chunk size);
