@@ -254,6 +254,7 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     import numpy as np
     import torch
 
+    from harvest import shards
     from harvest.runner import run
     from harvest.shards import ShardFileWriter
     from harvest.spec import parse_spec
@@ -320,6 +321,7 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
         "drain_seconds": end - marks[-1], "setup_seconds": marks[0] - t0,
         "stored_bytes": stored, "logical_bytes": sum(group[n].nbytes for n in arrays), "arrays": len(arrays),
         "shard_bytes": a.shards[0] * int(np.prod(a.shape[1:])) * a.dtype.itemsize, "nonfinite": result.nonfinite,
+        "chunk_bytes": a.chunks[0] * int(np.prod(a.shape[1:])) * a.dtype.itemsize, "fuse_bytes": shards.FUSE_BYTES,
         "gpu_peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
     }
     shutil.rmtree(result.path, ignore_errors=True)
@@ -329,6 +331,9 @@ def measure_harvest(ckpt: Path, ids, device, dtype: str, root: Path, variant: st
     log(f"harvest {variant} (write threads {res['write_threads']}): "
         f"{res['timed_tokens'] / res['seconds']:.0f} tok/s, drain {res['drain_seconds']:.2f} s, "
         f"writer {res['writer_cpu'] / max(res['logical_bytes'] / 1e9, 1e-9):.2f} CPU-s/GB, "
+        f"chunks of {res['chunk_bytes'] / 2**20:.2f} MiB"
+        + (f" (each checksummed and written in {-(-res['chunk_bytes'] // res['fuse_bytes'])} pieces)"
+           if res["engine"] == "shards" and not res["direct_io"] else "") + ", "
         f"CPU s by thread {json.dumps({k: round(v, 2) for k, v in list(thread_cpu.items())[:6]})}")
     return res
 
@@ -341,8 +346,11 @@ def measure(work: Path, smoke: bool, variants: list[str], durable_batches: int =
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark needs a GPU (use --smoke to check the script on CPU)")
     dtype = "float32" if smoke else "float16"
+    from harvest import shards
+
     meta = {"started": started.isoformat(timespec="minutes"), "smoke": smoke, "machine": common.machine(),
-            "versions": common.versions(), "batch": BATCH, "seq": SEQ, "warmup": WARMUP, "timed": TIMED}
+            "versions": common.versions(), "batch": BATCH, "seq": SEQ, "warmup": WARMUP, "timed": TIMED,
+            "crc32c": shards.crc32c.__name__}  # the optional crc32c-rs (harvest[fast-crc]) where installed
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         meta["gpu"] = {"name": props.name, "memory": props.total_memory, "sms": props.multi_processor_count}
@@ -429,7 +437,7 @@ Command: `python bench/gpu_harvest.py --json OUT.json --harvest {','.join(h['var
 device machine, then `.venv/bin/python bench/gpu_harvest.py --render bench/gpu_harvest-h200.json` here
 (started {meta['started']} UTC, {meta['minutes']:.1f} min in all).
 Machine: {gpu.get('name', '?')} ({gpu.get('memory', 0) / 2**30:.0f} GiB, {gpu.get('sms', '?')} SMs), {mach['cpu']},
-nproc {mach['nproc']}, {mach['memory']} RAM. Software: {', '.join(f'{k} {v}' for k, v in vers.items())}.
+nproc {mach['nproc']}, {mach['memory']} RAM. Software: {', '.join(f'{k} {v}' for k, v in vers.items())}; CRC-32C from {meta.get('crc32c', 'crc32c')}.
 
 Model: GPT-J-6B's config (`jobs/configs/gpt-j-6b`), random init (HF's), {ck['params'] / 1e9:.2f} B parameters in
 {ck['dtype']}, saved as {ck['files']} safetensors shards with an index ({ck['bytes'] / 1e9:.1f} GB) and loaded back. Batches of

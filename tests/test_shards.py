@@ -104,6 +104,36 @@ def test_a_packed_shard_is_byte_identical_to_zarrs(tmp_path, rows, row_shape, ch
     assert files(tmp_path / "a.zarr") == files(tmp_path / "b.zarr")
 
 
+@pytest.mark.parametrize("crc", ["crc32c", "crc32c_rs"])
+@pytest.mark.parametrize("fuse", [40, 4096])
+@pytest.mark.parametrize("rows,row_shape,chunk,cps", SHAPES)
+def test_chunks_checksummed_and_written_in_pieces_are_zarrs_bytes(tmp_path, monkeypatch, crc, fuse, rows, row_shape,
+                                                                  chunk, cps):
+    """Buffered writes go piece by piece (``FUSE_BYTES``), the checksum carried across pieces: with pieces
+    smaller than a row (40 bytes) or cutting rows and chunks anywhere, the packed files are still zarr's bytes,
+    and the object-store writer, which shares the path, uploads the same shards; with either CRC-32C package
+    (``crc32c_rs`` is the optional faster one)."""
+    import harvest.shards
+    from harvest.shards import ShardObjectWriter
+
+    data = values(rows, row_shape, "float16")
+    monkeypatch.setattr(harvest.shards, "crc32c", pytest.importorskip(crc))
+    monkeypatch.setattr(harvest.shards, "FUSE_BYTES", fuse)
+    monkeypatch.setattr(harvest.shards, "RECORD_ALIGN", 0)
+    ours = make_array(tmp_path / "a.zarr", "x", rows, row_shape, chunk, cps, "float16")
+    write(ours, data, [5, 9])
+    write(make_array(tmp_path / "b.zarr", "x", rows, row_shape, chunk, cps, "float16"), data, [5, 9], engine="zarr")
+    assert files(tmp_path / "a.zarr") == files(tmp_path / "b.zarr")
+    uploaded = {}
+    objects = ShardObjectWriter(lambda key, buf: uploaded.update({key: bytes(buf)}), lambda shard: ours.metadata.encode_chunk_key((shard,) + (0,) * len(row_shape)),
+                                shard_geometry(ours, align=0), 0)
+    for start in range(0, rows, 7):
+        objects.append(data[start: start + 7])
+    objects.flush()
+    assert {f"x/{k}": v for k, v in uploaded.items()} == {k: v for k, v in files(tmp_path / "a.zarr").items()
+                                                          if k.startswith("x/c/")}
+
+
 def test_an_aligned_shard_puts_every_record_on_a_page(tmp_path):
     array = make_array(tmp_path / "s.zarr", "x", 3000, (1024,), 1000, 2, "float16")
     write(array, values(3000, (1024,), "float16"), [700])
