@@ -40,7 +40,8 @@ from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, sin
                     workload_of)
 from .spec import JobSpec
 from .stage import check_tensors
-from .statistics import THRESHOLD, TOP_K, StatisticsPlan, statistics_hooks
+from .hookpoints import split_name
+from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sources, statistics_hooks
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
@@ -83,8 +84,18 @@ class Job:
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
             statistics=StatisticsPlan(tuple(h for h in self.statistics if h in {p.name for p in stage.hooks}),
-                                      TOP_K, THRESHOLD, self.layout.token_starts()) if self.statistics else None,
+                                      TOP_K, THRESHOLD, self.layout.token_starts(), self.hit_plan(stage))
+            if self.spec.capture.statistics else None,
         )
+
+    def hit_plan(self, stage: StagePlan) -> HitPlan | None:
+        """This stage's share of Dettmers' criterion (``harvest.hits``): the LayerNorms feeding linear
+        layers of every captured layer it runs, stored or not."""
+        sources = dettmers_sources(self.ckpt.config.model_type, self.hooks)
+        if not sources:
+            return None
+        return HitPlan(tuple(s for s in sources if stage.start <= split_name(s)[1] < stage.stop), THRESHOLD,
+                       stage.index == stage.n_stages - 1, int(self.ckpt.config.hidden_size))
 
     def stage_options(self) -> StageOptions:
         spec = self.spec

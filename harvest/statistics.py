@@ -509,6 +509,17 @@ class StatisticsPlan:
     top_k: int
     threshold: float
     token_starts: np.ndarray  #: (sequences + 1,) int64
+    hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
+
+
+@dataclass(frozen=True)
+class HitPlan:
+    """One stage's share of Dettmers' criterion: its hidden states, the magnitude, whether it counts positions."""
+
+    sources: tuple[str, ...]  #: ``blocks.{l}.ln{1,2}.hook_normalized`` of this stage's analysed layers
+    magnitude: float
+    last: bool  #: the pipeline's last stage: counts the positions hit in any layer
+    d_model: int
 
 
 def topk_candidates(state: State | None, block: Block, k: int) -> State:
@@ -571,21 +582,29 @@ class StatisticsAccumulator:
     pending batch keeps the top-k over every batch up to it, which is what folding it gives.
     """
 
-    def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None):
+    def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None,
+                 dettmers: State | None = None):
         self.plan = plan
         self.through = through  #: batches [0, through) are folded into ``state``
         self.state: dict[str, State] = state or {}
+        self.dettmers: State | None = dettmers  #: Dettmers' hit state (``dettmers_chunk``), when planned
         self.pending: dict[int, dict[str, State]] = {}
         self._top: dict[str, State] = {hook: s["topk"] for hook, s in self.state.items()}  #: incl. pending
+        self._dettmers_pending: dict[int, State] = {}
 
-    def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray]) -> None:
-        """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order.
+    def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray], sequences: int = 0) -> None:
+        """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order;
+        ``values`` also holds the device's Dettmers hits (``harvest.hits``) of its ``sequences`` sequences.
 
         Batches arrive in order. A batch already folded (a resumed stage redoing batches it had
         marked) is not counted twice.
         """
         if batch < self.through:
             return
+        if self.plan.hits is not None:
+            self.pending.setdefault(batch, {})
+            self._dettmers_pending[batch] = dettmers_chunk(self.plan.hits, self.plan.token_starts, first_sequence,
+                                                           sequences, values)
         start = int(self.plan.token_starts[first_sequence])
         scratch = Scratch.for_thread()
         k = self.plan.top_k
@@ -604,6 +623,9 @@ class StatisticsAccumulator:
         combine = {"moments": moments_combine, "max_abs": max_abs_combine, "count_ge": count_ge_combine,
                    "nonfinite": nonfinite_combine}
         for batch in range(self.through, through):
+            if batch in self._dettmers_pending:
+                new = self._dettmers_pending.pop(batch)
+                self.dettmers = new if self.dettmers is None else dettmers_combine([self.dettmers, new])
             for hook, new in self.pending.pop(batch).items():
                 old = self.state.get(hook)
                 state = {key: new[key] if old is None else fn([old[key], new[key]]) for key, fn in combine.items()}
@@ -639,6 +661,15 @@ def statistics_hooks(spec_value: bool | tuple[str, ...], captured: list[Any]) ->
     return tuple(names)
 
 
+def dettmers_sources(model_type: str, captured: list[Any]) -> tuple[str, ...]:
+    """The hidden states feeding linear layers (``ln1``; and ``ln2`` for GPT-NeoX) of every layer some
+    captured hook point belongs to: what Dettmers' criterion counts over, stored or not (the layers
+    ``analysis.source.plan_sources`` analyses in a store that keeps them)."""
+    lns = ("ln1", "ln2") if model_type == "gpt_neox" else ("ln1",)
+    layers = sorted({p.layer for p in captured if p.layer is not None and p.layer >= 0})
+    return tuple(f"blocks.{layer}.{ln}.hook_normalized" for layer in layers for ln in lns)
+
+
 #: the top rows per dimension and the |x| threshold the harvest-time statistics keep (the index's defaults)
 TOP_K = 32
 THRESHOLD = 6.0
@@ -654,14 +685,18 @@ def pack(acc: StatisticsAccumulator) -> tuple[dict[str, np.ndarray], dict[str, A
     def cat(get, axis=0):
         return np.concatenate([get(s) for s in states], axis=axis)
 
-    arrays = {"n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
+    extra, extra_attrs = pack_dettmers(acc.dettmers, acc.plan.hits)
+    if not states:
+        return extra, {"hooks": [], "widths": [], "top_k": acc.plan.top_k, "threshold": acc.plan.threshold,
+                       "nonfinite_rows": {}, **extra_attrs}
+    arrays = {**extra, "n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
               "m2": cat(lambda s: s["moments"]["m2"]), "max": cat(lambda s: s["max_abs"]["max"]),
               "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"]),
               "top_rows": cat(lambda s: s["topk"]["rows"], 1), "top_values": cat(lambda s: s["topk"]["values"], 1)}
     attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": acc.plan.top_k,
              "threshold": acc.plan.threshold,
              "nonfinite_rows": {h: [int(s["nonfinite"][k]) for k in ("rows", "first_row", "n_rows")]
-                                for h, s in zip(hooks, states)}}
+                                for h, s in zip(hooks, states)}, **extra_attrs}
     return arrays, attrs
 
 
@@ -715,3 +750,165 @@ def load_statistics(group) -> HarvestStatistics | None:
             hooks[hook] = {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
             batches[hook] = int(attrs["through"])
     return HarvestStatistics(hooks, batches, top_k, threshold) if hooks else None
+
+
+# --- Dettmers' criterion from the device's hits (``harvest.hits``) ------------------------------------
+
+def dettmers_chunk(plan: HitPlan, token_starts: np.ndarray, first: int, sequences: int,
+                   values: dict[str, np.ndarray]) -> State:
+    """One batch's Dettmers state for one stage, from its sparse hits: what ``analysis.scan`` keeps per
+    hidden state (hits, max |x|, NaN/inf, share of ‖x‖², histogram of the hits) plus, per (sequence,
+    dimension), how many of this stage's layers have a hit (``lkeys``/``lcount``) and, on the last
+    stage, how many positions have one in any layer (``pkeys``/``pcount``)."""
+    from .hits import POSITIONS, PREFIX
+
+    d = plan.d_model
+    lengths = np.diff(np.asarray(token_starts[first:first + sequences + 1], np.int64))
+    layers = source_layers(plan.sources)
+    S = len(plan.sources)
+    out: State = {"rows": int(lengths.sum()), "seqs": int(sequences), "seq_len": lengths,
+                  "hits": np.zeros((S, d), np.int64), "max": np.zeros((S, d), np.float32),
+                  "nonfinite": np.zeros((S, d), np.int64), "share_hits": np.zeros((S, d)),
+                  "layer_any": np.zeros((len(set(layers)), d), np.int64), "seq_hits": np.zeros(sequences, np.int64)}
+    hists, per_layer = [], {}
+    for si, name in enumerate(plan.sources):
+        where = np.asarray(values[f"{PREFIX}{name}:where"]).reshape(-1, 3)
+        b, c = where[:, 0], where[:, 2]
+        v = np.asarray(values[f"{PREFIX}{name}:values"], np.float32)
+        norm2 = np.asarray(values[f"{PREFIX}{name}:norm2"], np.float64)
+        out["hits"][si] = np.bincount(c, minlength=d)
+        out["share_hits"][si] = np.bincount(c, weights=v.astype(np.float64) ** 2
+                                            / np.maximum(norm2, np.finfo(np.float64).tiny), minlength=d)
+        out["max"][si] = np.asarray(values[f"{PREFIX}{name}:max"], np.float32)
+        out["nonfinite"][si] = np.asarray(values[f"{PREFIX}{name}:nonfinite"], np.int64)
+        out["seq_hits"] += np.bincount(b, minlength=sequences)
+        hists.append(hist_from_values(c, v, plan.magnitude))
+        per_layer.setdefault(layers[si], []).append((first + b) * d + c)
+    out["hist"] = hist_combine(hists) if hists else hist_combine([])
+    keys = []
+    for li, layer in enumerate(sorted(per_layer)):
+        k = np.unique(np.concatenate(per_layer[layer]))
+        out["layer_any"][li] = np.bincount(k % d, minlength=d)
+        keys.append(k)
+    out["lkeys"], out["lcount"] = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64),
+                                            return_counts=True)
+    out["lcount"] = out["lcount"].astype(np.int64)
+    if plan.last:
+        counts = np.asarray(values[POSITIONS], np.int64).reshape(sequences, d)
+        i, j = np.nonzero(counts)
+        out["pkeys"], out["pcount"] = (first + i) * d + j, counts[i, j]
+    else:
+        out["pkeys"], out["pcount"] = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return out
+
+
+def dettmers_combine(states: Sequence[State]) -> State:
+    """Merge consecutive batches' states (in batch order: their sequences follow one another)."""
+    out: State = {"rows": sum(s["rows"] for s in states), "seqs": sum(s["seqs"] for s in states)}
+    for key in ("hits", "nonfinite", "share_hits", "layer_any"):
+        out[key] = np.sum([s[key] for s in states], axis=0)
+    out["max"] = np.maximum.reduce([s["max"] for s in states])
+    out["hist"] = hist_combine([s["hist"] for s in states])
+    for key in ("seq_len", "seq_hits", "lkeys", "lcount", "pkeys", "pcount"):
+        out[key] = np.concatenate([s[key] for s in states])
+    return out
+
+
+def source_layers(sources: Sequence[str]) -> list[int]:
+    from .hookpoints import split_name
+
+    return [int(split_name(name)[1]) for name in sources]
+
+
+_DETTMERS_ARRAYS = ("seq_len", "hits", "max", "nonfinite", "share_hits", "layer_any", "seq_hits", "lkeys", "lcount",
+                    "pkeys", "pcount")
+
+
+def pack_dettmers(state: State | None, plan: HitPlan | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A stage's Dettmers state as snapshot arrays (``dettmers_*``) and attributes."""
+    if state is None or plan is None:
+        return {}, {}
+    arrays = {f"dettmers_{k}": state[k] for k in _DETTMERS_ARRAYS}
+    arrays.update({f"dettmers_hist_{k}": state["hist"][k] for k in ("key", "count", "sum")})
+    return arrays, {"dettmers": {"rows": int(state["rows"]), "seqs": int(state["seqs"])},
+                    "dettmers_sources": list(plan.sources), "dettmers_magnitude": plan.magnitude,
+                    "dettmers_last": plan.last}
+
+
+def unpack_dettmers(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> State | None:
+    if "dettmers" not in attrs:
+        return None
+    state: State = {k: arrays[f"dettmers_{k}"] for k in _DETTMERS_ARRAYS}
+    state["hist"] = {k: arrays[f"dettmers_hist_{k}"] for k in ("key", "count", "sum")}
+    state.update(attrs["dettmers"])
+    return state
+
+
+@dataclass
+class DettmersStatistics:
+    """Every stage's Dettmers state as the harvest left it, and what it was computed with."""
+
+    sources: list[str]  #: hidden states, in forward order
+    magnitude: float
+    states: list[State]  #: one per stage, in stage order (their sources in that order)
+    stage_sources: list[list[str]]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.states[0]["rows"]) if self.states else 0
+
+    @property
+    def sequences(self) -> int:
+        return int(self.states[0]["seqs"]) if self.states else 0
+
+    def reduce(self, layer_frac: float, pos_frac: float) -> State:
+        """The state ``analysis.scan.OutlierReducer`` ends a pass with, for these fractions."""
+        layers = sorted(set(source_layers(self.sources)))
+        L = len(layers)
+        st = self.states
+        d = st[0]["hits"].shape[1]
+        keys = np.concatenate([s["lkeys"] for s in st])
+        uniq, inv = np.unique(keys, return_inverse=True)
+        n_layers = np.bincount(inv, np.concatenate([s["lcount"] for s in st]), minlength=uniq.size)
+        last = st[-1]
+        if not np.array_equal(last["pkeys"], uniq):
+            raise ValueError("harvest-time hit sets out of step: the layers' and the positions' (sequence, "
+                             "dimension) sets differ")
+        seq_len = st[0]["seq_len"].astype(np.float64)
+        lf = n_layers / max(L, 1)
+        pf = last["pcount"] / np.maximum(seq_len[uniq // d], 1)
+        dims = uniq % d
+        meets = (lf >= layer_frac - 1e-12) & (pf >= pos_frac - 1e-12)
+        n = int(st[0]["seqs"])
+        return {"rows": int(st[0]["rows"]), "n_groups": n,
+                "hits": np.concatenate([s["hits"] for s in st]), "max": np.concatenate([s["max"] for s in st]),
+                "nonfinite": np.concatenate([s["nonfinite"] for s in st]),
+                "share_hits": np.concatenate([s["share_hits"] for s in st]),
+                "hist": hist_combine([s["hist"] for s in st]),
+                "layer_any": np.concatenate([s["layer_any"] for s in st]),
+                "layer_frac_sum": np.bincount(dims, lf, minlength=d), "pos_frac_sum": np.bincount(dims, pf, minlength=d),
+                "group_outlier": np.bincount(dims[meets], minlength=d).astype(np.int64),
+                "done_ids": np.arange(n, dtype=np.int64), "done_hits": np.sum([s["seq_hits"] for s in st], axis=0)}
+
+
+def load_dettmers(group) -> DettmersStatistics | None:
+    """Every stage's newest Dettmers state, or None when the harvest kept none."""
+    from .store import read_statistics, statistics_snapshots, statistics_stages
+
+    states, per_stage, magnitude = [], [], None
+    for stage in statistics_stages(group):
+        have = statistics_snapshots(group, stage)
+        if not have:
+            continue
+        arrays, attrs = read_statistics(group, stage, have[-1])
+        state = unpack_dettmers(arrays, attrs)
+        if state is None:
+            continue
+        states.append(state)
+        per_stage.append(list(attrs["dettmers_sources"]))
+        magnitude = float(attrs["dettmers_magnitude"])
+    if not states:
+        return None
+    if len({int(s["seqs"]) for s in states}) != 1:
+        raise ValueError("the stages' harvest-time statistics cover different batches: the harvest is unfinished")
+    return DettmersStatistics([h for hs in per_stage for h in hs], magnitude, states, per_stage)

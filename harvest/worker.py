@@ -43,7 +43,8 @@ class StageWorker:
         self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
                            store_dtype=getattr(torch, options.store_dtype), device=self.device,
                            heads=options.heads, neurons=options.neurons, top_k=options.top_k,
-                           statistics=options.statistics)
+                           statistics=options.statistics,
+                           hits=store.statistics.hits if store.statistics is not None else None)
         self.transfer = HostTransfer(self.device)
         self.writer = StageWriter(store, start_batch, max_pending=options.write_queue,
                                   threads=write_threads_for(options.write_threads, self.device.type, len(store.arrays)))

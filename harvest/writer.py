@@ -35,7 +35,8 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import is_object_store
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
+from .hits import PREFIX as HITS_PREFIX
+from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
                     statistics_snapshots, write_rows, write_statistics)
 from .transfer import HostBatch
@@ -369,9 +370,11 @@ class StageWriter:
 
                 self._each_array(write)
                 if self.statistics is not None:
-                    self.statistics.add(batch, rows["sequence"], {
-                        h: captures.tensors.get(ALL_ROWS + h, captures.tensors.get(h)).numpy()
-                        for h in self.statistics.plan.hooks})
+                    values = {h: captures.tensors.get(ALL_ROWS + h, captures.tensors.get(h)).numpy()
+                              for h in self.statistics.plan.hooks}
+                    values.update({k: t.numpy() for k, t in captures.tensors.items() if k.startswith(HITS_PREFIX)})
+                    ends = self.info.batch_ends["sequence"]
+                    self.statistics.add(batch, rows["sequence"], values, int(ends[batch]) - rows["sequence"])
                 self._mark(batch + 1)
             if self._error is None:
                 self._each_array(lambda name: self.writers[name][0].flush())
@@ -446,7 +449,7 @@ class StageWriter:
 def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccumulator | None:
     """The stage's statistics as of its own manifest frontier (a resume may redo batches past the
     job's frontier that this stage had already marked: :meth:`StatisticsAccumulator.add` skips them)."""
-    if info.statistics is None or not info.statistics.hooks:
+    if info.statistics is None or not (info.statistics.hooks or info.statistics.hits):
         return None
     through = stage_frontier(info.path, info.stage)
     if through == 0:
@@ -455,7 +458,7 @@ def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccu
         raise StoreError(f"{info.path}: stage {info.stage} has marked {through} batches but holds no statistics "
                          "snapshot for them (capture.statistics); run again with --overwrite")
     arrays, attrs = read_statistics(group, info.stage, through)
-    return StatisticsAccumulator(info.statistics, through, unpack(arrays, attrs))
+    return StatisticsAccumulator(info.statistics, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
 
 
 def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:

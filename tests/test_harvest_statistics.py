@@ -218,3 +218,86 @@ def test_statistics_spec_errors_are_one_line(neox_ckpt, make_spec):
     spec = make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": ["ln1"]})
     with pytest.raises(HarvestError, match="ln1.hook_normalized"):  # not captured: statistics need it stored
         prepare(spec)
+
+
+# --- Dettmers' criterion from the statistics alone ---------------------------------------------------
+
+REPORT_ARRAYS_EXACT = ("layers", "is_outlier", "outlier_dims", "hits", "max_abs", "nonfinite", "layer_seq_frac",
+                       "hits_per_sequence", "hist_dims", "hist_counts")
+REPORT_ARRAYS_CLOSE = ("layer_frac", "pos_frac", "seq_frac", "share_sq_norm", "hist_sums")
+
+
+def assert_same_criterion(from_stats, from_scan) -> None:
+    """Counts exactly; fractions and sums to float64 rounding (summed in another order), the share of
+    ‖x‖² to float32 (the report stores it as float32)."""
+    a, b = from_stats.arrays, from_scan.arrays
+    for key in REPORT_ARRAYS_EXACT:
+        np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=key)
+    for key in REPORT_ARRAYS_CLOSE:
+        np.testing.assert_allclose(a[key][0], b[key][0], rtol=1e-6 if key == "share_sq_norm" else 1e-12,
+                                   err_msg=key)
+    ra, rb = from_stats.report, from_scan.report
+    assert ra["groups"] == rb["groups"] and ra["rows"] == rb["rows"]
+    assert ra["values"] == rb["values"]
+    assert [o["dim"] for o in ra["outlier_dims"]] == [o["dim"] for o in rb["outlier_dims"]]
+    assert [m["dim"] for m in ra["near_misses"]] == [m["dim"] for m in rb["near_misses"]]
+
+
+def criterion_both_ways(path, **fractions):
+    from analysis.outliers import analyze_outliers
+
+    params = ScanParams(**fractions)
+    kw = dict(write=False, plots=False, index=False, scheduler="sync")
+    return analyze_outliers(path, params, source="statistics", **kw), analyze_outliers(path, params, source="scan", **kw)
+
+
+@pytest.fixture(scope="module")
+def planted_neox(make_checkpoint, tmp_path_factory):
+    from analysis.synthetic import plant_residual_dim
+
+    return plant_residual_dim(make_checkpoint("gpt_neox"), tmp_path_factory.mktemp("planted") / "neox", "gpt_neox", 13)
+
+
+@pytest.mark.parametrize("fractions", [{}, {"layer_frac": 0.5, "pos_frac": 0.01}, {"layer_frac": 0.0, "pos_frac": 0.0}])
+def test_dettmers_criterion_from_the_statistics_equals_the_scan(planted_neox, make_spec, fractions):
+    path = harvest(make_spec, planted_neox, f"dettmers{len(fractions)}", ("ln1", "ln2", "resid_post"))
+    from_stats, from_scan = criterion_both_ways(path, **fractions)
+    assert from_stats.report["harvest_statistics"]["source"] == "statistics"
+    assert from_scan.outlier_dims and from_stats.report["values"]["ge_magnitude"] > 0
+    assert_same_criterion(from_stats, from_scan)
+
+
+def test_the_criterion_falls_back_to_the_scan_and_says_why(planted_neox, make_spec):
+    from analysis.outliers import analyze_outliers
+
+    path = harvest(make_spec, planted_neox, "fallback", ("ln1", "ln2"))
+    rep = analyze_outliers(path, ScanParams(magnitude=5.0), write=False, plots=False, index=False, scheduler="sync")
+    assert "counted |x| >= 6 at harvest time" in rep.report["harvest_statistics"]["note"]
+    with pytest.raises(Exception, match="--aggregate corpus"):
+        analyze_outliers(path, ScanParams(aggregate="corpus"), write=False, plots=False, source="statistics")
+
+
+def test_hits_are_counted_for_layernorms_that_are_not_stored(planted_neox, make_spec):
+    """Only resid_post stored: the statistics still saw ln1 and ln2 of every layer (the scan derives them)."""
+    path = harvest(make_spec, planted_neox, "resid_only", ("resid_post",))
+    from_stats, from_scan = criterion_both_ways(path)
+    assert from_stats.outlier_dims == from_scan.outlier_dims == [13]
+    assert [s["ln"] for s in from_stats.report["hidden_states"]["sources"]][:2] == ["ln1", "ln2"]
+
+
+@pytest.mark.slow
+def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_neox, make_spec, ray_session):
+    from harvest.statistics import load_dettmers
+
+    paths = {}
+    for n in (1, 2):
+        spec = make_spec(planted_neox, hooks=("ln1", "ln2", "resid_post"), capture={"statistics": True},
+                         run={"stages": n, "threads": 1}, store={"path": f"d{n}.zarr"})
+        paths[n] = run(spec, progress=False).path
+    a, b = (load_dettmers(open_group(paths[n])) for n in (1, 2))
+    assert len(b.states) == 2 and a.sources == b.sources
+    for key, value in a.reduce(0.25, 0.06).items():
+        np.testing.assert_array_equal(value if not isinstance(value, dict) else value["count"],
+                                      b.reduce(0.25, 0.06)[key] if not isinstance(value, dict)
+                                      else b.reduce(0.25, 0.06)[key]["count"], err_msg=key)
+    assert_same_criterion(*criterion_both_ways(paths[2]))
