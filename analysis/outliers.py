@@ -164,13 +164,12 @@ def statistics_scan(path: str | Path, params: ScanParams) -> tuple[ScanResult | 
 def rep_from_statistics(scan: ScanResult) -> OutlierReport:
     rep = build_report(scan)
     tokens = int(scan.outliers["rows"])
-    rep.report["rows"] = tokens
     rep.report["massive"]["note"] = rep.report["kurtosis"]["note"] = (
         "not computed: the criterion came from the harvest-time statistics; --scan reads the stored rows for them")
     rep.report["harvest_statistics"] = {
         "tokens": tokens, "rows": int(scan.facts.n_rows), "source": "statistics",
-        "note": (f"criterion from the harvest-time statistics over {tokens:,} tokens "
-                 f"(the store keeps {scan.facts.n_rows:,} rows; none was read)")}
+        "note": (f"harvest-time statistics cover {tokens:,} tokens (the store keeps {scan.facts.n_rows:,} rows): "
+                 "the criterion is from them, and no row was read")}
     for key in ("kurtosis_seq", "max_norm_seq"):
         rep.arrays.pop(key, None)
     return rep

@@ -20,12 +20,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .statistics import HITS_POSITIONS as POSITIONS
+from .statistics import HITS_PREFIX as PREFIX
 from .statistics import HitPlan
 
-#: the key prefix of the per-batch results in a stage's captures (never a store array)
-PREFIX = "dettmers:"
-#: the key of the per-(sequence, dimension) position counts the last stage hands its writer
-POSITIONS = PREFIX + "positions"
 
 _SHIFTS = 1 << torch.arange(8, dtype=torch.uint8)
 

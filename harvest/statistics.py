@@ -512,6 +512,12 @@ class StatisticsPlan:
     hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
 
 
+#: the key prefix of the device's per-batch hit results in a stage's captures (never a store array)
+HITS_PREFIX = "dettmers:"
+#: the key of the per-(sequence, dimension) position counts the last stage hands its writer
+HITS_POSITIONS = HITS_PREFIX + "positions"
+
+
 @dataclass(frozen=True)
 class HitPlan:
     """One stage's share of Dettmers' criterion: its hidden states, the magnitude, whether it counts positions."""
@@ -760,8 +766,7 @@ def dettmers_chunk(plan: HitPlan, token_starts: np.ndarray, first: int, sequence
     hidden state (hits, max |x|, NaN/inf, share of ‖x‖², histogram of the hits) plus, per (sequence,
     dimension), how many of this stage's layers have a hit (``lkeys``/``lcount``) and, on the last
     stage, how many positions have one in any layer (``pkeys``/``pcount``)."""
-    from .hits import POSITIONS, PREFIX
-
+    PREFIX, POSITIONS = HITS_PREFIX, HITS_POSITIONS
     d = plan.d_model
     lengths = np.diff(np.asarray(token_starts[first:first + sequences + 1], np.int64))
     layers = source_layers(plan.sources)

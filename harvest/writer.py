@@ -35,8 +35,7 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import is_object_store
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .hits import PREFIX as HITS_PREFIX
-from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
+from .statistics import ALL_ROWS, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
                     statistics_snapshots, write_rows, write_statistics)
 from .transfer import HostBatch
