@@ -73,13 +73,19 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     the per-dimension index; results written into the store (``write``) and plots saved
     (``plots``: True for ``<store>.plots/`` beside the store, or a folder).
 
-    ``source``: "auto" takes Dettmers' criterion from the harvest-time statistics when the store has
-    them at this magnitude (over every token the harvest saw; no activation is read; no massive
-    activations, kurtosis or index then), else scans the stored rows; "scan" always scans;
-    "statistics" refuses to scan."""
+    ``source``: "statistics" takes Dettmers' criterion from the harvest-time statistics (over every
+    token the harvest saw; no activation is read; no massive activations, kurtosis or index then) and
+    fails when they cannot give it (absent, or another magnitude); "scan" reads the stored rows;
+    "auto" (the default) takes the statistics when they cover tokens the store does not keep (sampled
+    positions, deleted arrays) and scans otherwise, saying which and why."""
     params = params or ScanParams()
     check_params(params)
-    scan, why_not = (None, "--scan asked for the offline scan") if source == "scan" else statistics_scan(path, params)
+    if source not in ("auto", "statistics", "scan"):
+        raise AnalysisError(f"source must be 'auto', 'statistics' or 'scan', not {source!r}")
+    scan, why_not = (None, "--source scan asked for the scan") if source == "scan" else statistics_scan(path, params)
+    if scan is not None and source == "auto" and not _statistics_preferred(scan):
+        scan, why_not = None, ("every token is stored, and the scan of the rows also finds massive activations, "
+                               "kurtosis and the index; --source statistics answers without reading them")
     if scan is None and source == "statistics":
         raise AnalysisError(f"{path}: Dettmers' criterion cannot come from the harvest-time statistics: {why_not}")
     if scan is not None:
@@ -161,11 +167,21 @@ def statistics_scan(path: str | Path, params: ScanParams) -> tuple[ScanResult | 
     return scan, None
 
 
+def _statistics_preferred(scan: ScanResult) -> bool:
+    """The statistics know more than the rows: positions were sampled, or the hidden states' arrays are gone."""
+    from .source import plan_sources
+
+    if int(scan.outliers["rows"]) > scan.facts.n_rows:
+        return True
+    return not plan_sources(scan.facts)[0]
+
+
 def rep_from_statistics(scan: ScanResult) -> OutlierReport:
     rep = build_report(scan)
     tokens = int(scan.outliers["rows"])
     rep.report["massive"]["note"] = rep.report["kurtosis"]["note"] = (
-        "not computed: the criterion came from the harvest-time statistics; --scan reads the stored rows for them")
+        "not computed: the criterion came from the harvest-time statistics; --source scan reads the stored rows "
+        "for them")
     rep.report["harvest_statistics"] = {
         "tokens": tokens, "rows": int(scan.facts.n_rows), "source": "statistics",
         "note": (f"harvest-time statistics cover {tokens:,} tokens (the store keeps {scan.facts.n_rows:,} rows): "
