@@ -29,18 +29,17 @@ from ._version import __version__
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_checkpoint
 from .errors import (FingerprintMismatchError, HarvestError, Interrupted, ModelError, SpecError, StoreError,
                      StoreExistsError)
-from .hookpoints import HookPoint
+from .hookpoints import HookPoint, split_name
 from .layout import Layout
 from .objstore import check_access, is_url
 from .prompts import build_source, pad_meta
 from .quantize import check_quantization
 from .redo import check_redo
 from .redo import redo_rows as redo
-from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, single_stage, store_dtype_for,
-                    workload_of)
+from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, layers_needed, single_stage,
+                    store_dtype_for, workload_of)
 from .spec import JobSpec
 from .stage import check_tensors
-from .hookpoints import split_name
 from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sources, statistics_hooks
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
@@ -83,7 +82,7 @@ class Job:
             on_nonfinite=self.spec.capture.on_nonfinite,
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
-            statistics=StatisticsPlan(tuple(h for h in self.statistics if h in {p.name for p in stage.hooks}),
+            statistics=StatisticsPlan(tuple(h for h in self.statistics if stage_runs(stage, h)),
                                       TOP_K, THRESHOLD, self.layout.token_starts(), self.hit_plan(stage))
             if self.spec.capture.statistics else None,
         )
@@ -107,7 +106,20 @@ class Job:
     @property
     def statistics(self) -> tuple[str, ...]:
         """Hooks with harvest-time statistics (``capture.statistics``), in forward order."""
-        return statistics_hooks(self.spec.capture.statistics, self.hooks)
+        return job_statistics(self.spec, self.ckpt, self.hooks)
+
+
+def job_statistics(spec: JobSpec, ckpt: Checkpoint, hooks: list[HookPoint]) -> tuple[str, ...]:
+    return statistics_hooks(spec.capture.statistics, hooks, ckpt.arch, ckpt.n_layers,
+                            layers_needed(hooks, ckpt.n_layers))
+
+
+def stage_runs(stage: StagePlan, name: str) -> bool:
+    """Whether ``stage`` computes hook point ``name`` (stored by it or not)."""
+    if any(p.name == name for p in stage.hooks):
+        return True
+    template, layer = split_name(name)
+    return stage.embed if template == "hook_embed" else layer is not None and stage.start <= layer < stage.stop
 
 
 def prepare(spec: JobSpec) -> Job:
@@ -115,7 +127,7 @@ def prepare(spec: JobSpec) -> Job:
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
     hooks = job_hooks(spec, arch, ckpt.n_layers)
-    statistics_hooks(spec.capture.statistics, hooks)  # a bad capture.statistics fails before any store
+    job_statistics(spec, ckpt, hooks)  # a bad capture.statistics fails before any store
     check_selection(spec, ckpt)
     check_quantization(spec.model.quantization, hooks)
     if not ckpt.tokenizer_files():

@@ -24,7 +24,7 @@ from .capture import BatchIndex, Capture, Selection
 from .checkpoint import TORCH_DTYPES, Checkpoint
 from .errors import ModelError
 from .hits import Hits
-from .hookpoints import HookPoint, split_name
+from .hookpoints import HookPoint, expand, split_name
 from .layout import Batch
 from .quantize import quantize_stage
 from .shape import StagePlan
@@ -168,10 +168,14 @@ class Stage:
         self.model = StageModel(ckpt, plan, dtype=TORCH_DTYPES[compute_dtype], device=device,
                                 attn_implementation="eager" if patterns else "sdpa")
         as_index = lambda xs: None if xs is None else torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        modules = {p.name: self.model.module_for(p) for p in plan.hooks}
+        stored = {p.name for p in plan.hooks}
+        # hook points with statistics that this stage runs but does not store (capture.statistics)
+        only = [p for p in expand([h for h in statistics if h not in stored], ckpt.arch, ckpt.n_layers)
+                if _runs(plan, p)] if any(h not in stored for h in statistics) else []
+        modules = {p.name: self.model.module_for(p) for p in list(plan.hooks) + only}
         self.capture = Capture(modules, ckpt.arch, list(plan.hooks), Selection(as_index(heads), as_index(neurons)),
                                store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k,
-                               statistics=tuple(h for h in statistics if h in modules))
+                               statistics=tuple(h for h in statistics if h in modules), statistics_only=only)
         self.hits = Hits(hits, {name: self._ln_module(name) for name in hits.sources}, store_dtype) if hits else None
 
     def _ln_module(self, name: str) -> nn.Module:
@@ -207,12 +211,19 @@ class Stage:
 
     def _all_rows(self, batch: Batch) -> torch.Tensor | None:
         """Every real position of the batch, when the statistics need more than the stored rows."""
-        if not self.capture.statistics or len(batch.flat_rows) == int(batch.lengths.sum()):
+        if not self.capture.statistics or (len(batch.flat_rows) == int(batch.lengths.sum())
+                                           and not self.capture.statistics_only):
             return None  # every position is stored: the statistics read the stored rows
         pos = np.arange(batch.width)
         real = pos[None, :] < batch.lengths[:, None]
         rows = (np.arange(len(batch.lengths))[:, None] * batch.width + pos[None, :])[real]
         return torch.from_numpy(rows.astype(np.int64)).to(self.device)
+
+
+def _runs(plan: StagePlan, point: HookPoint) -> bool:
+    if point.template == "hook_embed":
+        return plan.embed
+    return point.layer is not None and plan.start <= point.layer < plan.stop
 
 
 def check_tensors(ckpt: Checkpoint, plans: list[StagePlan]) -> None:

@@ -644,27 +644,46 @@ class StatisticsAccumulator:
         return {hook: {**index_aggregate(s), **nonfinite_aggregate(s["nonfinite"])} for hook, s in self.state.items()}
 
 
-def statistics_hooks(spec_value: bool | tuple[str, ...], captured: list[Any]) -> tuple[str, ...]:
-    """The captured hooks ``capture.statistics`` names, in forward order (``captured``: HookPoints).
+def statistics_hooks(spec_value: bool | tuple[str, ...] | None, captured: list[Any], arch: Any = None,
+                     n_layers: int = 0, run_layers: int | None = None) -> tuple[str, ...]:
+    """The hooks ``capture.statistics`` gives running statistics, in forward order (``captured``: HookPoints).
 
-    ``true`` takes every captured ``ln*.hook_normalized`` and ``hook_resid_*``; a list takes the hook
-    patterns of ``capture.hooks``. Only hooks stored whole per token have statistics.
+    ``true`` takes every captured ``ln*.hook_normalized`` and ``hook_resid_*``; a list adds the hook
+    points it names (``capture.hooks`` patterns), stored or not, as long as the harvest runs their
+    layer (``run_layers``: blocks run, up to the last captured one). Only hook points with one
+    d_model-wide row per token have statistics.
     """
     from .errors import SpecError
-    from .hookpoints import resolve
+    from .hookpoints import expand
 
-    if spec_value is False:
+    if not spec_value:
         return ()
-    rows = [p for p in captured if p.axis == "token" and p.template in ROW_TEMPLATES]
+    default = [p for p in captured if p.axis == "token" and p.template in DEFAULT_TEMPLATES]
     if spec_value is True:
-        return tuple(p.name for p in rows if p.template in DEFAULT_TEMPLATES)
-    names = resolve(list(spec_value), [p.name for p in captured], where="capture.hooks")
-    whole = {p.name for p in rows}
-    bad = [n for n in names if n not in whole]
-    if bad:
-        raise SpecError(f"capture.statistics names {bad[0]}, which is not a per-token hook point stored whole; "
-                        f"statistics cover the residual stream, LayerNorm outputs and MLP/attention outputs")
-    return tuple(names)
+        return tuple(p.name for p in default)
+    if arch is None:  # no model to resolve names against: the captured hooks only
+        from .hookpoints import resolve
+
+        named_names = resolve(list(spec_value), [p.name for p in captured], where="capture.hooks")
+        named = [p for p in captured if p.name in named_names]
+    else:
+        named = expand(list(spec_value), arch, n_layers)
+    stored = {p.name for p in captured}
+    for p in named:
+        if p.axis != "token" or p.template not in ROW_TEMPLATES:
+            raise SpecError(f"capture.statistics names {p.name}, which has no single row per token; statistics "
+                            "cover the residual stream, LayerNorm outputs and MLP/attention outputs")
+        if p.name in stored:
+            continue
+        if p.template == "ln_final.hook_normalized":
+            raise SpecError(f"capture.statistics names {p.name}, which this harvest does not run unless it is "
+                            "captured: add it to capture.hooks")
+        if run_layers is not None and p.layer is not None and p.layer >= run_layers:
+            raise SpecError(f"capture.statistics names {p.name}, but this harvest runs blocks 0..{run_layers - 1} "
+                            "only (up to the last captured hook point): capture a hook of that layer or drop it")
+    points = {p.name: p for p in default + list(named)}
+    order = {t: i for i, t in enumerate(ROW_TEMPLATES)}
+    return tuple(name for name, p in sorted(points.items(), key=lambda kv: (kv[1].order, order[kv[1].template])))
 
 
 def dettmers_sources(model_type: str, captured: list[Any]) -> tuple[str, ...]:

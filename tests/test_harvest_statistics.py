@@ -210,14 +210,36 @@ def test_statistics_spec_errors_are_one_line(neox_ckpt, make_spec):
     from harvest.spec import parse_spec
 
     raw = make_spec(neox_ckpt, raw=True, capture={"statistics": "yes"})
-    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings, got 'yes'"):
+    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings or null, "
+                                        r"got 'yes'"):
         parse_spec(raw)
     spec = make_spec(neox_ckpt, hooks=["resid_post", "z"], capture={"statistics": ["z"]})
-    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which is not a per-token"):
+    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which has no single row per"):
         prepare(spec)
-    spec = make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": ["ln1"]})
-    with pytest.raises(HarvestError, match="ln1.hook_normalized"):  # not captured: statistics need it stored
+    spec = make_spec(neox_ckpt, hooks=["blocks.1.resid_post"], capture={"statistics": ["blocks.3.ln1"]})
+    with pytest.raises(HarvestError, match="names blocks.3.ln1.hook_normalized, but this harvest runs blocks 0..1"):
         prepare(spec)
+
+
+def test_statistics_are_on_by_default_and_off_when_asked(neox_ckpt, make_spec):
+    on = run(make_spec(neox_ckpt, hooks=["resid_post", "mlp_out"], store={"path": "default.zarr"}), progress=False)
+    stats = load_statistics(open_group(on.path))
+    assert sorted(stats.hooks) == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    assert open_group(on.path).attrs["harvest"]["spec"]["capture"]["statistics"] is True
+    off = run(make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": False}, store={"path": "off.zarr"}),
+              progress=False)
+    assert load_statistics(open_group(off.path)) is None and "analysis" not in open_group(off.path)
+
+
+def test_statistics_of_hooks_that_are_not_stored_equal_the_scan_of_a_store_that_keeps_them(gptj_ckpt, make_spec):
+    """Named hooks (ln1, mlp_out) that are not stored, at sampled positions: the statistics equal the
+    scan of every position of a store that stores them."""
+    sampled = harvest(make_spec, gptj_ckpt, "unstored", ("resid_post",), positions={"sample": 3, "seed": 1},
+                      statistics=["ln1", "mlp_out"])
+    full = harvest(make_spec, gptj_ckpt, "stored", ("ln1", "resid_post", "mlp_out"))
+    group = open_group(sampled)
+    assert "blocks.0.ln1.hook_normalized" not in group and "blocks.0.hook_mlp_out" not in group
+    assert_same(load_statistics(group), scan_index(full))
 
 
 # --- Dettmers' criterion from the statistics alone ---------------------------------------------------
