@@ -28,7 +28,8 @@ from .hookpoints import HookPoint, expand, split_name
 from .layout import Batch
 from .quantize import quantize_stage
 from .shape import StagePlan
-from .statistics import HitPlan
+from .running import DeviceStatistics
+from .statistics import ALL_ROWS, THRESHOLD, TOP_K, HitPlan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -177,6 +178,13 @@ class Stage:
                                store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k,
                                statistics=tuple(h for h in statistics if h in modules), statistics_only=only)
         self.hits = Hits(hits, {name: self._ln_module(name) for name in hits.sources}, store_dtype) if hits else None
+        hooks = tuple(h for h in statistics if h in modules)
+        self.statistics = DeviceStatistics(hooks, TOP_K, THRESHOLD) if hooks else None
+
+    def resume_statistics(self, top: dict, next_batch: int) -> None:
+        """The running top-k floor of a resumed writer's statistics (``StatisticsAccumulator.running_top``)."""
+        if self.statistics is not None:
+            self.statistics.resume(top, next_batch)
 
     def _ln_module(self, name: str) -> nn.Module:
         """The LayerNorm module behind ``blocks.{l}.ln{1,2}.hook_normalized`` (captured or not)."""
@@ -206,6 +214,10 @@ class Stage:
         with self.capture.attached(index) as captured, hits as handed:
             out = self.model(input_ids, hidden, index.flat_rows)
         captured.update(hit_results)
+        if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
+            rows = {h: captured.pop(ALL_ROWS + h) if ALL_ROWS + h in captured else captured[h]
+                    for h in self.statistics.hooks}
+            captured.update(self.statistics.batch(batch.index, rows))
         return ((out, handed[0]) if handed else out), captured
 
 

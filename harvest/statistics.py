@@ -512,6 +512,8 @@ class StatisticsPlan:
     hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
 
 
+#: the key prefix of the device's per-batch statistics (``harvest.running``) in a stage's captures
+DEVICE_PREFIX = "stats:"
 #: the key prefix of the device's per-batch hit results in a stage's captures (never a store array)
 HITS_PREFIX = "dettmers:"
 #: the key of the per-(sequence, dimension) position counts the last stage hands its writer
@@ -616,6 +618,9 @@ class StatisticsAccumulator:
         k = self.plan.top_k
         states = {}
         for hook in self.plan.hooks:
+            if f"{DEVICE_PREFIX}{hook}:sum" in values:  # reduced on the stage's device (harvest.running)
+                states[hook] = self._from_device(hook, start, values)
+                continue
             block = Block(values[hook], start, scratch, "statistics.")
             candidates = topk_candidates(self._top.get(hook), block, k)
             self._top[hook] = topk_merge(self._top.get(hook), candidates, k)
@@ -623,6 +628,43 @@ class StatisticsAccumulator:
                             "count_ge": count_ge_chunk(block, self.plan.threshold), "topk": self._top[hook],
                             "nonfinite": nonfinite_chunk(block)}
         self.pending[batch] = states
+
+    def running_top(self) -> dict[str, np.ndarray]:
+        """hook -> the signed values of the running top-k, pending batches included (the device's floor)."""
+        return {hook: s["values"] for hook, s in self._top.items()}
+
+    def _from_device(self, hook: str, start: int, values: dict[str, np.ndarray]) -> State:
+        """One hook's chunk states from ``harvest.running.DeviceStatistics``' per-batch results."""
+        get = lambda name: np.asarray(values[f"{DEVICE_PREFIX}{hook}:{name}"])  # noqa: E731
+        s, sq = get("sum").astype(np.float64), get("sumsq").astype(np.float64)
+        d = s.size
+        tokens = None
+        if f"{DEVICE_PREFIX}{hook}:nonfinite" in values:
+            bad = get("nonfinite").astype(np.int64)
+            n_bad_rows, first = (int(v) for v in get("nonfinite_rows"))
+        else:
+            bad, n_bad_rows, first = np.zeros(d, np.int64), 0, -1
+        k = self.plan.top_k
+        old = self._top.get(hook)
+        if f"{DEVICE_PREFIX}{hook}:dense" in values:
+            block = Block(get("dense"), start, Scratch.for_thread(), "statistics.")
+            tokens = block.rows
+            self._top[hook] = topk_merge(old, {"dense": topk_chunk(block, k)}, k)
+        else:
+            self._top[hook] = topk_merge(old, {"rows": get("rows").astype(np.int64) + start,
+                                               "cols": get("cols").astype(np.int64),
+                                               "values": get("values").astype(np.float32)}, k)
+        if tokens is None:
+            tokens = int(values[f"{DEVICE_PREFIX}{hook}:tokens"])
+        n = tokens - bad
+        safe = np.maximum(n, 1)
+        mean = s / safe
+        m2 = np.maximum(sq - s * mean, 0.0)
+        return {"moments": {"n": n, "mean": np.where(n > 0, mean, 0.0), "m2": m2},
+                "max_abs": {"max": get("max").astype(np.float32), "n": n.copy()},
+                "count_ge": {"n": get("count_ge").astype(np.int64)}, "topk": self._top[hook],
+                "nonfinite": {"count": bad, "rows": n_bad_rows, "first_row": first + start if first >= 0 else -1,
+                              "n_rows": tokens}}
 
     def fold(self, through: int) -> None:
         """Merge the pending batches [self.through, through) into the running state, in order."""

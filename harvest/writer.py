@@ -35,7 +35,7 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import is_object_store
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .statistics import ALL_ROWS, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
+from .statistics import ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
                     statistics_snapshots, write_rows, write_statistics)
 from .transfer import HostBatch
@@ -369,9 +369,10 @@ class StageWriter:
 
                 self._each_array(write)
                 if self.statistics is not None:
-                    values = {h: captures.tensors.get(ALL_ROWS + h, captures.tensors.get(h)).numpy()
-                              for h in self.statistics.plan.hooks}
-                    values.update({k: t.numpy() for k, t in captures.tensors.items() if k.startswith(HITS_PREFIX)})
+                    tensors = captures.tensors
+                    values = {k: t.numpy() for k, t in tensors.items() if k.startswith((HITS_PREFIX, DEVICE_PREFIX))}
+                    values.update({h: tensors.get(ALL_ROWS + h, tensors.get(h)).numpy() for h in self.statistics.plan.hooks
+                                   if f"{DEVICE_PREFIX}{h}:sum" not in values})
                     ends = self.info.batch_ends["sequence"]
                     self.statistics.add(batch, rows["sequence"], values, int(ends[batch]) - rows["sequence"])
                 self._mark(batch + 1)

@@ -323,3 +323,38 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
                                       b.reduce(0.25, 0.06)[key] if not isinstance(value, dict)
                                       else b.reduce(0.25, 0.06)[key]["count"], err_msg=key)
     assert_same_criterion(*criterion_both_ways(paths[2]))
+
+
+def test_device_kernels_equal_the_host_kernels(tmp_path):
+    """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
+    and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
+    import torch
+
+    from harvest.running import DeviceStatistics
+
+    rng = np.random.default_rng(1)
+    starts = np.cumsum([0] + [int(n) for n in rng.integers(3, 9, 12)]).astype(np.int64)
+    values = (rng.standard_normal((int(starts[-1]), 24)) * 3).astype(np.float32)
+    values[4, 5] = np.nan
+    values[30, 7] = np.inf
+    values[::7, 11] = 9.0  # ties across rows
+    plan = StatisticsPlan(("h",), 4, 6.0, starts)
+    host, device = StatisticsAccumulator(plan), StatisticsAccumulator(plan)
+    kernels = DeviceStatistics(("h",), 4, 6.0)
+    for b, (s0, s1) in enumerate([(0, 1), (1, 3), (3, 4), (4, 8), (8, 12)]):
+        rows = values[starts[s0]:starts[s1]]
+        host.add(b, s0, {"h": rows})
+        out = kernels.batch(b, {"h": torch.from_numpy(rows.copy())})
+        device.add(b, s0, {k: v.numpy() for k, v in out.items()})
+        assert kernels.batch(b, {"h": torch.from_numpy(rows.copy())}) == {}  # a re-sent batch is not counted twice
+    host.fold(5)
+    device.fold(5)
+    got, want = device.results()["h"], host.results()["h"]
+    assert int(want["nonfinite_total"]) == 2 and want["top_rows"].shape == (4, 24)
+    for key in ("count", "count_ge", "max_abs", "top_rows", "top_values", "nonfinite", "nonfinite_rows",
+                "nonfinite_first_row"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+    np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)  # the host squares deviations in float32
+    exact = np.where(np.isfinite(values), values, np.nan).astype(np.float64)
+    np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
