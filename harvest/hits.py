@@ -61,6 +61,8 @@ class Hits:
         packed bitmask to hand on (or is left empty on the last stage, which counts positions)."""
         batch = lengths.shape[0]
         real = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]  # (batch, pos)
+        if bool(real.all()):
+            real = None  # no padding (packed sequences): nothing to mask
         state: dict[str, torch.Tensor] = {}
         handles = []
 
@@ -95,29 +97,37 @@ class Hits:
         else:
             handed.append(pack_bits(mask))
 
-    def _source(self, name: str, y: torch.Tensor, real: torch.Tensor, mask: torch.Tensor,
+    def _source(self, name: str, y: torch.Tensor, real: torch.Tensor | None, mask: torch.Tensor,
                 out: dict[str, torch.Tensor]) -> None:
-        """One hidden state: OR its hits into ``mask``; its sparse hits, max |x| and NaN/inf into ``out``."""
+        """One hidden state: OR its hits into ``mask``; its sparse hits, max |x| and NaN/inf into ``out``.
+
+        ``real`` (batch, pos) marks real positions, None when there is no padding. Only the columns
+        whose max |x| reaches the magnitude are compared value by value (outliers are few)."""
         x = y.to(self.store_dtype).float()
-        bad = ~torch.isfinite(x)
-        bad &= real[:, :, None]
-        any_bad = bool(bad.any())
-        if any_bad:  # NaN/inf are counted and left out, as in the scan
+        d = x.shape[-1]
+        bad_count = None
+        if not bool(torch.isfinite(x.sum())):  # NaN/inf: counted, then left out (set to 0), as in the scan
+            bad = ~torch.isfinite(x)
+            if real is not None:
+                bad &= real[:, :, None]
+            bad_count = bad.sum(dim=(0, 1))
             x = torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
         a = x.abs()
-        a = torch.where(real[:, :, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
-        hit = a >= self.plan.magnitude
-        mask |= hit
-        where = hit.nonzero()  # (n, 3): batch, position, dim, row-major
-        b, p, c = where.unbind(1)
+        if real is not None:  # padding is never a hit
+            a = torch.where(real[:, :, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+        colmax = a.amax(dim=(0, 1))
+        cols = (colmax >= self.plan.magnitude).nonzero().flatten()
+        hit = a[..., cols] >= self.plan.magnitude  # (batch, pos, hit columns)
+        mask[..., cols] |= hit
+        b, p, ci = hit.nonzero().unbind(1)
+        c = cols[ci]
         values = x[b, p, c]
-        d = x.shape[-1]
         token = b * x.shape[1] + p
         rows, at = torch.unique(token, return_inverse=True)
         sub = x.reshape(-1, d).index_select(0, rows).double()  # ‖x‖² in float64, of the rows with a hit only
-        out[f"{PREFIX}{name}:where"] = where
+        out[f"{PREFIX}{name}:where"] = torch.stack([b, p, c], 1)
         out[f"{PREFIX}{name}:values"] = values
         out[f"{PREFIX}{name}:norm2"] = (sub * sub).sum(dim=1)[at]
-        out[f"{PREFIX}{name}:max"] = a.amax(dim=(0, 1))
-        out[f"{PREFIX}{name}:nonfinite"] = (bad.sum(dim=(0, 1)) if any_bad
+        out[f"{PREFIX}{name}:max"] = colmax
+        out[f"{PREFIX}{name}:nonfinite"] = (bad_count if bad_count is not None
                                             else torch.zeros(d, dtype=torch.int64, device=x.device))

@@ -12,10 +12,11 @@ loses about log2(mean²/var) bits to cancellation, which for activations (|mean|
 better than 1e-9 relative. Batches merge by Chan's update on the host, as before.
 
 The top-k needs the running k-th largest |x| per column (the *floor*): only values strictly above it
-can still enter. The device keeps its own copy of the running top-k *values* (the multiset of the k
-largest |x| seen, hence the same floor as the host's), so it sends only the candidates above it:
-a column whose max |x| is at most its floor is skipped whole. Until k rows have been seen, a
-batch's rows go to the host whole (``dense``), ranked there by ``topk_chunk``.
+can still enter. The host's accumulator publishes its floor as it merges (``floors``); any floor
+it has published is at most the current one (floors only rise), so the entries above it are a
+superset of the ones that can enter, and the host's ranking of them (``topk_merge``) is exact
+however stale the floor is. A column whose max |x| is at most its floor is skipped whole. Until
+the host's top-k holds k rows, a batch's rows go to the host whole (``dense``), ranked there.
 """
 
 from __future__ import annotations
@@ -33,19 +34,11 @@ class DeviceStatistics:
         self.hooks = hooks
         self.k = top_k
         self.threshold = threshold
-        self.top: dict[str, torch.Tensor] = {}  #: hook -> (k' <= k, d) running top |x| per column, descending
-        self.next_batch = 0  #: batches below this were already counted (a pipeline re-sends them downstream)
+        #: () -> hook -> the host's running k-th largest |x| per column (``StatisticsAccumulator.floors``)
+        self.floors = None
 
-    def resume(self, top: dict[str, np.ndarray], next_batch: int) -> None:
-        """The floor of a resumed accumulator: ``top[hook]`` = its top-k values (signed), ``next_batch`` its next."""
-        self.top = {h: torch.from_numpy(np.abs(np.asarray(v, np.float32))) for h, v in top.items()}
-        self.next_batch = next_batch
-
-    def batch(self, index: int, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
-        if index < self.next_batch:
-            return {}
-        self.next_batch = index + 1
         out: dict[str, torch.Tensor] = {}
         for hook in self.hooks:
             out.update(self._hook(hook, rows[hook]))
@@ -73,7 +66,7 @@ class DeviceStatistics:
                                                        bad_rows[0] if bad_rows.numel() else bad_rows.new_tensor(-1)])
         res[key + "sum"] = s
         res[key + "tokens"] = torch.tensor(tokens, device=x.device)
-        res[key + "sumsq"] = (xd * xd).sum(0)
+        res[key + "sumsq"] = xd.mul_(xd).sum(0)  # in place: xd is not needed after
         a = x.abs()
         colmax = a.amax(0) if tokens else torch.zeros(d, device=x.device)
         res[key + "max"] = colmax
@@ -86,21 +79,12 @@ class DeviceStatistics:
         return res
 
     def _topk(self, hook: str, key: str, raw: torch.Tensor, a: torch.Tensor, colmax: torch.Tensor):
-        top = self.top.get(hook)
-        k = self.k
-        if top is None or top.shape[0] < k:  # still filling: the host ranks the whole batch
-            both = a if top is None else torch.cat([top.to(a.device), a])
-            self.top[hook] = both.topk(min(k, both.shape[0]), dim=0).values
+        floor = self.floors().get(hook) if self.floors is not None else None
+        if floor is None:  # the host's top-k is not full yet: it ranks the whole batch
             return {key + "dense": raw}
-        floor = top[-1]
+        floor = torch.from_numpy(floor).to(a.device)
         cols = (colmax > floor).nonzero().flatten()
         if not cols.numel():
             return {key + "rows": cols.new_zeros(0), key + "cols": cols, key + "values": a.new_zeros(0)}
-        sub = a[:, cols]
-        r, c = (sub > floor[cols]).nonzero().unbind(1)
-        values = raw[r, cols[c]].float()
-        above = torch.where(sub > floor[cols], sub, torch.full((), -1.0, device=a.device))
-        top = top.clone()
-        top[:, cols] = torch.cat([top[:, cols], above]).topk(k, dim=0).values
-        self.top[hook] = top
-        return {key + "rows": r, key + "cols": cols[c], key + "values": values}
+        r, c = (a[:, cols] > floor[cols]).nonzero().unbind(1)
+        return {key + "rows": r, key + "cols": cols[c], key + "values": raw[r, cols[c]].float()}

@@ -181,10 +181,10 @@ class Stage:
         hooks = tuple(h for h in statistics if h in modules)
         self.statistics = DeviceStatistics(hooks, TOP_K, THRESHOLD) if hooks else None
 
-    def resume_statistics(self, top: dict, next_batch: int) -> None:
-        """The running top-k floor of a resumed writer's statistics (``StatisticsAccumulator.running_top``)."""
+    def follow_floors(self, floors) -> None:
+        """Take the top-k floor from the writer's accumulator (``StatisticsAccumulator.floors``)."""
         if self.statistics is not None:
-            self.statistics.resume(top, next_batch)
+            self.statistics.floors = floors
 
     def _ln_module(self, name: str) -> nn.Module:
         """The LayerNorm module behind ``blocks.{l}.ln{1,2}.hook_normalized`` (captured or not)."""
@@ -217,7 +217,7 @@ class Stage:
         if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
             rows = {h: captured.pop(ALL_ROWS + h) if ALL_ROWS + h in captured else captured[h]
                     for h in self.statistics.hooks}
-            captured.update(self.statistics.batch(batch.index, rows))
+            captured.update(self.statistics.batch(rows))
         return ((out, handed[0]) if handed else out), captured
 
 

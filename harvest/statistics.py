@@ -629,9 +629,11 @@ class StatisticsAccumulator:
                             "nonfinite": nonfinite_chunk(block)}
         self.pending[batch] = states
 
-    def running_top(self) -> dict[str, np.ndarray]:
-        """hook -> the signed values of the running top-k, pending batches included (the device's floor)."""
-        return {hook: s["values"] for hook, s in self._top.items()}
+    def floors(self) -> dict[str, np.ndarray]:
+        """hook -> the running k-th largest |x| per column (pending batches included), for hooks whose
+        top-k is full: ``harvest.running`` sends only values above it. Safe to read from another thread."""
+        k = self.plan.top_k
+        return {hook: np.abs(s["values"][-1]) for hook, s in list(self._top.items()) if s["values"].shape[0] >= k}
 
     def _from_device(self, hook: str, start: int, values: dict[str, np.ndarray]) -> State:
         """One hook's chunk states from ``harvest.running.DeviceStatistics``' per-batch results."""

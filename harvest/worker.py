@@ -48,8 +48,8 @@ class StageWorker:
         self.transfer = HostTransfer(self.device)
         self.writer = StageWriter(store, start_batch, max_pending=options.write_queue,
                                   threads=write_threads_for(options.write_threads, self.device.type, len(store.arrays)))
-        if self.writer.statistics is not None:  # the device's top-k floor resumes with the writer's state
-            self.stage.resume_statistics(self.writer.statistics.running_top(), self.writer.next_batch)
+        if self.writer.statistics is not None:  # the device sends top-k candidates above the writer's floor
+            self.stage.follow_floors(self.writer.statistics.floors)
 
     def ready(self) -> bool:
         return True
