@@ -78,16 +78,17 @@ def main() -> None:
     stage = Stage(job.ckpt, stage_plan, compute_dtype="float32", store_dtype=torch.float32,
                   device=torch.device("cpu"), heads=None, neurons=None, statistics=plan.hooks, hits=plan.hits)
     acc = StatisticsAccumulator(plan)
+    stage.follow_floors(acc.floors)
     import zarr
     group = zarr.open_group(str(tmp / "snap.zarr"), mode="w")
     kernels, hits = stage.statistics, stage.hits
     kernel_time = [0.0]
     batch_kernels = kernels.batch
 
-    def timed_kernels(index, rows):
+    def timed_kernels(rows):
         t = time.process_time()
         try:
-            return batch_kernels(index, rows)
+            return batch_kernels(rows)
         finally:
             kernel_time[0] += time.process_time() - t
 

@@ -115,7 +115,7 @@ class Hits:
         a = x.abs()
         if real is not None:  # padding is never a hit
             a = torch.where(real[:, :, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
-        colmax = a.amax(dim=(0, 1))
+        colmax = a.reshape(-1, d).amax(0)
         cols = (colmax >= self.plan.magnitude).nonzero().flatten()
         hit = a[..., cols] >= self.plan.magnitude  # (batch, pos, hit columns)
         mask[..., cols] |= hit

@@ -86,5 +86,9 @@ class DeviceStatistics:
         cols = (colmax > floor).nonzero().flatten()
         if not cols.numel():
             return {key + "rows": cols.new_zeros(0), key + "cols": cols, key + "values": a.new_zeros(0)}
-        r, c = (a[:, cols] > floor[cols]).nonzero().unbind(1)
-        return {key + "rows": r, key + "cols": cols[c], key + "values": raw[r, cols[c]].float()}
+        if 4 * cols.numel() > a.shape[1]:  # many columns (early in a job): compare in place, no gather
+            r, c = (a > floor).nonzero().unbind(1)
+        else:
+            r, c = (a[:, cols] > floor[cols]).nonzero().unbind(1)
+            c = cols[c]
+        return {key + "rows": r, key + "cols": c, key + "values": raw[r, c].float()}
