@@ -795,6 +795,12 @@ class HarvestStatistics:
     batches: dict[str, int]  #: hook -> batches covered (every batch once the job is complete)
     top_k: int
     threshold: float
+    widths: dict[str, int] = None  #: hook -> its number of dimensions
+    dim: int | None = None  #: loaded for this one dimension only: every array holds its column alone
+
+    def column(self, dim: int) -> int:
+        """Where dimension ``dim`` is in the loaded arrays."""
+        return 0 if self.dim is not None else dim
 
     def tokens(self, hook: str) -> int:
         """Tokens (rows over every position) the statistics of ``hook`` cover."""
@@ -802,23 +808,38 @@ class HarvestStatistics:
         return int(r["count"][0] + r["nonfinite"][0]) if r["count"].size else 0
 
 
-def load_statistics(group) -> HarvestStatistics | None:
-    """The newest snapshot of every stage, or None when the store was harvested without statistics."""
-    from .store import read_statistics, statistics_snapshots, statistics_stages
+def load_statistics(group, dim: int | None = None) -> HarvestStatistics | None:
+    """The newest snapshot of every stage, or None when the store was harvested without statistics.
+
+    ``dim``: read only that dimension's column of each hook (``harvest query dim``): a few small
+    chunks, whatever the width and the number of hooks; hooks narrower than ``dim`` are left out.
+    """
+    from .store import PER_DIMENSION, read_statistics, statistics_attrs, statistics_snapshots, statistics_stages
 
     hooks: dict[str, dict[str, Any]] = {}
     batches: dict[str, int] = {}
+    widths: dict[str, int] = {}
     top_k, threshold = TOP_K, THRESHOLD
     for stage in statistics_stages(group):
         have = statistics_snapshots(group, stage)
         if not have:
             continue
-        arrays, attrs = read_statistics(group, stage, have[-1])
+        attrs = statistics_attrs(group, stage, have[-1])
+        if not attrs["hooks"]:
+            continue
+        offsets = np.concatenate([[0], np.cumsum(attrs["widths"])[:-1]]).astype(np.int64)
+        widths.update(zip(attrs["hooks"], (int(w) for w in attrs["widths"])))
+        if dim is None:
+            arrays, _ = read_statistics(group, stage, have[-1])
+        else:
+            keep = [i for i, w in enumerate(attrs["widths"]) if dim < w]
+            arrays, _ = read_statistics(group, stage, have[-1], columns=offsets[keep] + dim, keys=PER_DIMENSION)
+            attrs = {**attrs, "hooks": [attrs["hooks"][i] for i in keep], "widths": [1] * len(keep)}
         top_k, threshold = int(attrs["top_k"]), float(attrs["threshold"])
         for hook, state in unpack(arrays, attrs).items():
             hooks[hook] = {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
             batches[hook] = int(attrs["through"])
-    return HarvestStatistics(hooks, batches, top_k, threshold) if hooks else None
+    return HarvestStatistics(hooks, batches, top_k, threshold, widths, dim) if hooks else None
 
 
 # --- Dettmers' criterion from the device's hits (``harvest.hits``) ------------------------------------

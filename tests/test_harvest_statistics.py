@@ -363,3 +363,43 @@ def test_device_kernels_equal_the_host_kernels(tmp_path):
     np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)  # the host squares deviations in float32
     exact = np.where(np.isfinite(values), values, np.nan).astype(np.float64)
     np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
+
+
+def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
+    """``harvest query dim`` loads one column per hook: the snapshot's per-dimension arrays are one shard
+    each, chunked along the columns, and loading dim 5 reads their shard indexes and one small chunk per
+    hook (64 columns a chunk; 16 here, so that the toy's 64-wide hooks span several)."""
+    from zarr.storage import LocalStore, WrapperStore
+
+    from harvest import store as store_module
+    from harvest.store import PER_DIMENSION
+
+    monkeypatch.setattr(store_module, "STATISTICS_COLUMNS", 16)
+    STATISTICS_COLUMNS = 16
+
+    class Recording(WrapperStore):
+        reads: list = []
+
+        async def get(self, key, prototype, byte_range=None):
+            out = await self._store.get(key, prototype, byte_range)
+            if out is not None and "/analysis/statistics/" in f"/{key}" and key.split("/")[-1] != "zarr.json":
+                Recording.reads.append((key, len(out)))
+            return out
+
+    path = harvest(make_spec, neox_ckpt, "dimread", hooks=("ln1", "ln2", "resid_post"))
+    whole = load_statistics(open_group(path))
+    group = zarr.open_group(Recording(LocalStore(str(path), read_only=True)), mode="r")
+    one = load_statistics(group, dim=5)
+    assert one.widths == whole.widths and one.dim == 5 and one.column(5) == 0
+    for hook in whole.hooks:
+        for key, value in whole.hooks[hook].items():
+            if isinstance(value, np.ndarray) and value.ndim:
+                np.testing.assert_array_equal(one.hooks[hook][key][..., 0], value[..., 5], err_msg=f"{hook} {key}")
+    width = sum(whole.widths.values())
+    snap = open_group(path)["analysis/statistics/stage_0"]
+    arr = next(snap.groups())[1]["top_values"]
+    assert width > STATISTICS_COLUMNS and arr.chunks[-1] == STATISTICS_COLUMNS and arr.shards == arr.shape
+    reads = [(k, n) for k, n in Recording.reads if k.split("/")[4] in PER_DIMENSION]
+    assert {"mean", "m2", "top_rows", "top_values"} <= {k.split("/")[4] for k, _ in reads}  # zero chunks: unwritten
+    stored = sum(a.nbytes_stored() for key, a in next(snap.groups())[1].arrays() if key in PER_DIMENSION)
+    assert sum(n for _, n in reads) < stored / 2, (sum(n for _, n in reads), stored)  # not whole snapshots
