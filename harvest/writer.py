@@ -458,7 +458,16 @@ def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccu
         raise StoreError(f"{info.path}: stage {info.stage} has marked {through} batches but holds no statistics "
                          "snapshot for them (capture.statistics); run again with --overwrite")
     arrays, attrs = read_statistics(group, info.stage, through)
-    return StatisticsAccumulator(info.statistics, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
+    plan = info.statistics
+    hits = plan.hits
+    if (list(attrs["hooks"]) != [h for h in plan.hooks if h in attrs["hooks"]] or set(attrs["hooks"]) != set(plan.hooks)
+            or list(attrs.get("dettmers_sources", [])) != list(hits.sources if hits else [])
+            or bool(attrs.get("dettmers_last", False)) != bool(hits and hits.last)):
+        # snapshots are per stage: another partition of the layers cannot take them over (yet)
+        raise StoreError(f"{info.path}: stage {info.stage}'s statistics snapshot covers other hook points than this "
+                         "run's stage does (run.stages changed since the harvest started); resume with the "
+                         "run.stages it started with, or run again with --overwrite")
+    return StatisticsAccumulator(plan, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
 
 
 def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:

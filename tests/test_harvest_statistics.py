@@ -403,3 +403,23 @@ def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_
     assert {"mean", "m2", "top_rows", "top_values"} <= {k.split("/")[4] for k, _ in reads}  # zero chunks: unwritten
     stored = sum(a.nbytes_stored() for key, a in next(snap.groups())[1].arrays() if key in PER_DIMENSION)
     assert sum(n for _, n in reads) < stored / 2, (sum(n for _, n in reads), stored)  # not whole snapshots
+
+
+def test_a_snapshot_of_another_partition_is_refused_on_resume(neox_ckpt, make_spec):
+    """Snapshots are per stage: a stage whose hooks differ from the snapshot's (run.stages changed) must
+    not resume from it (it would silently count only the batches after the resume)."""
+    import dataclasses
+
+    from harvest.errors import StoreError
+    from harvest.runner import prepare
+    from harvest.writer import resume_statistics
+
+    spec = make_spec(neox_ckpt, hooks=("ln1", "resid_post"), store={"path": "part.zarr"})
+    path = run(spec, progress=False).path
+    job = prepare(spec)
+    info = job.stage_info(job.stages[0])
+    assert resume_statistics(open_group(path), info).through == job.layout.n_batches  # the same partition resumes
+    first_half = dataclasses.replace(info.statistics, hooks=info.statistics.hooks[:4],
+                                     hits=dataclasses.replace(info.statistics.hits, last=False))
+    with pytest.raises(StoreError, match="run.stages changed since the harvest started"):
+        resume_statistics(open_group(path), dataclasses.replace(info, statistics=first_half))
