@@ -423,3 +423,23 @@ def test_a_snapshot_of_another_partition_is_refused_on_resume(neox_ckpt, make_sp
                                      hits=dataclasses.replace(info.statistics.hits, last=False))
     with pytest.raises(StoreError, match="run.stages changed since the harvest started"):
         resume_statistics(open_group(path), dataclasses.replace(info, statistics=first_half))
+
+
+def test_cli_source_option(planted_neox, make_spec):
+    import json
+
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+
+    path = harvest(make_spec, planted_neox, "cli", ("ln1", "ln2", "resid_post"))
+    args = ["analyze", "outliers", str(path), "--json", "--no-plots", "--no-write", "--no-index"]
+    stats = CliRunner().invoke(app, args + ["--source", "statistics", "--pos-frac", "0.5"])
+    assert stats.exit_code == 0, stats.output
+    out = json.loads(stats.output)
+    assert out["harvest_statistics"]["source"] == "statistics" and out["params"]["pos_frac"] == 0.5
+    auto = json.loads(CliRunner().invoke(app, args).output)  # every token stored: the scan, and why
+    assert "every token is stored" in auto["harvest_statistics"]["note"]
+    assert [o["dim"] for o in auto["outlier_dims"]] == [o["dim"] for o in out["outlier_dims"]] == [13]
+    bad = CliRunner().invoke(app, args + ["--source", "statistics", "--magnitude", "4"])
+    assert bad.exit_code != 0 and "counted |x| >= 6 at harvest time" in str(bad.exception)
