@@ -582,8 +582,10 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
 class StatisticsAccumulator:
     """Index statistics of every hook in a plan, over every token, folded in batch order.
 
-    The writer hands each batch's values to :meth:`add` (one chunk state per hook, kept pending)
-    and calls :meth:`fold` with the frontier each time the manifest advances, so the running state
+    The writer hands each batch's results to :meth:`add`: per hook, the small per-batch reductions
+    the stage made on its device (``harvest.running``), or the rows themselves (then reduced here by
+    the kernels above); and the device's Dettmers hits (``harvest.hits``). One chunk state per hook
+    is kept pending, and the writer calls :meth:`fold` with the frontier each time the manifest advances, so the running state
     always covers exactly the batches the manifest marks durable, merged one batch at a time in
     batch order: the same floating-point operations whatever the stages or the resumes. The top-k
     goes through :func:`topk_candidates` / :func:`topk_merge` in :meth:`add`, in batch order: each
