@@ -452,6 +452,7 @@ def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccu
     if info.statistics is None or not (info.statistics.hooks or info.statistics.hits):
         return None
     through = stage_frontier(info.path, info.stage)
+    remove_stale_snapshots(info.path, info.stage, through)
     if through == 0:
         return StatisticsAccumulator(info.statistics)
     if through not in statistics_snapshots(group, info.stage):
@@ -468,6 +469,26 @@ def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccu
                          "run's stage does (run.stages changed since the harvest started); resume with the "
                          "run.stages it started with, or run again with --overwrite")
     return StatisticsAccumulator(plan, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
+
+
+def remove_stale_snapshots(path: str, stage: int, keep: int) -> int:
+    """Delete every statistics snapshot of ``stage`` but the one at ``keep``, files and all; returns how many.
+
+    A process killed while it pruned an old snapshot (or wrote a newer one) can leave that snapshot's
+    files without its group metadata, which zarr then no longer lists: only the file system finds
+    them. Local stores only (on object storage the prune's deletes are single requests per key).
+    """
+    import shutil
+
+    from .store import STATISTICS_GROUP
+
+    root = Path(path) / STATISTICS_GROUP / f"stage_{stage}"
+    if not root.is_dir():
+        return 0
+    stale = [d for d in root.iterdir() if d.name not in (f"batch_{keep:08d}", "zarr.json")]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+    return len(stale)
 
 
 def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:

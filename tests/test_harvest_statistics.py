@@ -443,3 +443,21 @@ def test_cli_source_option(planted_neox, make_spec):
     assert [o["dim"] for o in auto["outlier_dims"]] == [o["dim"] for o in out["outlier_dims"]] == [13]
     bad = CliRunner().invoke(app, args + ["--source", "statistics", "--magnitude", "4"])
     assert bad.exit_code != 0 and "counted |x| >= 6 at harvest time" in str(bad.exception)
+
+
+def test_orphaned_snapshot_files_are_removed_on_resume(neox_ckpt, make_spec):
+    """A kill during a prune can leave a snapshot's files without its group metadata (zarr no longer
+    lists it): the resumed writer removes them, keeping only the snapshot it resumes from."""
+    from harvest.runner import prepare
+    from harvest.writer import resume_statistics
+
+    spec = make_spec(neox_ckpt, hooks=("ln1",), store={"path": "orphans.zarr"})
+    path = run(spec, progress=False).path
+    stage_dir = path / "analysis/statistics/stage_0"
+    (kept,) = [d.name for d in stage_dir.iterdir() if d.is_dir()]
+    orphan = stage_dir / "batch_00000001" / "count_ge" / "c"
+    orphan.mkdir(parents=True)
+    (orphan / "0").write_bytes(b"torn")
+    job = prepare(spec)
+    assert resume_statistics(open_group(path), job.stage_info(job.stages[0])) is not None
+    assert sorted(p.name for p in stage_dir.iterdir()) == [kept, "zarr.json"]
