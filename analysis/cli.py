@@ -55,6 +55,10 @@ def outliers_command(
     no_index: bool = typer.Option(False, "--no-index", help="Skip building the per-dimension index in this pass."),
     stored_only: bool = typer.Option(False, "--stored-only", help="Only stored ln*.hook_normalized arrays; "
                                      "never apply LayerNorm to a residual."),
+    source: str = typer.Option("auto", "--source", help="Where Dettmers' criterion comes from: 'statistics' "
+                               "(harvest-time, over every token, reads no row), 'scan' (the stored rows, plus "
+                               "massive activations, kurtosis and the index) or 'auto' (the statistics when they "
+                               "cover tokens the store does not keep)."),
     scheduler: Scheduler = None,
     workers: Workers = None,
     block_mib: BlockMiB = 8.0,
@@ -94,7 +98,7 @@ def outliers_command(
                             scheduler, workers, outputs))
         return
     rep = analyze_outliers(store, params, index=not no_index, derive=not stored_only, scheduler=scheduler,
-                           num_workers=workers, write=not no_write, plots=plot_to)
+                           num_workers=workers, write=not no_write, plots=plot_to, source=source)
     typer.echo(rep.to_json() if as_json else rep.format())
 
 

@@ -68,12 +68,28 @@ def _json_default(obj):
 @names_damage  # a bad checksum anywhere inside is named in one line
 def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, index: bool = True, derive: bool = True,
                      scheduler=None, num_workers: int | None = None, write: bool = True,
-                     plots: bool | str | Path = True) -> OutlierReport:
+                     plots: bool | str | Path = True, source: str = "auto") -> OutlierReport:
     """One pass over the store: outlier dimensions, massive activations, kurtosis and (``index``)
     the per-dimension index; results written into the store (``write``) and plots saved
-    (``plots``: True for ``<store>.plots/`` beside the store, or a folder)."""
+    (``plots``: True for ``<store>.plots/`` beside the store, or a folder).
+
+    ``source``: "statistics" takes Dettmers' criterion from the harvest-time statistics (over every
+    token the harvest saw; no activation is read; no massive activations, kurtosis or index then) and
+    fails when they cannot give it (absent, or another magnitude); "scan" reads the stored rows;
+    "auto" (the default) takes the statistics when they cover tokens the store does not keep (sampled
+    positions, deleted arrays) and scans otherwise, saying which and why."""
     params = params or ScanParams()
     check_params(params)
+    if source not in ("auto", "statistics", "scan"):
+        raise AnalysisError(f"source must be 'auto', 'statistics' or 'scan', not {source!r}")
+    scan, why_not = (None, "--source scan asked for the scan") if source == "scan" else statistics_scan(path, params)
+    if scan is not None and source == "auto" and not _statistics_preferred(scan):
+        scan, why_not = None, ("every token is stored, and the scan of the rows also finds massive activations, "
+                               "kurtosis and the index; --source statistics answers without reading them")
+    if scan is None and source == "statistics":
+        raise AnalysisError(f"{path}: Dettmers' criterion cannot come from the harvest-time statistics: {why_not}")
+    if scan is not None:
+        return _finish(rep_from_statistics(scan), scan, path, write, plots)
     scan = run_scan(path, params, index=index, outliers=True, derive=derive, scheduler=scheduler,
                     num_workers=num_workers)
     if scan.outliers is None:
@@ -86,14 +102,18 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     rep = build_report(scan)
     group = open_group(path)
     _lookup_rows(rep, scan, group)
-    _note_statistics(rep, scan, group)
+    _note_statistics(rep, scan, group, why_not)
+    if write and index and scan.index:
+        from .index import write_index
+
+        write_index(scan)
+        rep.report["index"] = "analysis/index"
+    return _finish(rep, scan, path, write, plots)
+
+
+def _finish(rep: OutlierReport, scan: ScanResult, path, write, plots) -> OutlierReport:
     if write:
         write_results(rep, path)
-        if index and scan.index:
-            from .index import write_index
-
-            write_index(scan)
-            rep.report["index"] = "analysis/index"
     if plots:
         from .plots import save_plots
 
@@ -102,12 +122,9 @@ def analyze_outliers(path: str | Path, params: ScanParams | None = None, *, inde
     return rep
 
 
-def _note_statistics(rep: OutlierReport, scan: ScanResult, group) -> None:
-    """Say what the harvest-time statistics cover beside the stored rows this scan read.
-
-    Dettmers' criterion needs, per sequence, which positions hit in any layer: the harvest-time
-    statistics do not keep that yet, so the criterion is always from the stored rows.
-    """
+def _note_statistics(rep: OutlierReport, scan: ScanResult, group, why_not: str | None) -> None:
+    """Say what the harvest-time statistics cover beside the stored rows this scan read, and why
+    the criterion came from the scan instead."""
     from harvest.statistics import load_statistics
 
     stats = load_statistics(group)
@@ -117,7 +134,61 @@ def _note_statistics(rep: OutlierReport, scan: ScanResult, group) -> None:
     rep.report["harvest_statistics"] = {
         "tokens": tokens, "rows": int(scan.facts.n_rows), "hooks": len(stats.hooks),
         "note": (f"harvest-time statistics cover {tokens:,} tokens (the store keeps {scan.facts.n_rows:,} rows): "
-                 "`harvest query dim` answers from them; the criterion here is from the stored rows")}
+                 f"`harvest query dim` answers from them; the criterion here is from the stored rows ({why_not})")}
+
+
+def statistics_scan(path: str | Path, params: ScanParams) -> tuple[ScanResult | None, str | None]:
+    """Dettmers' state from the harvest-time statistics (no activation read), as a ``ScanResult``;
+    or (None, why not)."""
+    from harvest.statistics import load_dettmers, source_layers
+
+    from .source import Source, StoreFacts
+
+    facts = StoreFacts.load(path)
+    try:
+        dett = load_dettmers(facts.group())
+    except ValueError as exc:
+        return None, str(exc)
+    if dett is None:
+        return None, "the store has no harvest-time hit statistics (capture.statistics was off)"
+    if not dett.sources:
+        return None, "the harvest-time statistics cover no layer"
+    if params.magnitude != dett.magnitude:
+        return None, (f"the statistics counted |x| >= {dett.magnitude:g} at harvest time; --magnitude "
+                      f"{params.magnitude:g} needs the stored rows")
+    if params.aggregate != "sequence":
+        return None, "the statistics keep per-sequence fractions; --aggregate corpus needs the stored rows"
+    layers = sorted(set(source_layers(dett.sources)))
+    sources = [Source(layer, name.split(".")[2], name, "statistics")
+               for layer, name in zip(source_layers(dett.sources), dett.sources)]
+    starts = np.concatenate([[0], np.cumsum(dett.states[0]["seq_len"])]).astype(np.int64)
+    scan = ScanResult(facts, params, starts, sources, layers, [], None,
+                      outliers=dett.reduce(params.layer_frac, params.pos_frac))
+    return scan, None
+
+
+def _statistics_preferred(scan: ScanResult) -> bool:
+    """The statistics know more than the rows: positions were sampled, or the hidden states' arrays are gone."""
+    from .source import plan_sources
+
+    if int(scan.outliers["rows"]) > scan.facts.n_rows:
+        return True
+    return not plan_sources(scan.facts)[0]
+
+
+def rep_from_statistics(scan: ScanResult) -> OutlierReport:
+    rep = build_report(scan)
+    tokens = int(scan.outliers["rows"])
+    rep.report["massive"]["note"] = rep.report["kurtosis"]["note"] = (
+        "not computed: the criterion came from the harvest-time statistics; --source scan reads the stored rows "
+        "for them")
+    rep.report["harvest_statistics"] = {
+        "tokens": tokens, "rows": int(scan.facts.n_rows), "source": "statistics",
+        "note": (f"harvest-time statistics cover {tokens:,} tokens (the store keeps {scan.facts.n_rows:,} rows): "
+                 "the criterion is from them, and no row was read")}
+    for key in ("kurtosis_seq", "max_norm_seq"):
+        rep.arrays.pop(key, None)
+    return rep
 
 
 def default_plot_dir(path: str | Path) -> Path:
@@ -291,6 +362,7 @@ def _describe_sources(sources) -> list[str]:
     for (ln, how), layers in keyed.items():
         kind, template = how.split(":", 1)
         what = {"stored": f"stored blocks.{{l}}.{template}",
+                "statistics": f"harvest-time statistics of blocks.{{l}}.{template} (every token)",
                 "resid": f"LayerNorm {ln} (stored weights) applied to the raw residual ({template})",
                 "ln1": f"stored ln1.hook_normalized re-weighted to {ln}"}[kind]
         out.append(f"{ln} of {layers_label(layers)}: {what}")

@@ -59,7 +59,9 @@ def query_dim(path: str | Path, dim: int, *, hook: str | None = None, layer: int
     tokens in context (decoded with the store's tokenizer)."""
     t0 = time.perf_counter()
     group = open_group(path)
-    stats = load_statistics(group)
+    stats = load_statistics(group, dim=dim) if dim >= 0 else None  # that dimension's column of each hook only
+    if stats is None:  # no statistics, or a dimension out of range: the whole snapshot says which
+        stats = load_statistics(group)
     meta = statistics_meta(group, stats) if stats is not None else None
     if meta is not None and hook is not None:
         try:
@@ -117,7 +119,7 @@ def statistics_meta(group, stats: HarvestStatistics) -> dict[str, Any]:
     templates: dict[str, Any] = {}
     for hook in stats.hooks:
         template, layer = split_name(hook)
-        t = templates.setdefault(template, {"hooks": [], "layers": [], "width": int(stats.hooks[hook]["count"].size)})
+        t = templates.setdefault(template, {"hooks": [], "layers": [], "width": int(stats.widths[hook])})
         t["hooks"].append(hook)
         t["layers"].append(-1 if layer is None else int(layer))
     for template, t in templates.items():
@@ -135,11 +137,12 @@ def statistics_dim(group, stats: HarvestStatistics, t: dict[str, Any], dim: int,
     """:func:`analysis.index.read_dim` from the harvest-time statistics; their rows number every
     position of every sequence, so sequence and position come from ``seq_length``."""
     per = [stats.hooks[h] for h in t["hooks"]]
-    out = {key: np.array([r[key][dim] for r in per]) for key in ("count", "mean", "std", "max_abs", "count_ge",
+    col = stats.column(dim)
+    out = {key: np.array([r[key][col] for r in per]) for key in ("count", "mean", "std", "max_abs", "count_ge",
                                                                   "nonfinite")}
     k = min(top, min(r["top_rows"].shape[0] for r in per))
-    out["top_rows"] = np.stack([r["top_rows"][:k, dim] for r in per])
-    out["top_values"] = np.stack([r["top_values"][:k, dim] for r in per])
+    out["top_rows"] = np.stack([r["top_rows"][:k, col] for r in per])
+    out["top_values"] = np.stack([r["top_values"][:k, col] for r in per])
     starts = np.concatenate([[0], np.cumsum(np.asarray(group["seq_length"][...], np.int64))])
     out["top_seq"] = np.searchsorted(starts, out["top_rows"], side="right") - 1
     out["top_pos"] = (out["top_rows"] - starts[out["top_seq"]]).astype(np.int32)

@@ -8,14 +8,16 @@ batches of 8 x 256 tokens, hooks ``ln1`` + ``ln2`` + ``resid_post`` of every lay
 One process, interleaved per batch so that the load of a shared machine hits every variant alike:
 
 - ``bare``: the base model's forward (no hooks);
-- ``capture``: the harvest's stage forward with its capture hooks (``harvest.stage.Stage.run``);
-- ``statistics``: what ``capture.statistics`` adds per batch: ``StatisticsAccumulator.add`` on that
-  batch's 36 captured arrays, the fold into the running state, and (every ``--snapshot-every``
-  batches, as often as a shard of these arrays fills) ``pack`` + ``write_statistics`` of the snapshot.
+- ``capture``: the harvest's stage forward with its capture hooks, statistics off (``Stage.run``);
+- ``with``: the same stage forward with the statistics' device part: the per-batch kernels
+  (``harvest.running``: float64 sums, max, counts, top-k candidates) and Dettmers' hits on the 24
+  LayerNorm outputs (``harvest.hits``); its excess over ``capture`` is the device part's cost;
+- ``host``: ``StatisticsAccumulator.add`` + ``fold`` of the batch's small results (the writer
+  thread), and (every ``--snapshot-every`` batches, as often as a shard of these arrays fills)
+  ``pack`` + ``write_statistics`` of the snapshot.
 
-The statistics run on the writer thread, beside the next batch's forward; the ratio reported is
-their CPU time over the bare forward's, the cost when they cannot be hidden (2 busy cores).
-Medians over the timed batches; the first batch is warm-up.
+The ratio reported is the statistics' CPU time (device part + host part) over the bare forward's,
+the cost when nothing hides it (2 busy cores). Medians over the timed batches; batch 0 warms up.
 
 ``--end-to-end`` then times whole harvests (``harvest.runner.run``, 1 torch thread, positions: all)
 with and without ``capture.statistics``, alternating A/B/A/B in this process: wall-clock tok/s, where
@@ -58,8 +60,8 @@ def main() -> None:
     from harvest.runner import prepare
     from harvest.spec import parse_spec
     from harvest.stage import Stage
-    from harvest.statistics import THRESHOLD, TOP_K, StatisticsAccumulator, StatisticsPlan, pack
-    from harvest.store import open_for_writing, write_statistics
+    from harvest.statistics import StatisticsAccumulator, pack
+    from harvest.store import write_statistics
 
     torch.set_num_threads(args.threads)
     corpus, ckpt = common.stdlib_corpus(), common.pythia160m_checkpoint()
@@ -71,17 +73,28 @@ def main() -> None:
            "run": {"batch_size": BATCH}, "store": {"root": str(tmp), "path": "s.zarr"}}
     job = prepare(parse_spec(raw, base_dir=common.ROOT))
     stage_plan = job.stages[0]
+    plan = job.stage_info(stage_plan).statistics
+    assert len(plan.hooks) == 36 and len(plan.hits.sources) == 24, (plan.hooks, plan.hits)
     stage = Stage(job.ckpt, stage_plan, compute_dtype="float32", store_dtype=torch.float32,
-                  device=torch.device("cpu"), heads=None, neurons=None)
-    model = stage.model
-    plan = StatisticsPlan(job.statistics, TOP_K, THRESHOLD, job.layout.token_starts())
-    assert len(plan.hooks) == 36, plan.hooks
+                  device=torch.device("cpu"), heads=None, neurons=None, statistics=plan.hooks, hits=plan.hits)
     acc = StatisticsAccumulator(plan)
+    stage.follow_floors(acc.floors)
     import zarr
     group = zarr.open_group(str(tmp / "snap.zarr"), mode="w")
-    del model  # the stage's blocks serve the bare forward too: the same weights, no hooks attached
+    kernels, hits = stage.statistics, stage.hits
+    kernel_time = [0.0]
+    batch_kernels = kernels.batch
 
-    times: dict[str, list[float]] = {"bare": [], "capture": [], "statistics": [], "snapshot": []}
+    def timed_kernels(rows):
+        t = time.process_time()
+        try:
+            return batch_kernels(rows)
+        finally:
+            kernel_time[0] += time.process_time() - t
+
+    kernels.batch = timed_kernels
+
+    times: dict[str, list[float]] = {k: [] for k in ("bare", "capture", "with", "kernels", "host", "snapshot")}
     for k in range(n):
         batch = job.layout.batch(k)
         ids = torch.from_numpy(batch.input_ids)
@@ -89,42 +102,55 @@ def main() -> None:
         with torch.inference_mode():
             stage.model(ids, None, None)  # no hooks attached: the bare forward of the same blocks
         t1 = time.process_time()
-        _, captured = stage.run(batch, None)
+        stage.statistics = stage.hits = None
+        stage.run(batch, None)  # the harvest's forward and capture, without statistics
+        stage.statistics, stage.hits = kernels, hits
         t2 = time.process_time()
-        acc.add(k, batch.sequences[0], {h: captured[h].numpy() for h in plan.hooks})
-        acc.fold(k + 1)
+        kernel_time[0] = 0.0
+        _, captured = stage.run(batch, None)  # the same with the statistics' device part (kernels + hits)
         t3 = time.process_time()
+        acc.add(k, batch.sequences[0], {key: t.numpy() for key, t in captured.items()}, len(batch.lengths))
+        acc.fold(k + 1)  # the host part: merging the batch's small results in batch order
+        t4 = time.process_time()
         snap = 0.0
         if (k + 1) % args.snapshot_every == 0:
             write_statistics(group, 0, k + 1, *pack(acc))
-            snap = time.process_time() - t3
+            snap = time.process_time() - t4
         if k:  # batch 0 warms up
-            times["bare"].append(t1 - t0)
-            times["capture"].append(t2 - t1)
-            times["statistics"].append(t3 - t2)
-            times["snapshot"].append(snap)
+            for key, v in (("bare", t1 - t0), ("capture", t2 - t1), ("with", t3 - t2), ("kernels", kernel_time[0]),
+                           ("host", t4 - t3), ("snapshot", snap)):
+                times[key].append(v)
         del captured
     med = {key: float(np.median(v)) for key, v in times.items()}
     snap_per_batch = float(np.mean(times["snapshot"]))
-    ratio = (med["statistics"] + snap_per_batch) / med["bare"]
+    device_part = float(np.median(np.subtract(times["with"], times["capture"])))
+    total = device_part + med["host"] + snap_per_batch
+    ratio = total / med["bare"]
     lines = [
-        f"Command: `.venv/bin/python bench/statistics_overhead.py{' --quick' if args.quick else ''}` "
+        f"Command: `.venv/bin/python bench/statistics_overhead.py{' --quick' if args.quick else ''}"
+        f"{' --end-to-end' if args.end_to_end else ''}` "
         f"(run {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, {n} batches, "
         f"{args.threads} torch thread(s)).",
-        f"Machine: {common.machine()['cpu']}, nproc {common.machine()['nproc']}, no GPU; **shared with ~6 other "
-        "sessions running tests at the time**: CPU seconds (`time.process_time`) rather than wall time, medians of "
+        f"Machine: {common.machine()['cpu']}, nproc {common.machine()['nproc']}, no GPU; load average "
+        f"{_load()} at the start (other sessions share the 2 cores): CPU seconds (`time.process_time`), medians of "
         "per-batch figures, variants interleaved per batch.",
         "",
-        "| per batch of 8 × 256 tokens, ln1 + ln2 + resid_post × 12 (36 hooks) | CPU s (median) | ÷ bare forward |",
+        "| per batch of 8 × 256 tokens, ln1 + ln2 + resid_post × 12 (36 hooks; Dettmers hits on 24 LayerNorms) "
+        "| CPU s (median) | ÷ bare forward |",
         "| --- | --- | --- |",
         f"| bare forward (stage blocks, no hooks) | {med['bare']:.3f} | 1.000 |",
-        f"| stage forward with capture hooks (what a harvest runs) | {med['capture']:.3f} | "
+        f"| stage forward with capture hooks, no statistics | {med['capture']:.3f} | "
         f"{med['capture'] / med['bare']:.3f} |",
-        f"| statistics: `add` + `fold` (36 hooks × 2048 rows × 768) | {med['statistics']:.4f} | "
-        f"{med['statistics'] / med['bare']:.4f} |",
-        f"| statistics snapshot (`pack` + `write_statistics`), every {args.snapshot_every} batches, per batch | "
+        f"| the same with the statistics' device part | {med['with']:.3f} | {med['with'] / med['bare']:.3f} |",
+        f"| of which the kernels (`harvest.running`, 36 hooks) | {med['kernels']:.4f} | "
+        f"{med['kernels'] / med['bare']:.4f} |",
+        f"| device part (median of with − without): kernels + Dettmers hits (`harvest.hits`) | {device_part:.4f} | "
+        f"{device_part / med['bare']:.4f} |",
+        f"| host part: `add` + `fold` of the small results (writer thread) | {med['host']:.4f} | "
+        f"{med['host'] / med['bare']:.4f} |",
+        f"| snapshot (`pack` + `write_statistics`), every {args.snapshot_every} batches, per batch | "
         f"{snap_per_batch:.4f} | {snap_per_batch / med['bare']:.4f} |",
-        f"| **statistics in all** | {med['statistics'] + snap_per_batch:.4f} | **{ratio:.3f}** |",
+        f"| **statistics in all** | {total:.4f} | **{ratio:.3f}** |",
     ]
     if args.end_to_end:
         lines += ["", end_to_end(raw, args.reps, n)]
@@ -132,6 +158,12 @@ def main() -> None:
     print(body)
     if not args.quick:
         common.write_section(SECTION, body)
+
+
+def _load() -> str:
+    import os
+
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def end_to_end(raw: dict, reps: int, n: int) -> str:

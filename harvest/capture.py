@@ -45,9 +45,11 @@ class Capture:
 
     def __init__(self, modules: dict[str, nn.Module], arch: Architecture, hooks: list[HookPoint],
                  selection: Selection, store_dtype: torch.dtype, n_heads: int, top_k: int = 0,
-                 statistics: tuple[str, ...] = ()):
+                 statistics: tuple[str, ...] = (), statistics_only: list[HookPoint] | None = None):
         self.arch = arch
         self.statistics = set(statistics)  #: hooks whose every position the harvest-time statistics read
+        #: hook points read for the statistics only: every position goes to ``ALL_ROWS + name``, nothing is stored
+        self.statistics_only = list(statistics_only or [])
         self.n_heads = n_heads
         self.top_k = top_k
         self.hooks = hooks
@@ -62,10 +64,13 @@ class Capture:
         captured: dict[str, torch.Tensor] = {}
         handles = []
         try:
-            for point in self.hooks:
+            for point in self.hooks + self.statistics_only:
                 module = self._modules[point.name]
                 _, what = self.arch.hooks.get(point.template, ("", "output"))
-                fn = self._make_hook(point, what, index, captured, module)
+                if point in self.statistics_only:
+                    fn = self._statistics_hook(point, what, index, captured)
+                else:
+                    fn = self._make_hook(point, what, index, captured, module)
                 if what == "input":
                     handles.append(module.register_forward_pre_hook(fn))
                 else:
@@ -77,6 +82,19 @@ class Capture:
         leftover = [m for m in self._touched if m._forward_hooks or m._forward_pre_hooks]
         if leftover:
             raise RuntimeError(f"hooks left attached after batch {index.batch}: {leftover[:3]}")
+
+    def _statistics_hook(self, point: HookPoint, what: str, index: BatchIndex, captured: dict):
+        """Every real position of a hook point that is not stored, for the statistics only."""
+        dtype = self.store_dtype
+
+        def keep(x: torch.Tensor) -> None:
+            rows = index.all_rows if index.all_rows is not None else index.flat_rows
+            captured[ALL_ROWS + point.name] = x.reshape(-1, *x.shape[2:]).index_select(0, rows).to(dtype)
+
+        if what == "input":
+            return lambda _module, args: keep(args[0])
+        element = {"output": None, "output[0]": 0, "output[1]": 1}[what]
+        return lambda _module, _args, output: keep(output if element is None else output[element])
 
     def _make_hook(self, point: HookPoint, what: str, index: BatchIndex, captured: dict, module: nn.Module):
         select = self._selector(point, index, module)

@@ -30,18 +30,18 @@ from ._version import __version__
 from .checkpoint import TOKENIZER_FILES, Checkpoint, resolve_checkpoint
 from .errors import (FingerprintMismatchError, HarvestError, Interrupted, ModelError, SpecError, StoreError,
                      StoreExistsError)
-from .hookpoints import HookPoint
+from .hookpoints import HookPoint, split_name
 from .layout import Layout
 from .objstore import check_access, is_url
 from .prompts import build_source, pad_meta
 from .quantize import check_quantization
 from .redo import check_redo
 from .redo import redo_rows as redo
-from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, single_stage, store_dtype_for,
-                    workload_of)
+from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, layers_needed, single_stage,
+                    store_dtype_for, workload_of)
 from .spec import JobSpec
 from .stage import check_tensors
-from .statistics import THRESHOLD, TOP_K, StatisticsPlan, statistics_hooks
+from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sources, statistics_hooks
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
@@ -84,9 +84,19 @@ class Job:
             compute_dtype=self.spec.model.dtype, store_dtype=self.store_dtype,
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
             storage_options=dict(self.spec.store.storage_options),
-            statistics=StatisticsPlan(tuple(h for h in self.statistics if h in {p.name for p in stage.hooks}),
-                                      TOP_K, THRESHOLD, self.layout.token_starts()) if self.statistics else None,
+            statistics=StatisticsPlan(tuple(h for h in self.statistics if stage_runs(stage, h)),
+                                      TOP_K, THRESHOLD, self.layout.token_starts(), self.hit_plan(stage))
+            if self.spec.capture.statistics else None,
         )
+
+    def hit_plan(self, stage: StagePlan) -> HitPlan | None:
+        """This stage's share of Dettmers' criterion (``harvest.hits``): the LayerNorms feeding linear
+        layers of every captured layer it runs, stored or not."""
+        sources = dettmers_sources(self.ckpt.config.model_type, self.hooks)
+        if not sources:
+            return None
+        return HitPlan(tuple(s for s in sources if stage.start <= split_name(s)[1] < stage.stop), THRESHOLD,
+                       stage.index == stage.n_stages - 1, int(self.ckpt.config.hidden_size))
 
     def stage_options(self) -> StageOptions:
         spec = self.spec
@@ -98,7 +108,20 @@ class Job:
     @property
     def statistics(self) -> tuple[str, ...]:
         """Hooks with harvest-time statistics (``capture.statistics``), in forward order."""
-        return statistics_hooks(self.spec.capture.statistics, self.hooks)
+        return job_statistics(self.spec, self.ckpt, self.hooks)
+
+
+def job_statistics(spec: JobSpec, ckpt: Checkpoint, hooks: list[HookPoint]) -> tuple[str, ...]:
+    return statistics_hooks(spec.capture.statistics, hooks, ckpt.arch, ckpt.n_layers,
+                            layers_needed(hooks, ckpt.n_layers))
+
+
+def stage_runs(stage: StagePlan, name: str) -> bool:
+    """Whether ``stage`` computes hook point ``name`` (stored by it or not)."""
+    if any(p.name == name for p in stage.hooks):
+        return True
+    template, layer = split_name(name)
+    return stage.embed if template == "hook_embed" else layer is not None and stage.start <= layer < stage.stop
 
 
 def prepare(spec: JobSpec) -> Job:
@@ -106,7 +129,7 @@ def prepare(spec: JobSpec) -> Job:
     ckpt = resolve_checkpoint(spec.model, spec.base_dir)
     config, arch = ckpt.config, ckpt.arch
     hooks = job_hooks(spec, arch, ckpt.n_layers)
-    statistics_hooks(spec.capture.statistics, hooks)  # a bad capture.statistics fails before any store
+    job_statistics(spec, ckpt, hooks)  # a bad capture.statistics fails before any store
     check_selection(spec, ckpt)
     check_quantization(spec.model.quantization, hooks)
     if not ckpt.tokenizer_files():

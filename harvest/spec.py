@@ -106,9 +106,10 @@ class CaptureSpec:
     on_nonfinite: str = "fail"
     #: keep the model's top-k next-token predictions (ids and logits) at every captured row
     top_k: int = 0
-    #: running statistics over every position of every sequence: false, true (every
-    #: ln*.hook_normalized and hook_resid_* captured) or a list of captured hook patterns
-    statistics: bool | tuple[str, ...] = False
+    #: running statistics over every position of every sequence: true (the default: every
+    #: ln*.hook_normalized and hook_resid_* captured, and Dettmers' hits of every captured layer),
+    #: a list of hook patterns (added to those; stored or not) or false
+    statistics: bool | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,8 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
         # replicas finish units out of order; the accumulators fold batches in order (not merged yet)
         raise SpecError("capture.statistics is not available with run.replicas other than 1 yet; "
                         "harvest with run.replicas: 1, or turn capture.statistics off")
+    if capture.statistics is None:  # on by default (off with replicas until they merge statistics)
+        capture = dataclasses.replace(capture, statistics=run.replicas == 1)
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):
         store_raw["root"] = store_root

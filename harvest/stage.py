@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +23,13 @@ from transformers.masking_utils import create_causal_mask
 from .capture import BatchIndex, Capture, Selection
 from .checkpoint import TORCH_DTYPES, Checkpoint
 from .errors import ModelError
-from .hookpoints import HookPoint
+from .hits import Hits
+from .hookpoints import HookPoint, expand, split_name
 from .layout import Batch
 from .quantize import quantize_stage
 from .shape import StagePlan
+from .running import DeviceStatistics
+from .statistics import ALL_ROWS, THRESHOLD, TOP_K, HitPlan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,19 +162,43 @@ class Stage:
 
     def __init__(self, ckpt: Checkpoint, plan: StagePlan, *, compute_dtype: str, store_dtype: torch.dtype,
                  device: torch.device, heads: tuple[int, ...] | None, neurons: tuple[int, ...] | None,
-                 top_k: int = 0, statistics: tuple[str, ...] = ()):
+                 top_k: int = 0, statistics: tuple[str, ...] = (), hits: HitPlan | None = None):
         patterns = any(p.template == "attn.hook_pattern" for p in plan.hooks)
         self.device = device
         self.plan = plan
         self.model = StageModel(ckpt, plan, dtype=TORCH_DTYPES[compute_dtype], device=device,
                                 attn_implementation="eager" if patterns else "sdpa")
         as_index = lambda xs: None if xs is None else torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        modules = {p.name: self.model.module_for(p) for p in plan.hooks}
+        stored = {p.name for p in plan.hooks}
+        # hook points with statistics that this stage runs but does not store (capture.statistics)
+        only = [p for p in expand([h for h in statistics if h not in stored], ckpt.arch, ckpt.n_layers)
+                if _runs(plan, p)] if any(h not in stored for h in statistics) else []
+        modules = {p.name: self.model.module_for(p) for p in list(plan.hooks) + only}
         self.capture = Capture(modules, ckpt.arch, list(plan.hooks), Selection(as_index(heads), as_index(neurons)),
                                store_dtype, n_heads=ckpt.config.num_attention_heads, top_k=top_k,
-                               statistics=tuple(h for h in statistics if h in modules))
+                               statistics=tuple(h for h in statistics if h in modules), statistics_only=only)
+        self.hits = Hits(hits, {name: self._ln_module(name) for name in hits.sources}, store_dtype) if hits else None
+        hooks = tuple(h for h in statistics if h in modules)
+        self.statistics = DeviceStatistics(hooks, TOP_K, THRESHOLD) if hooks else None
 
-    def run(self, batch: Batch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def follow_floors(self, floors) -> None:
+        """Take the top-k floor from the writer's accumulator (``StatisticsAccumulator.floors``)."""
+        if self.statistics is not None:
+            self.statistics.floors = floors
+
+    def _ln_module(self, name: str) -> nn.Module:
+        """The LayerNorm module behind ``blocks.{l}.ln{1,2}.hook_normalized`` (captured or not)."""
+        template, layer = split_name(name)
+        path, _ = self.model.arch.hooks[template]
+        return self.model.blocks[layer - self.plan.start].get_submodule(path)
+
+    def run(self, batch: Batch, hidden) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Forward one batch. With Dettmers' hits (``harvest.hits``) the hidden state travels as
+        ``(hidden, packed hit bitmask)`` between stages."""
+        carried = None
+        if isinstance(hidden, tuple):
+            hidden, carried = hidden
+            carried = carried.to(self.device)
         index = BatchIndex(
             flat_rows=torch.from_numpy(batch.flat_rows).to(self.device),
             lengths=torch.from_numpy(batch.lengths).to(self.device),
@@ -179,19 +208,34 @@ class Stage:
         input_ids = torch.from_numpy(batch.input_ids).to(self.device) if self.plan.embed else None
         if hidden is not None:
             hidden = hidden.to(self.device)
-        with self.capture.attached(index) as captured:
+        hit_results: dict[str, torch.Tensor] = {}
+        hits = (nullcontext([]) if self.hits is None else  # inside the capture's: it checks no hook is left
+                self.hits.attached(index.lengths, batch.width, carried, hit_results))
+        with self.capture.attached(index) as captured, hits as handed:
             out = self.model(input_ids, hidden, index.flat_rows)
-        return out, captured
+        captured.update(hit_results)
+        if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
+            rows = {h: captured.pop(ALL_ROWS + h) if ALL_ROWS + h in captured else captured[h]
+                    for h in self.statistics.hooks}
+            captured.update(self.statistics.batch(rows))
+        return ((out, handed[0]) if handed else out), captured
 
 
     def _all_rows(self, batch: Batch) -> torch.Tensor | None:
         """Every real position of the batch, when the statistics need more than the stored rows."""
-        if not self.capture.statistics or len(batch.flat_rows) == int(batch.lengths.sum()):
+        if not self.capture.statistics or (len(batch.flat_rows) == int(batch.lengths.sum())
+                                           and not self.capture.statistics_only):
             return None  # every position is stored: the statistics read the stored rows
         pos = np.arange(batch.width)
         real = pos[None, :] < batch.lengths[:, None]
         rows = (np.arange(len(batch.lengths))[:, None] * batch.width + pos[None, :])[real]
         return torch.from_numpy(rows.astype(np.int64)).to(self.device)
+
+
+def _runs(plan: StagePlan, point: HookPoint) -> bool:
+    if point.template == "hook_embed":
+        return plan.embed
+    return point.layer is not None and plan.start <= point.layer < plan.stop
 
 
 def check_tensors(ckpt: Checkpoint, plans: list[StagePlan]) -> None:

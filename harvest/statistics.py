@@ -509,6 +509,25 @@ class StatisticsPlan:
     top_k: int
     threshold: float
     token_starts: np.ndarray  #: (sequences + 1,) int64
+    hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
+
+
+#: the key prefix of the device's per-batch statistics (``harvest.running``) in a stage's captures
+DEVICE_PREFIX = "stats:"
+#: the key prefix of the device's per-batch hit results in a stage's captures (never a store array)
+HITS_PREFIX = "dettmers:"
+#: the key of the per-(sequence, dimension) position counts the last stage hands its writer
+HITS_POSITIONS = HITS_PREFIX + "positions"
+
+
+@dataclass(frozen=True)
+class HitPlan:
+    """One stage's share of Dettmers' criterion: its hidden states, the magnitude, whether it counts positions."""
+
+    sources: tuple[str, ...]  #: ``blocks.{l}.ln{1,2}.hook_normalized`` of this stage's analysed layers
+    magnitude: float
+    last: bool  #: the pipeline's last stage: counts the positions hit in any layer
+    d_model: int
 
 
 def topk_candidates(state: State | None, block: Block, k: int) -> State:
@@ -563,34 +582,47 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
 class StatisticsAccumulator:
     """Index statistics of every hook in a plan, over every token, folded in batch order.
 
-    The writer hands each batch's values to :meth:`add` (one chunk state per hook, kept pending)
-    and calls :meth:`fold` with the frontier each time the manifest advances, so the running state
+    The writer hands each batch's results to :meth:`add`: per hook, the small per-batch reductions
+    the stage made on its device (``harvest.running``), or the rows themselves (then reduced here by
+    the kernels above); and the device's Dettmers hits (``harvest.hits``). One chunk state per hook
+    is kept pending, and the writer calls :meth:`fold` with the frontier each time the manifest advances, so the running state
     always covers exactly the batches the manifest marks durable, merged one batch at a time in
     batch order: the same floating-point operations whatever the stages or the resumes. The top-k
     goes through :func:`topk_candidates` / :func:`topk_merge` in :meth:`add`, in batch order: each
     pending batch keeps the top-k over every batch up to it, which is what folding it gives.
     """
 
-    def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None):
+    def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None,
+                 dettmers: State | None = None):
         self.plan = plan
         self.through = through  #: batches [0, through) are folded into ``state``
         self.state: dict[str, State] = state or {}
+        self.dettmers: State | None = dettmers  #: Dettmers' hit state (``dettmers_chunk``), when planned
         self.pending: dict[int, dict[str, State]] = {}
         self._top: dict[str, State] = {hook: s["topk"] for hook, s in self.state.items()}  #: incl. pending
+        self._dettmers_pending: dict[int, State] = {}
 
-    def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray]) -> None:
-        """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order.
+    def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray], sequences: int = 0) -> None:
+        """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order;
+        ``values`` also holds the device's Dettmers hits (``harvest.hits``) of its ``sequences`` sequences.
 
         Batches arrive in order. A batch already folded (a resumed stage redoing batches it had
         marked) is not counted twice.
         """
         if batch < self.through:
             return
+        if self.plan.hits is not None:
+            self.pending.setdefault(batch, {})
+            self._dettmers_pending[batch] = dettmers_chunk(self.plan.hits, self.plan.token_starts, first_sequence,
+                                                           sequences, values)
         start = int(self.plan.token_starts[first_sequence])
         scratch = Scratch.for_thread()
         k = self.plan.top_k
         states = {}
         for hook in self.plan.hooks:
+            if f"{DEVICE_PREFIX}{hook}:sum" in values:  # reduced on the stage's device (harvest.running)
+                states[hook] = self._from_device(hook, start, values)
+                continue
             block = Block(values[hook], start, scratch, "statistics.")
             candidates = topk_candidates(self._top.get(hook), block, k)
             self._top[hook] = topk_merge(self._top.get(hook), candidates, k)
@@ -599,11 +631,53 @@ class StatisticsAccumulator:
                             "nonfinite": nonfinite_chunk(block)}
         self.pending[batch] = states
 
+    def floors(self) -> dict[str, np.ndarray]:
+        """hook -> the running k-th largest |x| per column (pending batches included), for hooks whose
+        top-k is full: ``harvest.running`` sends only values above it. Safe to read from another thread."""
+        k = self.plan.top_k
+        return {hook: np.abs(s["values"][-1]) for hook, s in list(self._top.items()) if s["values"].shape[0] >= k}
+
+    def _from_device(self, hook: str, start: int, values: dict[str, np.ndarray]) -> State:
+        """One hook's chunk states from ``harvest.running.DeviceStatistics``' per-batch results."""
+        get = lambda name: np.asarray(values[f"{DEVICE_PREFIX}{hook}:{name}"])  # noqa: E731
+        s, sq = get("sum").astype(np.float64), get("sumsq").astype(np.float64)
+        d = s.size
+        tokens = None
+        if f"{DEVICE_PREFIX}{hook}:nonfinite" in values:
+            bad = get("nonfinite").astype(np.int64)
+            n_bad_rows, first = (int(v) for v in get("nonfinite_rows"))
+        else:
+            bad, n_bad_rows, first = np.zeros(d, np.int64), 0, -1
+        k = self.plan.top_k
+        old = self._top.get(hook)
+        if f"{DEVICE_PREFIX}{hook}:dense" in values:
+            block = Block(get("dense"), start, Scratch.for_thread(), "statistics.")
+            tokens = block.rows
+            self._top[hook] = topk_merge(old, {"dense": topk_chunk(block, k)}, k)
+        else:
+            self._top[hook] = topk_merge(old, {"rows": get("rows").astype(np.int64) + start,
+                                               "cols": get("cols").astype(np.int64),
+                                               "values": get("values").astype(np.float32)}, k)
+        if tokens is None:
+            tokens = int(values[f"{DEVICE_PREFIX}{hook}:tokens"])
+        n = tokens - bad
+        safe = np.maximum(n, 1)
+        mean = s / safe
+        m2 = np.maximum(sq - s * mean, 0.0)
+        return {"moments": {"n": n, "mean": np.where(n > 0, mean, 0.0), "m2": m2},
+                "max_abs": {"max": get("max").astype(np.float32), "n": n.copy()},
+                "count_ge": {"n": get("count_ge").astype(np.int64)}, "topk": self._top[hook],
+                "nonfinite": {"count": bad, "rows": n_bad_rows, "first_row": first + start if first >= 0 else -1,
+                              "n_rows": tokens}}
+
     def fold(self, through: int) -> None:
         """Merge the pending batches [self.through, through) into the running state, in order."""
         combine = {"moments": moments_combine, "max_abs": max_abs_combine, "count_ge": count_ge_combine,
                    "nonfinite": nonfinite_combine}
         for batch in range(self.through, through):
+            if batch in self._dettmers_pending:
+                new = self._dettmers_pending.pop(batch)
+                self.dettmers = new if self.dettmers is None else dettmers_combine([self.dettmers, new])
             for hook, new in self.pending.pop(batch).items():
                 old = self.state.get(hook)
                 state = {key: new[key] if old is None else fn([old[key], new[key]]) for key, fn in combine.items()}
@@ -616,27 +690,55 @@ class StatisticsAccumulator:
         return {hook: {**index_aggregate(s), **nonfinite_aggregate(s["nonfinite"])} for hook, s in self.state.items()}
 
 
-def statistics_hooks(spec_value: bool | tuple[str, ...], captured: list[Any]) -> tuple[str, ...]:
-    """The captured hooks ``capture.statistics`` names, in forward order (``captured``: HookPoints).
+def statistics_hooks(spec_value: bool | tuple[str, ...] | None, captured: list[Any], arch: Any = None,
+                     n_layers: int = 0, run_layers: int | None = None) -> tuple[str, ...]:
+    """The hooks ``capture.statistics`` gives running statistics, in forward order (``captured``: HookPoints).
 
-    ``true`` takes every captured ``ln*.hook_normalized`` and ``hook_resid_*``; a list takes the hook
-    patterns of ``capture.hooks``. Only hooks stored whole per token have statistics.
+    ``true`` takes every captured ``ln*.hook_normalized`` and ``hook_resid_*``; a list adds the hook
+    points it names (``capture.hooks`` patterns), stored or not, as long as the harvest runs their
+    layer (``run_layers``: blocks run, up to the last captured one). Only hook points with one
+    d_model-wide row per token have statistics.
     """
     from .errors import SpecError
-    from .hookpoints import resolve
+    from .hookpoints import expand
 
-    if spec_value is False:
+    if not spec_value:
         return ()
-    rows = [p for p in captured if p.axis == "token" and p.template in ROW_TEMPLATES]
+    default = [p for p in captured if p.axis == "token" and p.template in DEFAULT_TEMPLATES]
     if spec_value is True:
-        return tuple(p.name for p in rows if p.template in DEFAULT_TEMPLATES)
-    names = resolve(list(spec_value), [p.name for p in captured], where="capture.hooks")
-    whole = {p.name for p in rows}
-    bad = [n for n in names if n not in whole]
-    if bad:
-        raise SpecError(f"capture.statistics names {bad[0]}, which is not a per-token hook point stored whole; "
-                        f"statistics cover the residual stream, LayerNorm outputs and MLP/attention outputs")
-    return tuple(names)
+        return tuple(p.name for p in default)
+    if arch is None:  # no model to resolve names against: the captured hooks only
+        from .hookpoints import resolve
+
+        named_names = resolve(list(spec_value), [p.name for p in captured], where="capture.hooks")
+        named = [p for p in captured if p.name in named_names]
+    else:
+        named = expand(list(spec_value), arch, n_layers)
+    stored = {p.name for p in captured}
+    for p in named:
+        if p.axis != "token" or p.template not in ROW_TEMPLATES:
+            raise SpecError(f"capture.statistics names {p.name}, which has no single row per token; statistics "
+                            "cover the residual stream, LayerNorm outputs and MLP/attention outputs")
+        if p.name in stored:
+            continue
+        if p.template == "ln_final.hook_normalized":
+            raise SpecError(f"capture.statistics names {p.name}, which this harvest does not run unless it is "
+                            "captured: add it to capture.hooks")
+        if run_layers is not None and p.layer is not None and p.layer >= run_layers:
+            raise SpecError(f"capture.statistics names {p.name}, but this harvest runs blocks 0..{run_layers - 1} "
+                            "only (up to the last captured hook point): capture a hook of that layer or drop it")
+    points = {p.name: p for p in default + list(named)}
+    order = {t: i for i, t in enumerate(ROW_TEMPLATES)}
+    return tuple(name for name, p in sorted(points.items(), key=lambda kv: (kv[1].order, order[kv[1].template])))
+
+
+def dettmers_sources(model_type: str, captured: list[Any]) -> tuple[str, ...]:
+    """The hidden states feeding linear layers (``ln1``; and ``ln2`` for GPT-NeoX) of every layer some
+    captured hook point belongs to: what Dettmers' criterion counts over, stored or not (the layers
+    ``analysis.source.plan_sources`` analyses in a store that keeps them)."""
+    lns = ("ln1", "ln2") if model_type == "gpt_neox" else ("ln1",)
+    layers = sorted({p.layer for p in captured if p.layer is not None and p.layer >= 0})
+    return tuple(f"blocks.{layer}.{ln}.hook_normalized" for layer in layers for ln in lns)
 
 
 #: the top rows per dimension and the |x| threshold the harvest-time statistics keep (the index's defaults)
@@ -654,14 +756,18 @@ def pack(acc: StatisticsAccumulator) -> tuple[dict[str, np.ndarray], dict[str, A
     def cat(get, axis=0):
         return np.concatenate([get(s) for s in states], axis=axis)
 
-    arrays = {"n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
+    extra, extra_attrs = pack_dettmers(acc.dettmers, acc.plan.hits)
+    if not states:
+        return extra, {"hooks": [], "widths": [], "top_k": acc.plan.top_k, "threshold": acc.plan.threshold,
+                       "nonfinite_rows": {}, **extra_attrs}
+    arrays = {**extra, "n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
               "m2": cat(lambda s: s["moments"]["m2"]), "max": cat(lambda s: s["max_abs"]["max"]),
               "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"]),
               "top_rows": cat(lambda s: s["topk"]["rows"], 1), "top_values": cat(lambda s: s["topk"]["values"], 1)}
     attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": acc.plan.top_k,
              "threshold": acc.plan.threshold,
              "nonfinite_rows": {h: [int(s["nonfinite"][k]) for k in ("rows", "first_row", "n_rows")]
-                                for h, s in zip(hooks, states)}}
+                                for h, s in zip(hooks, states)}, **extra_attrs}
     return arrays, attrs
 
 
@@ -691,6 +797,12 @@ class HarvestStatistics:
     batches: dict[str, int]  #: hook -> batches covered (every batch once the job is complete)
     top_k: int
     threshold: float
+    widths: dict[str, int] = None  #: hook -> its number of dimensions
+    dim: int | None = None  #: loaded for this one dimension only: every array holds its column alone
+
+    def column(self, dim: int) -> int:
+        """Where dimension ``dim`` is in the loaded arrays."""
+        return 0 if self.dim is not None else dim
 
     def tokens(self, hook: str) -> int:
         """Tokens (rows over every position) the statistics of ``hook`` cover."""
@@ -698,20 +810,196 @@ class HarvestStatistics:
         return int(r["count"][0] + r["nonfinite"][0]) if r["count"].size else 0
 
 
-def load_statistics(group) -> HarvestStatistics | None:
-    """The newest snapshot of every stage, or None when the store was harvested without statistics."""
-    from .store import read_statistics, statistics_snapshots, statistics_stages
+def load_statistics(group, dim: int | None = None) -> HarvestStatistics | None:
+    """The newest snapshot of every stage, or None when the store was harvested without statistics.
+
+    ``dim``: read only that dimension's column of each hook (``harvest query dim``): a few small
+    chunks, whatever the width and the number of hooks; hooks narrower than ``dim`` are left out.
+    """
+    from .store import PER_DIMENSION, read_statistics, statistics_attrs, statistics_snapshots, statistics_stages
 
     hooks: dict[str, dict[str, Any]] = {}
     batches: dict[str, int] = {}
+    widths: dict[str, int] = {}
     top_k, threshold = TOP_K, THRESHOLD
     for stage in statistics_stages(group):
         have = statistics_snapshots(group, stage)
         if not have:
             continue
-        arrays, attrs = read_statistics(group, stage, have[-1])
+        attrs = statistics_attrs(group, stage, have[-1])
+        if not attrs["hooks"]:
+            continue
+        offsets = np.concatenate([[0], np.cumsum(attrs["widths"])[:-1]]).astype(np.int64)
+        widths.update(zip(attrs["hooks"], (int(w) for w in attrs["widths"])))
+        if dim is None:
+            arrays, _ = read_statistics(group, stage, have[-1])
+        else:
+            keep = [i for i, w in enumerate(attrs["widths"]) if dim < w]
+            arrays, _ = read_statistics(group, stage, have[-1], columns=offsets[keep] + dim, keys=PER_DIMENSION)
+            attrs = {**attrs, "hooks": [attrs["hooks"][i] for i in keep], "widths": [1] * len(keep)}
         top_k, threshold = int(attrs["top_k"]), float(attrs["threshold"])
         for hook, state in unpack(arrays, attrs).items():
             hooks[hook] = {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
             batches[hook] = int(attrs["through"])
-    return HarvestStatistics(hooks, batches, top_k, threshold) if hooks else None
+    return HarvestStatistics(hooks, batches, top_k, threshold, widths, dim) if hooks else None
+
+
+# --- Dettmers' criterion from the device's hits (``harvest.hits``) ------------------------------------
+
+def dettmers_chunk(plan: HitPlan, token_starts: np.ndarray, first: int, sequences: int,
+                   values: dict[str, np.ndarray]) -> State:
+    """One batch's Dettmers state for one stage, from its sparse hits: what ``analysis.scan`` keeps per
+    hidden state (hits, max |x|, NaN/inf, share of ‖x‖², histogram of the hits) plus, per (sequence,
+    dimension), how many of this stage's layers have a hit (``lkeys``/``lcount``) and, on the last
+    stage, how many positions have one in any layer (``pkeys``/``pcount``)."""
+    PREFIX, POSITIONS = HITS_PREFIX, HITS_POSITIONS
+    d = plan.d_model
+    lengths = np.diff(np.asarray(token_starts[first:first + sequences + 1], np.int64))
+    layers = source_layers(plan.sources)
+    S = len(plan.sources)
+    out: State = {"rows": int(lengths.sum()), "seqs": int(sequences), "seq_len": lengths,
+                  "hits": np.zeros((S, d), np.int64), "max": np.zeros((S, d), np.float32),
+                  "nonfinite": np.zeros((S, d), np.int64), "share_hits": np.zeros((S, d)),
+                  "layer_any": np.zeros((len(set(layers)), d), np.int64), "seq_hits": np.zeros(sequences, np.int64)}
+    hists, per_layer = [], {}
+    for si, name in enumerate(plan.sources):
+        where = np.asarray(values[f"{PREFIX}{name}:where"]).reshape(-1, 3)
+        b, c = where[:, 0], where[:, 2]
+        v = np.asarray(values[f"{PREFIX}{name}:values"], np.float32)
+        norm2 = np.asarray(values[f"{PREFIX}{name}:norm2"], np.float64)
+        out["hits"][si] = np.bincount(c, minlength=d)
+        out["share_hits"][si] = np.bincount(c, weights=v.astype(np.float64) ** 2
+                                            / np.maximum(norm2, np.finfo(np.float64).tiny), minlength=d)
+        out["max"][si] = np.asarray(values[f"{PREFIX}{name}:max"], np.float32)
+        out["nonfinite"][si] = np.asarray(values[f"{PREFIX}{name}:nonfinite"], np.int64)
+        out["seq_hits"] += np.bincount(b, minlength=sequences)
+        hists.append(hist_from_values(c, v, plan.magnitude))
+        per_layer.setdefault(layers[si], []).append((first + b) * d + c)
+    out["hist"] = hist_combine(hists) if hists else hist_combine([])
+    keys = []
+    for li, layer in enumerate(sorted(per_layer)):
+        k = np.unique(np.concatenate(per_layer[layer]))
+        out["layer_any"][li] = np.bincount(k % d, minlength=d)
+        keys.append(k)
+    out["lkeys"], out["lcount"] = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64),
+                                            return_counts=True)
+    out["lcount"] = out["lcount"].astype(np.int64)
+    if plan.last:
+        counts = np.asarray(values[POSITIONS], np.int64).reshape(sequences, d)
+        i, j = np.nonzero(counts)
+        out["pkeys"], out["pcount"] = (first + i) * d + j, counts[i, j]
+    else:
+        out["pkeys"], out["pcount"] = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return out
+
+
+def dettmers_combine(states: Sequence[State]) -> State:
+    """Merge consecutive batches' states (in batch order: their sequences follow one another)."""
+    out: State = {"rows": sum(s["rows"] for s in states), "seqs": sum(s["seqs"] for s in states)}
+    for key in ("hits", "nonfinite", "share_hits", "layer_any"):
+        out[key] = np.sum([s[key] for s in states], axis=0)
+    out["max"] = np.maximum.reduce([s["max"] for s in states])
+    out["hist"] = hist_combine([s["hist"] for s in states])
+    for key in ("seq_len", "seq_hits", "lkeys", "lcount", "pkeys", "pcount"):
+        out[key] = np.concatenate([s[key] for s in states])
+    return out
+
+
+def source_layers(sources: Sequence[str]) -> list[int]:
+    from .hookpoints import split_name
+
+    return [int(split_name(name)[1]) for name in sources]
+
+
+_DETTMERS_ARRAYS = ("seq_len", "hits", "max", "nonfinite", "share_hits", "layer_any", "seq_hits", "lkeys", "lcount",
+                    "pkeys", "pcount")
+
+
+def pack_dettmers(state: State | None, plan: HitPlan | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A stage's Dettmers state as snapshot arrays (``dettmers_*``) and attributes."""
+    if state is None or plan is None:
+        return {}, {}
+    arrays = {f"dettmers_{k}": state[k] for k in _DETTMERS_ARRAYS}
+    arrays.update({f"dettmers_hist_{k}": state["hist"][k] for k in ("key", "count", "sum")})
+    return arrays, {"dettmers": {"rows": int(state["rows"]), "seqs": int(state["seqs"])},
+                    "dettmers_sources": list(plan.sources), "dettmers_magnitude": plan.magnitude,
+                    "dettmers_last": plan.last}
+
+
+def unpack_dettmers(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> State | None:
+    if "dettmers" not in attrs:
+        return None
+    state: State = {k: arrays[f"dettmers_{k}"] for k in _DETTMERS_ARRAYS}
+    state["hist"] = {k: arrays[f"dettmers_hist_{k}"] for k in ("key", "count", "sum")}
+    state.update(attrs["dettmers"])
+    return state
+
+
+@dataclass
+class DettmersStatistics:
+    """Every stage's Dettmers state as the harvest left it, and what it was computed with."""
+
+    sources: list[str]  #: hidden states, in forward order
+    magnitude: float
+    states: list[State]  #: one per stage, in stage order (their sources in that order)
+    stage_sources: list[list[str]]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.states[0]["rows"]) if self.states else 0
+
+    @property
+    def sequences(self) -> int:
+        return int(self.states[0]["seqs"]) if self.states else 0
+
+    def reduce(self, layer_frac: float, pos_frac: float) -> State:
+        """The state ``analysis.scan.OutlierReducer`` ends a pass with, for these fractions."""
+        layers = sorted(set(source_layers(self.sources)))
+        L = len(layers)
+        st = self.states
+        d = st[0]["hits"].shape[1]
+        keys = np.concatenate([s["lkeys"] for s in st])
+        uniq, inv = np.unique(keys, return_inverse=True)
+        n_layers = np.bincount(inv, np.concatenate([s["lcount"] for s in st]), minlength=uniq.size)
+        last = st[-1]
+        if not np.array_equal(last["pkeys"], uniq):
+            raise ValueError("harvest-time hit sets out of step: the layers' and the positions' (sequence, "
+                             "dimension) sets differ")
+        seq_len = st[0]["seq_len"].astype(np.float64)
+        lf = n_layers / max(L, 1)
+        pf = last["pcount"] / np.maximum(seq_len[uniq // d], 1)
+        dims = uniq % d
+        meets = (lf >= layer_frac - 1e-12) & (pf >= pos_frac - 1e-12)
+        n = int(st[0]["seqs"])
+        return {"rows": int(st[0]["rows"]), "n_groups": n,
+                "hits": np.concatenate([s["hits"] for s in st]), "max": np.concatenate([s["max"] for s in st]),
+                "nonfinite": np.concatenate([s["nonfinite"] for s in st]),
+                "share_hits": np.concatenate([s["share_hits"] for s in st]),
+                "hist": hist_combine([s["hist"] for s in st]),
+                "layer_any": np.concatenate([s["layer_any"] for s in st]),
+                "layer_frac_sum": np.bincount(dims, lf, minlength=d), "pos_frac_sum": np.bincount(dims, pf, minlength=d),
+                "group_outlier": np.bincount(dims[meets], minlength=d).astype(np.int64),
+                "done_ids": np.arange(n, dtype=np.int64), "done_hits": np.sum([s["seq_hits"] for s in st], axis=0)}
+
+
+def load_dettmers(group) -> DettmersStatistics | None:
+    """Every stage's newest Dettmers state, or None when the harvest kept none."""
+    from .store import read_statistics, statistics_snapshots, statistics_stages
+
+    states, per_stage, magnitude = [], [], None
+    for stage in statistics_stages(group):
+        have = statistics_snapshots(group, stage)
+        if not have:
+            continue
+        arrays, attrs = read_statistics(group, stage, have[-1])
+        state = unpack_dettmers(arrays, attrs)
+        if state is None:
+            continue
+        states.append(state)
+        per_stage.append(list(attrs["dettmers_sources"]))
+        magnitude = float(attrs["dettmers_magnitude"])
+    if not states:
+        return None
+    if len({int(s["seqs"]) for s in states}) != 1:
+        raise ValueError("the stages' harvest-time statistics cover different batches: the harvest is unfinished")
+    return DettmersStatistics([h for hs in per_stage for h in hs], magnitude, states, per_stage)

@@ -240,8 +240,28 @@ def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[s
         del group[name]
     snap = group.require_group(name)
     for key, data in arrays.items():
-        write_small(snap, key, data, tuple(f"axis_{i}" for i in range(data.ndim)))
+        dims = tuple(f"axis_{i}" for i in range(data.ndim))
+        if key in PER_DIMENSION and data.shape[-1] > STATISTICS_COLUMNS:
+            # one shard (file) per array, inner chunks of a few columns: one dimension reads a few small ranges
+            data = np.ascontiguousarray(data)
+            arr = snap.create_array(key, shape=data.shape, dtype=data.dtype, shards=data.shape,
+                                    chunks=(*data.shape[:-1], STATISTICS_COLUMNS),
+                                    compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+                                    dimension_names=dims)
+            arr[...] = data
+        else:
+            write_small(snap, key, data, dims)
     snap.attrs["statistics"] = {**attrs, "through": through}
+
+
+#: columns per chunk of a snapshot's per-dimension arrays (inside one shard per array)
+STATISTICS_COLUMNS = 64
+#: the snapshot arrays with one column per (hook, dimension): chunked along it, so one dimension is a small read
+PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
+
+
+def statistics_attrs(group: zarr.Group, stage: int, through: int) -> dict[str, Any]:
+    return dict(group[_snapshot_name(stage, through)].attrs["statistics"])
 
 
 def statistics_snapshots(group: zarr.Group, stage: int) -> list[int]:
@@ -258,10 +278,20 @@ def statistics_stages(group: zarr.Group) -> list[int]:
     return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys())
 
 
-def read_statistics(group: zarr.Group, stage: int, through: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One snapshot's arrays and attributes."""
+def read_statistics(group: zarr.Group, stage: int, through: int, columns: np.ndarray | None = None,
+                    keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One snapshot's arrays (``keys``; all by default) and attributes; ``columns``: only those
+    columns (last axis) of each array, read chunk by chunk."""
     snap = group[_snapshot_name(stage, through)]
-    return {key: np.asarray(arr[...]) for key, arr in snap.arrays()}, dict(snap.attrs["statistics"])
+    arrays = {}
+    for key, arr in snap.arrays():
+        if keys is not None and key not in keys:
+            continue
+        if columns is None:
+            arrays[key] = np.asarray(arr[...])
+        else:
+            arrays[key] = np.asarray(arr.oindex[(slice(None),) * (arr.ndim - 1) + (np.asarray(columns),)])
+    return arrays, dict(snap.attrs["statistics"])
 
 
 def prune_statistics(group: zarr.Group, stage: int, frontier: int) -> None:

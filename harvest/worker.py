@@ -43,10 +43,13 @@ class StageWorker:
         self.stage = Stage(ckpt, plan, compute_dtype=options.compute_dtype,
                            store_dtype=getattr(torch, options.store_dtype), device=self.device,
                            heads=options.heads, neurons=options.neurons, top_k=options.top_k,
-                           statistics=options.statistics)
+                           statistics=options.statistics,
+                           hits=store.statistics.hits if store.statistics is not None else None)
         self.transfer = HostTransfer(self.device)
         self.writer = StageWriter(store, start_batch, max_pending=options.write_queue,
                                   threads=write_threads_for(options.write_threads, self.device.type, len(store.arrays)))
+        if self.writer.statistics is not None:  # the device sends top-k candidates above the writer's floor
+            self.stage.follow_floors(self.writer.statistics.floors)
 
     def ready(self) -> bool:
         return True

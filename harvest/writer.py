@@ -35,7 +35,7 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import configure, is_object_store, is_url, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .statistics import ALL_ROWS, StatisticsAccumulator, StatisticsPlan, pack, unpack
+from .statistics import ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
 from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
                     statistics_snapshots, write_rows, write_statistics)
 from .transfer import HostBatch
@@ -380,9 +380,12 @@ class StageWriter:
 
                 self._each_array(write)
                 if self.statistics is not None:
-                    self.statistics.add(batch, rows["sequence"], {
-                        h: captures.tensors.get(ALL_ROWS + h, captures.tensors.get(h)).numpy()
-                        for h in self.statistics.plan.hooks})
+                    tensors = captures.tensors
+                    values = {k: t.numpy() for k, t in tensors.items() if k.startswith((HITS_PREFIX, DEVICE_PREFIX))}
+                    values.update({h: tensors.get(ALL_ROWS + h, tensors.get(h)).numpy() for h in self.statistics.plan.hooks
+                                   if f"{DEVICE_PREFIX}{h}:sum" not in values})
+                    ends = self.info.batch_ends["sequence"]
+                    self.statistics.add(batch, rows["sequence"], values, int(ends[batch]) - rows["sequence"])
                 self._mark(batch + 1)
             if self._error is None:
                 self._each_array(lambda name: self.writers[name][0].flush())
@@ -460,16 +463,46 @@ class StageWriter:
 def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccumulator | None:
     """The stage's statistics as of its own manifest frontier (a resume may redo batches past the
     job's frontier that this stage had already marked: :meth:`StatisticsAccumulator.add` skips them)."""
-    if info.statistics is None or not info.statistics.hooks:
+    if info.statistics is None or not (info.statistics.hooks or info.statistics.hits):
         return None
     through = stage_frontier(info.path, info.stage)
+    remove_stale_snapshots(info.path, info.stage, through)
     if through == 0:
         return StatisticsAccumulator(info.statistics)
     if through not in statistics_snapshots(group, info.stage):
         raise StoreError(f"{info.path}: stage {info.stage} has marked {through} batches but holds no statistics "
                          "snapshot for them (capture.statistics); run again with --overwrite")
     arrays, attrs = read_statistics(group, info.stage, through)
-    return StatisticsAccumulator(info.statistics, through, unpack(arrays, attrs))
+    plan = info.statistics
+    hits = plan.hits
+    if (list(attrs["hooks"]) != [h for h in plan.hooks if h in attrs["hooks"]] or set(attrs["hooks"]) != set(plan.hooks)
+            or list(attrs.get("dettmers_sources", [])) != list(hits.sources if hits else [])
+            or bool(attrs.get("dettmers_last", False)) != bool(hits and hits.last)):
+        # snapshots are per stage: another partition of the layers cannot take them over (yet)
+        raise StoreError(f"{info.path}: stage {info.stage}'s statistics snapshot covers other hook points than this "
+                         "run's stage does (run.stages changed since the harvest started); resume with the "
+                         "run.stages it started with, or run again with --overwrite")
+    return StatisticsAccumulator(plan, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
+
+
+def remove_stale_snapshots(path: str, stage: int, keep: int) -> int:
+    """Delete every statistics snapshot of ``stage`` but the one at ``keep``, files and all; returns how many.
+
+    A process killed while it pruned an old snapshot (or wrote a newer one) can leave that snapshot's
+    files without its group metadata, which zarr then no longer lists: only the file system finds
+    them. Local stores only (on object storage the prune's deletes are single requests per key).
+    """
+    import shutil
+
+    from .store import STATISTICS_GROUP
+
+    root = Path(path) / STATISTICS_GROUP / f"stage_{stage}"
+    if not root.is_dir():
+        return 0
+    stale = [d for d in root.iterdir() if d.name not in (f"batch_{keep:08d}", "zarr.json")]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+    return len(stale)
 
 
 def nonfinite_advice(compute_dtype: str, store_dtype: str) -> str:

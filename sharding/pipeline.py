@@ -67,6 +67,8 @@ def to_wire(t):
     """
     if t is None:
         return None
+    if isinstance(t, tuple):  # (hidden state, packed Dettmers hit bitmask): harvest.hits
+        return tuple(to_wire(x) for x in t), "tuple"
     t = t.detach().to("cpu")
     name = str(t.dtype).removeprefix("torch.")
     return (t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy(), name
@@ -77,6 +79,8 @@ def from_wire(wire):
     if wire is None:
         return None
     array, name = wire
+    if name == "tuple":
+        return tuple(from_wire(x) for x in array)
     t = torch.from_numpy(np.array(array))
     return t.view(getattr(torch, name)) if name in ("bfloat16", "float16") else t
 

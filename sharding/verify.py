@@ -7,7 +7,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from harvest.store import BOOKKEEPING as EXCLUDED
+from harvest.store import BOOKKEEPING
+
+#: ``analysis/`` is derived data: the harvest-time statistics are kept per stage (and off with replicas),
+#: so their layout follows the partition; their identity across stages, replicas and resumes has its
+#: own tests (tests/test_harvest_statistics.py)
+EXCLUDED = BOOKKEEPING + ("analysis",)
 
 
 def store_differences(a: str | Path, b: str | Path, exclude: tuple[str, ...] = EXCLUDED) -> list[str]:

@@ -210,11 +210,254 @@ def test_statistics_spec_errors_are_one_line(neox_ckpt, make_spec):
     from harvest.spec import parse_spec
 
     raw = make_spec(neox_ckpt, raw=True, capture={"statistics": "yes"})
-    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings, got 'yes'"):
+    with pytest.raises(SpecError, match=r"capture\.statistics must be true or false or a list of strings or null, "
+                                        r"got 'yes'"):
         parse_spec(raw)
     spec = make_spec(neox_ckpt, hooks=["resid_post", "z"], capture={"statistics": ["z"]})
-    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which is not a per-token"):
+    with pytest.raises(SpecError, match="capture.statistics names blocks.0.attn.hook_z, which has no single row per"):
         prepare(spec)
-    spec = make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": ["ln1"]})
-    with pytest.raises(HarvestError, match="ln1.hook_normalized"):  # not captured: statistics need it stored
+    spec = make_spec(neox_ckpt, hooks=["blocks.1.resid_post"], capture={"statistics": ["blocks.3.ln1"]})
+    with pytest.raises(HarvestError, match="names blocks.3.ln1.hook_normalized, but this harvest runs blocks 0..1"):
         prepare(spec)
+
+
+def test_statistics_are_on_by_default_and_off_when_asked(neox_ckpt, make_spec):
+    on = run(make_spec(neox_ckpt, hooks=["resid_post", "mlp_out"], store={"path": "default.zarr"}), progress=False)
+    stats = load_statistics(open_group(on.path))
+    assert sorted(stats.hooks) == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    assert open_group(on.path).attrs["harvest"]["spec"]["capture"]["statistics"] is True
+    off = run(make_spec(neox_ckpt, hooks=["resid_post"], capture={"statistics": False}, store={"path": "off.zarr"}),
+              progress=False)
+    assert load_statistics(open_group(off.path)) is None and "analysis" not in open_group(off.path)
+
+
+def test_statistics_of_hooks_that_are_not_stored_equal_the_scan_of_a_store_that_keeps_them(gptj_ckpt, make_spec):
+    """Named hooks (ln1, mlp_out) that are not stored, at sampled positions: the statistics equal the
+    scan of every position of a store that stores them."""
+    sampled = harvest(make_spec, gptj_ckpt, "unstored", ("resid_post",), positions={"sample": 3, "seed": 1},
+                      statistics=["ln1", "mlp_out"])
+    full = harvest(make_spec, gptj_ckpt, "stored", ("ln1", "resid_post", "mlp_out"))
+    group = open_group(sampled)
+    assert "blocks.0.ln1.hook_normalized" not in group and "blocks.0.hook_mlp_out" not in group
+    assert_same(load_statistics(group), scan_index(full))
+
+
+# --- Dettmers' criterion from the statistics alone ---------------------------------------------------
+
+REPORT_ARRAYS_EXACT = ("layers", "is_outlier", "outlier_dims", "hits", "max_abs", "nonfinite", "layer_seq_frac",
+                       "hits_per_sequence", "hist_dims", "hist_counts")
+REPORT_ARRAYS_CLOSE = ("layer_frac", "pos_frac", "seq_frac", "share_sq_norm", "hist_sums")
+
+
+def assert_same_criterion(from_stats, from_scan) -> None:
+    """Counts exactly; fractions and sums to float64 rounding (summed in another order), the share of
+    ‖x‖² to float32 (the report stores it as float32)."""
+    a, b = from_stats.arrays, from_scan.arrays
+    for key in REPORT_ARRAYS_EXACT:
+        np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=key)
+    for key in REPORT_ARRAYS_CLOSE:
+        np.testing.assert_allclose(a[key][0], b[key][0], rtol=1e-6 if key == "share_sq_norm" else 1e-12,
+                                   err_msg=key)
+    ra, rb = from_stats.report, from_scan.report
+    assert ra["groups"] == rb["groups"] and ra["rows"] == rb["rows"]
+    assert ra["values"] == rb["values"]
+    assert [o["dim"] for o in ra["outlier_dims"]] == [o["dim"] for o in rb["outlier_dims"]]
+    assert [m["dim"] for m in ra["near_misses"]] == [m["dim"] for m in rb["near_misses"]]
+
+
+def criterion_both_ways(path, **fractions):
+    from analysis.outliers import analyze_outliers
+
+    params = ScanParams(**fractions)
+    kw = dict(write=False, plots=False, index=False, scheduler="sync")
+    return analyze_outliers(path, params, source="statistics", **kw), analyze_outliers(path, params, source="scan", **kw)
+
+
+@pytest.fixture(scope="module")
+def planted_neox(make_checkpoint, tmp_path_factory):
+    from analysis.synthetic import plant_residual_dim
+
+    return plant_residual_dim(make_checkpoint("gpt_neox"), tmp_path_factory.mktemp("planted") / "neox", "gpt_neox", 13)
+
+
+@pytest.mark.parametrize("fractions", [{}, {"layer_frac": 0.5, "pos_frac": 0.01}, {"layer_frac": 0.0, "pos_frac": 0.0}])
+def test_dettmers_criterion_from_the_statistics_equals_the_scan(planted_neox, make_spec, fractions):
+    path = harvest(make_spec, planted_neox, f"dettmers{len(fractions)}", ("ln1", "ln2", "resid_post"))
+    from_stats, from_scan = criterion_both_ways(path, **fractions)
+    assert from_stats.report["harvest_statistics"]["source"] == "statistics"
+    assert from_scan.outlier_dims and from_stats.report["values"]["ge_magnitude"] > 0
+    assert_same_criterion(from_stats, from_scan)
+
+
+def test_the_criterion_falls_back_to_the_scan_and_says_why(planted_neox, make_spec):
+    from analysis.outliers import analyze_outliers
+
+    path = harvest(make_spec, planted_neox, "fallback", ("ln1", "ln2"))
+    rep = analyze_outliers(path, ScanParams(magnitude=5.0), write=False, plots=False, index=False, scheduler="sync")
+    assert "counted |x| >= 6 at harvest time" in rep.report["harvest_statistics"]["note"]
+    with pytest.raises(Exception, match="--aggregate corpus"):
+        analyze_outliers(path, ScanParams(aggregate="corpus"), write=False, plots=False, source="statistics")
+
+
+def test_hits_are_counted_for_layernorms_that_are_not_stored(planted_neox, make_spec):
+    """Only resid_post stored: the statistics still saw ln1 and ln2 of every layer (the scan derives them)."""
+    path = harvest(make_spec, planted_neox, "resid_only", ("resid_post",))
+    from_stats, from_scan = criterion_both_ways(path)
+    assert from_stats.outlier_dims == from_scan.outlier_dims == [13]
+    assert [s["ln"] for s in from_stats.report["hidden_states"]["sources"]][:2] == ["ln1", "ln2"]
+
+
+@pytest.mark.slow
+def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_neox, make_spec, ray_session):
+    from harvest.statistics import load_dettmers
+
+    paths = {}
+    for n in (1, 2):
+        spec = make_spec(planted_neox, hooks=("ln1", "ln2", "resid_post"), capture={"statistics": True},
+                         run={"stages": n, "threads": 1}, store={"path": f"d{n}.zarr"})
+        paths[n] = run(spec, progress=False).path
+    a, b = (load_dettmers(open_group(paths[n])) for n in (1, 2))
+    assert len(b.states) == 2 and a.sources == b.sources
+    for key, value in a.reduce(0.25, 0.06).items():
+        np.testing.assert_array_equal(value if not isinstance(value, dict) else value["count"],
+                                      b.reduce(0.25, 0.06)[key] if not isinstance(value, dict)
+                                      else b.reduce(0.25, 0.06)[key]["count"], err_msg=key)
+    assert_same_criterion(*criterion_both_ways(paths[2]))
+
+
+def test_device_kernels_equal_the_host_kernels(tmp_path):
+    """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
+    and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
+    import torch
+
+    from harvest.running import DeviceStatistics
+
+    rng = np.random.default_rng(1)
+    starts = np.cumsum([0] + [int(n) for n in rng.integers(3, 9, 12)]).astype(np.int64)
+    values = (rng.standard_normal((int(starts[-1]), 24)) * 3).astype(np.float32)
+    values[4, 5] = np.nan
+    values[30, 7] = np.inf
+    values[::7, 11] = 9.0  # ties across rows
+    plan = StatisticsPlan(("h",), 4, 6.0, starts)
+    host, device = StatisticsAccumulator(plan), StatisticsAccumulator(plan)
+    kernels = DeviceStatistics(("h",), 4, 6.0)
+    stale = {}
+    kernels.floors = lambda: stale  # the device sees the host's floor one batch late (as behind a queue)
+    phases = []
+    for b, (s0, s1) in enumerate([(0, 1), (1, 3), (3, 4), (4, 8), (8, 12)]):
+        rows = values[starts[s0]:starts[s1]]
+        host.add(b, s0, {"h": rows})
+        out = kernels.batch({"h": torch.from_numpy(rows.copy())})
+        phases.append("dense" if "stats:h:dense" in out else "candidates")
+        device.add(b, s0, {k: v.numpy() for k, v in out.items()})
+        stale = device.floors()
+    host.fold(5)
+    device.fold(5)
+    got, want = device.results()["h"], host.results()["h"]
+    assert int(want["nonfinite_total"]) == 2 and want["top_rows"].shape == (4, 24)
+    assert phases[0] == "dense" and phases[-1] == "candidates"
+    for key in ("count", "count_ge", "max_abs", "top_rows", "top_values", "nonfinite", "nonfinite_rows",
+                "nonfinite_first_row"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+    np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)  # the host squares deviations in float32
+    exact = np.where(np.isfinite(values), values, np.nan).astype(np.float64)
+    np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
+
+
+def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
+    """``harvest query dim`` loads one column per hook: the snapshot's per-dimension arrays are one shard
+    each, chunked along the columns, and loading dim 5 reads their shard indexes and one small chunk per
+    hook (64 columns a chunk; 16 here, so that the toy's 64-wide hooks span several)."""
+    from zarr.storage import LocalStore, WrapperStore
+
+    from harvest import store as store_module
+    from harvest.store import PER_DIMENSION
+
+    monkeypatch.setattr(store_module, "STATISTICS_COLUMNS", 16)
+    STATISTICS_COLUMNS = 16
+
+    class Recording(WrapperStore):
+        reads: list = []
+
+        async def get(self, key, prototype, byte_range=None):
+            out = await self._store.get(key, prototype, byte_range)
+            if out is not None and "/analysis/statistics/" in f"/{key}" and key.split("/")[-1] != "zarr.json":
+                Recording.reads.append((key, len(out)))
+            return out
+
+    path = harvest(make_spec, neox_ckpt, "dimread", hooks=("ln1", "ln2", "resid_post"))
+    whole = load_statistics(open_group(path))
+    group = zarr.open_group(Recording(LocalStore(str(path), read_only=True)), mode="r")
+    one = load_statistics(group, dim=5)
+    assert one.widths == whole.widths and one.dim == 5 and one.column(5) == 0
+    for hook in whole.hooks:
+        for key, value in whole.hooks[hook].items():
+            if isinstance(value, np.ndarray) and value.ndim:
+                np.testing.assert_array_equal(one.hooks[hook][key][..., 0], value[..., 5], err_msg=f"{hook} {key}")
+    width = sum(whole.widths.values())
+    snap = open_group(path)["analysis/statistics/stage_0"]
+    arr = next(snap.groups())[1]["top_values"]
+    assert width > STATISTICS_COLUMNS and arr.chunks[-1] == STATISTICS_COLUMNS and arr.shards == arr.shape
+    reads = [(k, n) for k, n in Recording.reads if k.split("/")[4] in PER_DIMENSION]
+    assert {"mean", "m2", "top_rows", "top_values"} <= {k.split("/")[4] for k, _ in reads}  # zero chunks: unwritten
+    stored = sum(a.nbytes_stored() for key, a in next(snap.groups())[1].arrays() if key in PER_DIMENSION)
+    assert sum(n for _, n in reads) < stored / 2, (sum(n for _, n in reads), stored)  # not whole snapshots
+
+
+def test_a_snapshot_of_another_partition_is_refused_on_resume(neox_ckpt, make_spec):
+    """Snapshots are per stage: a stage whose hooks differ from the snapshot's (run.stages changed) must
+    not resume from it (it would silently count only the batches after the resume)."""
+    import dataclasses
+
+    from harvest.errors import StoreError
+    from harvest.runner import prepare
+    from harvest.writer import resume_statistics
+
+    spec = make_spec(neox_ckpt, hooks=("ln1", "resid_post"), store={"path": "part.zarr"})
+    path = run(spec, progress=False).path
+    job = prepare(spec)
+    info = job.stage_info(job.stages[0])
+    assert resume_statistics(open_group(path), info).through == job.layout.n_batches  # the same partition resumes
+    first_half = dataclasses.replace(info.statistics, hooks=info.statistics.hooks[:4],
+                                     hits=dataclasses.replace(info.statistics.hits, last=False))
+    with pytest.raises(StoreError, match="run.stages changed since the harvest started"):
+        resume_statistics(open_group(path), dataclasses.replace(info, statistics=first_half))
+
+
+def test_cli_source_option(planted_neox, make_spec):
+    import json
+
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+
+    path = harvest(make_spec, planted_neox, "cli", ("ln1", "ln2", "resid_post"))
+    args = ["analyze", "outliers", str(path), "--json", "--no-plots", "--no-write", "--no-index"]
+    stats = CliRunner().invoke(app, args + ["--source", "statistics", "--pos-frac", "0.5"])
+    assert stats.exit_code == 0, stats.output
+    out = json.loads(stats.output)
+    assert out["harvest_statistics"]["source"] == "statistics" and out["params"]["pos_frac"] == 0.5
+    auto = json.loads(CliRunner().invoke(app, args).output)  # every token stored: the scan, and why
+    assert "every token is stored" in auto["harvest_statistics"]["note"]
+    assert [o["dim"] for o in auto["outlier_dims"]] == [o["dim"] for o in out["outlier_dims"]] == [13]
+    bad = CliRunner().invoke(app, args + ["--source", "statistics", "--magnitude", "4"])
+    assert bad.exit_code != 0 and "counted |x| >= 6 at harvest time" in str(bad.exception)
+
+
+def test_orphaned_snapshot_files_are_removed_on_resume(neox_ckpt, make_spec):
+    """A kill during a prune can leave a snapshot's files without its group metadata (zarr no longer
+    lists it): the resumed writer removes them, keeping only the snapshot it resumes from."""
+    from harvest.runner import prepare
+    from harvest.writer import resume_statistics
+
+    spec = make_spec(neox_ckpt, hooks=("ln1",), store={"path": "orphans.zarr"})
+    path = run(spec, progress=False).path
+    stage_dir = path / "analysis/statistics/stage_0"
+    (kept,) = [d.name for d in stage_dir.iterdir() if d.is_dir()]
+    orphan = stage_dir / "batch_00000001" / "count_ge" / "c"
+    orphan.mkdir(parents=True)
+    (orphan / "0").write_bytes(b"torn")
+    job = prepare(spec)
+    assert resume_statistics(open_group(path), job.stage_info(job.stages[0])) is not None
+    assert sorted(p.name for p in stage_dir.iterdir()) == [kept, "zarr.json"]

@@ -234,3 +234,30 @@ def test_end_to_end_planted_dimension_is_found_in_the_right_layers(arch, hooks, 
     assert o["sign"] == "+" and o["one_sided"] and 10 < o["quartiles"][1] < 16
     assert o["ln_weight"]["ln1"] == [1.0, 2.0, 2.0, 2.0]
     assert rep.report["hidden_states"]["ln_applied"] == (arch == "gptj")
+
+
+@pytest.mark.parametrize("arch,hooks", [
+    ("gpt_neox", ["blocks.*.ln1.hook_normalized", "blocks.*.ln2.hook_normalized", "blocks.*.hook_resid_post"]),
+    ("gptj", ["hook_embed", "blocks.*.hook_resid_post"]),  # the statistics saw ln1, which is not stored
+])
+def test_planted_dimension_is_found_from_the_statistics_with_the_arrays_deleted(arch, hooks, make_checkpoint,
+                                                                                 make_spec, tmp_path):
+    from harvest.runner import run
+    from harvest.store import open_group
+
+    ckpt = plant_residual_dim(make_checkpoint(arch), tmp_path / f"{arch}-edited", arch, PLANT_DIM)
+    path = run(make_spec(ckpt, hooks=hooks, capture={"statistics": True}), progress=False).path
+    group = open_group(path, mode="r+")
+    stored = [name for name in group.array_keys() if name.startswith(("blocks.", "hook_"))]
+    assert stored
+    for name in stored:
+        del group[name]
+    rep = analyze_outliers(path, plots=False, scheduler="sync")
+    assert rep.report["harvest_statistics"]["source"] == "statistics"
+    assert rep.outlier_dims == [PLANT_DIM], rep.format()
+    o = rep.report["outlier_dims"][0]
+    assert o["layers_affected"] == [1, 2, 3] and rep.report["hidden_states"]["layers"] == [0, 1, 2, 3]
+    assert o["layer_frac"] == pytest.approx(0.75) and o["pos_frac"] == 1.0
+    assert o["sign"] == "+" and o["one_sided"] and 10 < o["quartiles"][1] < 16
+    assert o["ln_weight"]["ln1"] == [1.0, 2.0, 2.0, 2.0]
+    assert "harvest-time statistics of blocks.{l}.ln1.hook_normalized" in rep.report["hidden_states"]["summary"][0]
