@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,11 @@ from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sour
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
-from .store import is_store, location_exists, open_group, read_provenance, remove_store, write_provenance
+from .store import STATISTICS_GROUP, is_store, location_exists, open_group, read_provenance, remove_store, write_provenance
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -179,6 +182,7 @@ def _fingerprint_fields(job: Job, tokenizer) -> dict[str, str]:
     """
     spec = job.spec
     capture = spec.to_dict()["capture"]
+    capture.pop("statistics")  # kept beside the rows, not in them: a resume decides (``continue_statistics``)
     capture["hooks"] = [p.name for p in job.hooks]
     capture["store_dtype"] = job.store_dtype
     fields = {
@@ -293,6 +297,7 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     job.arrays = stored_layout(job.arrays, group)
     n_stages_before = len(info.get("stages", []))
     start = first_incomplete(group)
+    continue_statistics(job, info, group, start, same_stages=n_stages_before == len(job.stages))
     if n_stages_before != len(job.stages):
         # a different partition owns different arrays; restart from the common durable prefix
         create_manifest(group, len(job.stages), job.layout.n_batches)
@@ -302,6 +307,37 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     info.update(status="running", stages=_provenance(job, "running")["stages"])
     write_provenance(group, info)
     return start
+
+
+def continue_statistics(job: Job, info: dict[str, Any], group, start: int, *, same_stages: bool) -> None:
+    """Decide whether a resumed run keeps harvest-time statistics; never let them cover part of a job silently.
+
+    Statistics (``capture.statistics``) count every token since batch 0, per stage, in batch order. A resume
+    continues them only when it can do so exactly: the same statistics, the same stage partition, and no
+    replicas (which do not merge them yet). Otherwise a resume still goes on, since the activations do not
+    depend on it, but without statistics: the snapshots so far are deleted, the provenance records why
+    and from which batch, and the analyses scan the stored rows instead. A store that began without
+    statistics cannot gain them mid-job either.
+    """
+    before = ((info.get("spec") or {}).get("capture") or {}).get("statistics") or False
+    wanted = job.spec.to_dict()["capture"]["statistics"] or False
+    if start == 0 or (before == wanted and (not wanted or same_stages)):
+        if start == 0 and before and before != wanted and STATISTICS_GROUP in group:
+            del group[STATISTICS_GROUP]  # nothing computed yet: the new run starts its own
+        return
+    if before:
+        why = ("run.stages changed" if before == wanted else
+               "run.replicas is not 1 (replicas do not merge statistics yet)" if job.spec.run.replicas != 1 else
+               "capture.statistics changed")
+        if STATISTICS_GROUP in group:
+            del group[STATISTICS_GROUP]
+        info["statistics_dropped"] = {"batch": start, "reason": why}
+        log.warning("harvest-time statistics dropped at batch %d of %s: %s; the analyses will scan the stored rows",
+                    start, job.path, why)
+    else:
+        log.info("no harvest-time statistics for %s: it began without them at batch 0", job.path)
+    job.spec = dataclasses.replace(job.spec, capture=dataclasses.replace(job.spec.capture, statistics=False))
+    info.setdefault("spec", {}).setdefault("capture", {})["statistics"] = False
 
 
 def stored_layout(arrays: list[ArrayPlan], group) -> list[ArrayPlan]:
@@ -334,7 +370,8 @@ def _check_fingerprint(info: dict[str, Any], job: Job, path: Path) -> None:
 #: spec keys that change who computes a row or where the store is, not the stored bytes
 _NOT_FINGERPRINTED = {"name", "store.path", "store.root", "store.storage_options", "model.device", "model.hash_weights", "run.stages",
                       "run.threads", "run.write_queue", "run.write_threads", "run.address", "run.max_in_flight",
-                      "run.memory_gib", "run.max_restarts", "run.dashboard", "run.replicas"}
+                      "run.memory_gib", "run.max_restarts", "run.dashboard", "run.replicas",
+                      "capture.statistics"}
 
 
 def changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

@@ -461,3 +461,57 @@ def test_orphaned_snapshot_files_are_removed_on_resume(neox_ckpt, make_spec):
     job = prepare(spec)
     assert resume_statistics(open_group(path), job.stage_info(job.stages[0])) is not None
     assert sorted(p.name for p in stage_dir.iterdir()) == [kept, "zarr.json"]
+
+
+def _interrupt_after(path, batches: int) -> None:
+    """Make a finished store look like a run stopped after ``batches`` durable batches."""
+    from harvest.store import read_provenance, write_provenance
+
+    group = open_group(path, mode="r+")
+    for name in group["_progress"].array_keys():
+        group["_progress"][name][batches:] = 0
+    info = read_provenance(group)
+    info["status"] = "interrupted"
+    write_provenance(group, info)
+
+
+def _resumed_without_statistics(path, reference, reason: str | None) -> None:
+    from harvest.store import STATISTICS_GROUP, read_provenance
+    from sharding.verify import store_differences
+
+    group = open_group(path)
+    info = read_provenance(group)
+    assert info["status"] == "complete" and info["spec"]["capture"]["statistics"] is False
+    assert STATISTICS_GROUP not in group and load_statistics(group) is None  # nothing covers part of the job
+    assert info.get("statistics_dropped", {}).get("reason") == reason
+    assert store_differences(path, reference) == []  # the rows are the uninterrupted run's
+
+
+def test_a_resume_that_cannot_continue_the_statistics_drops_them_and_says_so(neox_ckpt, make_spec, caplog):
+    """Statistics count from batch 0 in one partition: a resume with other statistics keeps harvesting but
+    deletes the partial snapshots and records why, rather than leaving statistics of part of the job."""
+    reference = run(make_spec(neox_ckpt, store={"path": "ref.zarr"}), progress=False).path
+    path = run(make_spec(neox_ckpt, store={"path": "changed.zarr"}), progress=False).path
+    _interrupt_after(path, 2)
+    other = make_spec(neox_ckpt, capture={"statistics": ["blocks.0.hook_resid_post"]}, store={"path": "changed.zarr"})
+    with caplog.at_level("WARNING", logger="harvest.runner"):
+        assert run(other, resume=True, progress=False).batches == 2
+    assert "statistics dropped at batch 2" in caplog.text and "capture.statistics changed" in caplog.text
+    _resumed_without_statistics(path, reference, "capture.statistics changed")
+
+    began_without = run(make_spec(neox_ckpt, capture={"statistics": False}, store={"path": "none.zarr"}),
+                        progress=False).path
+    _interrupt_after(began_without, 1)
+    run(make_spec(neox_ckpt, store={"path": "none.zarr"}), resume=True, progress=False)  # default: on
+    _resumed_without_statistics(began_without, reference, None)  # they cannot start mid-job
+
+
+@pytest.mark.slow
+def test_resume_with_replicas_drops_the_statistics_of_one_replica(neox_ckpt, make_spec, ray_session, caplog):
+    """Resume with any R: a job begun with one replica (statistics on by default) resumes with two."""
+    reference = run(make_spec(neox_ckpt, store={"path": "ref.zarr"}), progress=False).path
+    path = run(make_spec(neox_ckpt, store={"path": "r.zarr"}), progress=False).path
+    _interrupt_after(path, 1)
+    with caplog.at_level("WARNING", logger="harvest.runner"):
+        run(make_spec(neox_ckpt, run={"replicas": 2}, store={"path": "r.zarr"}), resume=True, progress=False)
+    _resumed_without_statistics(path, reference, "run.replicas is not 1 (replicas do not merge statistics yet)")

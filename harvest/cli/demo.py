@@ -103,7 +103,6 @@ DEMO_S3_KEYS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "A
 def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
     """Harvest ``spec`` again with REPLICAS data-parallel pipelines into s3:// on a loopback moto server,
     then show the bucket's store is the local one, element for element, and analyse it in place."""
-    import dataclasses
     import logging
     import os
 
@@ -122,10 +121,11 @@ def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
         endpoint = f"http://{host}:{port}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="activations")
         print(f"S3 server {endpoint} (moto), bucket s3://activations")
-        remote = dataclasses.replace(
-            spec, run=dataclasses.replace(spec.run, replicas=REPLICAS),
-            store=dataclasses.replace(spec.store, root="s3://activations/stores",
-                                      storage_options={"endpoint": endpoint, "region": "us-east-1"}))
+        raw = spec.to_dict()
+        raw["capture"].pop("statistics")  # the default again: off with replicas, which do not merge them yet
+        raw["run"]["replicas"] = REPLICAS
+        raw["store"].update(root="s3://activations/stores", storage_options={"endpoint": endpoint, "region": "us-east-1"})
+        remote = parse_spec(raw, base_dir=spec.base_dir)
         result = run(remote, overwrite=True)
         print(f"harvested {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s) "
               f"into {result.path}")
