@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from harvest.errors import ClusterError, HarvestError, JobNotFoundError, did_you_mean
+from harvest.objstore import configure, is_url
 
 from .connection import connect, first_line
 from .progress import Progress, duration, format_progress, job_progress
@@ -15,6 +17,8 @@ from .protocol import parse_error, rebuild_error
 
 #: job metadata keys (``ray job list`` shows them too)
 META_SPEC, META_STORE, META_STAGES = "harvest.spec", "harvest.store", "harvest.stages"
+#: the store's store.storage_options (endpoint, region; never credentials), JSON: status reads a bucket from here
+META_STORAGE = "harvest.storage_options"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -85,6 +89,8 @@ def status_from(info, log_text: str | None, *, with_progress: bool = True) -> Jo
     """A ``JobStatus`` from the Jobs API's ``JobDetails`` and the job's log."""
     meta = info.metadata or {}
     store = meta.get(META_STORE)
+    if store and is_url(store) and META_STORAGE in meta:
+        configure(store, json.loads(meta[META_STORAGE]))
     state = str(info.status)
     error = parse_error(log_text) if state == "FAILED" else None
     return JobStatus(

@@ -17,6 +17,7 @@ What a submitted job is:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -43,7 +44,7 @@ from .connection import connect, dashboard_url, first_line, is_local
 from .progress import Progress
 from .protocol import READY_TAG, parse_error, rebuild_error
 from .resources import check_resources, cluster_nodes, entrypoint_resources, job_needs, total
-from .state import META_SPEC, META_STAGES, META_STORE, TERMINAL, job_info, logs_text
+from .state import META_SPEC, META_STAGES, META_STORAGE, META_STORE, TERMINAL, job_info, logs_text
 
 #: the packages of this project, shipped to the cluster as py_modules unless ship_code=False
 PACKAGES = ("harvest", "sharding", "analysis", "cluster")
@@ -203,7 +204,8 @@ def submit(spec_path: str | Path, address: str | None = None, *, resume: bool = 
             return SubmittedJob(job_id, url, str(store), command, "DRY-RUN", env, tuple(warnings), resumes_from)
         client.submit_job(
             entrypoint=command, submission_id=job_id, runtime_env=env,
-            metadata={META_SPEC: spec.name, META_STORE: str(store), META_STAGES: str(spec.run.stages)},
+            metadata={META_SPEC: spec.name, META_STORE: str(store), META_STAGES: str(spec.run.stages),
+                      META_STORAGE: json.dumps(spec.store.storage_options)},
             **entrypoint_resources(needs),
         )
     finally:

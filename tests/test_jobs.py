@@ -308,6 +308,23 @@ def test_a_job_s_error_comes_back_as_its_own_class(make_spec, neox_ckpt, tmp_pat
     assert type(protocol.rebuild_error("NotOurs", "boom")) is ClusterError
 
 
+def test_status_reads_a_bucket_store_through_the_endpoint_the_job_was_submitted_with(monkeypatch):
+    """``harvest status`` runs in a process that never parsed the spec: the submission's metadata tells it
+    where the bucket's service is (endpoint and region only: credentials never enter the metadata)."""
+    import json
+
+    from harvest import objstore
+
+    monkeypatch.setattr(objstore, "_options", {})
+    seen = []
+    monkeypatch.setattr(state, "job_progress", lambda log, store: seen.append(objstore._options.get("s3://b")))
+    options = {"endpoint": "http://127.0.0.1:9", "region": "us-east-1"}
+    info = _details("harvest-s3-1", "RUNNING", **{state.META_SPEC: "s3", state.META_STORE: "s3://b/runs/job.zarr",
+                                                  state.META_STAGES: "2", state.META_STORAGE: json.dumps(options)})
+    state.status_from(info, None)
+    assert seen == [options]
+
+
 def test_status_formatting():
     info = _details("harvest-demo-1", "FAILED", **{state.META_SPEC: "demo", state.META_STORE: "/nope/demo.zarr",
                                                      state.META_STAGES: "2"})
