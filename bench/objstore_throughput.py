@@ -170,9 +170,10 @@ class ThrottlingProxy:
     one connection's bandwidth capped, as on a cloud bucket, many connections in parallel."""
 
     def __init__(self, upstream: str, mib_s: float):
-        import http.client
         import http.server
         import threading
+
+        import s3server
 
         host, port = upstream.removeprefix("http://").split(":")
 
@@ -186,20 +187,7 @@ class ThrottlingProxy:
                 t = time.perf_counter()
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 time.sleep(max(0.0, len(body) / (mib_s * 2**20) - (time.perf_counter() - t)))
-                conn = http.client.HTTPConnection(host, int(port), timeout=300)
-                conn.request(self.command, self.path, body=body,
-                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                s3server.forward(self, host, port, body, timeout=300)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

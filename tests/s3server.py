@@ -87,6 +87,24 @@ def etag(endpoint: str, bucket: str, key: str) -> str:
 _ERRORS = {503: b"SlowDown", 500: b"InternalError", 403: b"AccessDenied", 400: b"InvalidRequest"}
 
 
+def forward(handler: http.server.BaseHTTPRequestHandler, host: str, port: str, body: bytes, timeout: float) -> None:
+    """Send ``handler``'s request (its ``body`` already read) to ``host:port`` and answer with the reply."""
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+    conn.request(handler.command, handler.path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    handler.send_response(resp.status)
+    for k, v in resp.getheaders():
+        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+            handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+    conn.close()
+
+
 class FlakyProxy:
     """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and fails one request in ``every`` with 503.
 
@@ -128,20 +146,7 @@ class FlakyProxy:
                     self.end_headers()
                     self.wfile.write(msg)
                     return
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                forward(self, host, port, body, timeout=60)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
