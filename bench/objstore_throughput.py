@@ -171,7 +171,6 @@ class ThrottlingProxy:
 
     def __init__(self, upstream: str, mib_s: float):
         import http.server
-        import threading
 
         import s3server
 
@@ -191,12 +190,7 @@ class ThrottlingProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.endpoint = s3server.serve(Handler)
 
     def close(self) -> None:
         self.server.shutdown()

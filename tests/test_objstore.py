@@ -30,16 +30,8 @@ BUCKET = "acts"
 
 @pytest.fixture(scope="session")
 def s3():
-    saved = {k: os.environ.get(k) for k in s3server.ACCESS}
-    server, endpoint = s3server.start_server()
-    s3server.create_bucket(endpoint, BUCKET)
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3server.running_server(BUCKET) as endpoint:
+        yield endpoint
 
 
 def s3_spec(make_spec, ckpt, endpoint: str, prefix: str, raw=False, **sections):
@@ -103,7 +95,7 @@ def test_harvest_analyse_query_and_plain_xarray(s3, neox_ckpt, make_spec, tmp_pa
     assert out.returncode == 0, out.stderr
     q = cli("query", "dim", url, "3", endpoint=s3, cwd=tmp_path)
     assert q.returncode == 0, q.stderr
-    assert f"dim 3 of " in q.stdout and f"in {url}" in q.stdout, q.stdout  # the URL whole, not s3:/…
+    assert "dim 3 of " in q.stdout and f"in {url}" in q.stdout, q.stdout  # the URL whole, not s3:/…
     shown = cli("inspect", url, endpoint=s3, cwd=tmp_path)
     assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
     no_secret(out.stdout + out.stderr + q.stdout + q.stderr + shown.stdout + shown.stderr)

@@ -227,13 +227,19 @@ def test_end_to_end_planted_dimension_is_found_in_the_right_layers(arch, hooks, 
     ckpt = plant_residual_dim(make_checkpoint(arch), tmp_path / f"{arch}-edited", arch, PLANT_DIM)
     path = run(make_spec(ckpt, hooks=hooks), progress=False).path
     rep = analyze_outliers(path, plots=False)
+    assert_planted_dimension(rep)
+    assert rep.report["hidden_states"]["ln_applied"] == (arch == "gptj")
+
+
+def assert_planted_dimension(rep) -> None:
+    """``plant_residual_dim``'s dimension is the one outlier: in layers 1-3 (LayerNorm weight 2 on it there)
+    at every position, one-sided, its median |x| between 10 and 16."""
     assert rep.outlier_dims == [PLANT_DIM], rep.format()
     o = rep.report["outlier_dims"][0]
     assert o["layers_affected"] == [1, 2, 3] and rep.report["hidden_states"]["layers"] == [0, 1, 2, 3]
     assert o["layer_frac"] == pytest.approx(0.75) and o["pos_frac"] == 1.0
     assert o["sign"] == "+" and o["one_sided"] and 10 < o["quartiles"][1] < 16
     assert o["ln_weight"]["ln1"] == [1.0, 2.0, 2.0, 2.0]
-    assert rep.report["hidden_states"]["ln_applied"] == (arch == "gptj")
 
 
 @pytest.mark.parametrize("arch,hooks", [
@@ -254,10 +260,5 @@ def test_planted_dimension_is_found_from_the_statistics_with_the_arrays_deleted(
         del group[name]
     rep = analyze_outliers(path, plots=False, scheduler="sync")
     assert rep.report["harvest_statistics"]["source"] == "statistics"
-    assert rep.outlier_dims == [PLANT_DIM], rep.format()
-    o = rep.report["outlier_dims"][0]
-    assert o["layers_affected"] == [1, 2, 3] and rep.report["hidden_states"]["layers"] == [0, 1, 2, 3]
-    assert o["layer_frac"] == pytest.approx(0.75) and o["pos_frac"] == 1.0
-    assert o["sign"] == "+" and o["one_sided"] and 10 < o["quartiles"][1] < 16
-    assert o["ln_weight"]["ln1"] == [1.0, 2.0, 2.0, 2.0]
+    assert_planted_dimension(rep)
     assert "harvest-time statistics of blocks.{l}.ln1.hook_normalized" in rep.report["hidden_states"]["summary"][0]
