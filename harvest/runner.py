@@ -322,8 +322,10 @@ def continue_statistics(job: Job, info: dict[str, Any], group, start: int, *, sa
     before = ((info.get("spec") or {}).get("capture") or {}).get("statistics") or False
     wanted = job.spec.to_dict()["capture"]["statistics"] or False
     if start == 0 or (before == wanted and (not wanted or same_stages)):
-        if start == 0 and before and before != wanted and STATISTICS_GROUP in group:
-            del group[STATISTICS_GROUP]  # nothing computed yet: the new run starts its own
+        if start == 0 and before != wanted:  # nothing computed yet: the new run starts its own
+            if STATISTICS_GROUP in group:
+                del group[STATISTICS_GROUP]
+            info.setdefault("spec", {}).setdefault("capture", {})["statistics"] = wanted
         return
     if before:
         why = ("run.stages changed" if before == wanted else
