@@ -133,6 +133,15 @@ def stdlib_docstrings(limit: int | None = None) -> list[str]:
     return docs
 
 
+def write_stdlib_corpus(directory: Path, limit: int) -> Path:
+    """``directory`` filled with the first ``limit`` stdlib docstrings, one ``docNN.txt`` file each: a
+    corpus long enough for a packed job of many batches (one file per document, as a user's corpus)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(stdlib_docstrings(limit=limit)):
+        (directory / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    return directory
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use
     print(build_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gpt_neox"))
 

@@ -184,14 +184,11 @@ def test_transient_503s_are_retried_into_an_identical_store(s3, neox_ckpt, make_
 @pytest.mark.timeout(420)
 def test_sigkill_then_resume_is_identical_object_by_object(s3, make_checkpoint, make_spec, tmp_path):
     from harvest.store import open_group
-    from harvest.toy import stdlib_docstrings
+    from harvest.toy import write_stdlib_corpus
 
     ckpt = make_checkpoint("gpt_neox", hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
                            intermediate_size=768)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(stdlib_docstrings(limit=60)):
-        (corpus / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    corpus = write_stdlib_corpus(tmp_path / "corpus", limit=60)
     raw = s3_spec(make_spec, ckpt, s3, "kill", raw=True, run={"batch_size": 2, "threads": 1},
                   hooks=["hook_embed", "blocks.*.hook_resid_post", "blocks.3.attn.hook_pattern"],
                   prompts={"paths": [str(corpus / "*.txt")], "seq_len": 64, "mode": "packed", "max_sequences": 120},

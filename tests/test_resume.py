@@ -13,7 +13,7 @@ import pytest
 import yaml
 import zarr
 
-from harvest.toy import stdlib_docstrings
+from harvest.toy import write_stdlib_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +44,7 @@ def test_sigkill_then_resume_is_byte_identical(arch, make_checkpoint, make_spec,
     ckpt = make_checkpoint(arch, **shape)
     hooks = ["hook_embed", "blocks.*.hook_resid_post", "blocks.{1..2}.attn.hook_z", "blocks.3.attn.hook_pattern",
              "blocks.2.mlp.hook_post"]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(stdlib_docstrings(limit=60)):
-        (corpus / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    corpus = write_stdlib_corpus(tmp_path / "corpus", limit=60)
     raw = make_spec(ckpt, hooks=hooks, raw=True, run={"batch_size": 2, "threads": 1},
                     prompts={"paths": [str(corpus / "*.txt")], "seq_len": 64, "mode": "packed", "max_sequences": 120},
                     store={"chunk_mib": 0.05, "chunks_per_shard": 2})

@@ -22,7 +22,7 @@ import pytest
 import yaml
 import zarr
 
-from harvest.toy import stdlib_docstrings
+from harvest.toy import write_stdlib_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,7 @@ def job(tmp_path_factory, make_checkpoint):
     d = tmp_path_factory.mktemp("signals")
     ckpt = make_checkpoint("gpt_neox", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                            intermediate_size=512)
-    corpus = d / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(stdlib_docstrings(limit=80)):
-        (corpus / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    corpus = write_stdlib_corpus(d / "corpus", limit=80)
     raw = {
         "name": "sig",
         "model": {"path": str(ckpt), "device": "cpu"},
