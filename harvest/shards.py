@@ -257,11 +257,14 @@ class ShardFileWriter:
         self._crc = 0  #: crc32c of those rows
         self._tail = aligned_empty(SECTOR)  #: a record's checksum, then zeros up to the next page
         self._index = aligned_empty(-(-g.index_bytes // SECTOR) * SECTOR)
+        #: the encoded index of a full shard, the same for every one: encoded once
+        self._full_index = bytes(encode_shard_index(g.chunks_per_shard, g, self._index))
         self._token = uuid.uuid4().hex
+        self._dir = os.fspath(self.dir)  #: paths of the hot path are strings (``pathlib`` costs µs per call)
         self._fd: int | None = None
-        self._tmp: Path | None = None
-        self._final: Path | None = None
-        self._new_dirs: list[Path] = []
+        self._tmp: str | None = None
+        self._final: str | None = None
+        self._new_dirs: list[str] = []
         self._chunks = 0  #: records written to the open shard
 
     # --- the hot path ----------------------------------------------------------------------------
@@ -347,7 +350,10 @@ class ShardFileWriter:
             os.close(self._fd)
             self._fd = None
         if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
             self._tmp = None
         self._staged, self._in_chunk, self._crc, self._chunks, self.cursor = 0, 0, 0, 0, self.durable
 
@@ -431,8 +437,8 @@ class ShardFileWriter:
         self._staged = 0
 
     def _pwritev(self, buffers: list, offset: int) -> None:
-        total = sum(len(b) for b in buffers)
         done = os.pwritev(self._fd, buffers, offset)
+        total = sum(map(len, buffers))
         while done < total:  # short writes are rare (signals, quotas): finish them plainly
             rest = b"".join(bytes(b) for b in buffers)[done:]
             done += os.pwrite(self._fd, rest, offset + done)
@@ -441,13 +447,11 @@ class ShardFileWriter:
 
     def _open_shard(self) -> None:
         shard = self.cursor // self.geometry.shard_rows
-        self._final = self.dir / self.chunk_key(shard)
-        parent = self._final.parent
-        if not parent.is_dir():
-            missing = [p for p in (parent, *parent.parents) if not p.exists()]
-            parent.mkdir(parents=True, exist_ok=True)
-            self._new_dirs = missing
-        self._tmp = parent / f"{self._final.name}.{self._token}{PARTIAL_SUFFIX}"
+        final = os.path.join(self._dir, self.chunk_key(shard))
+        parent, name = os.path.split(final)
+        self._new_dirs = _make_dirs(parent, self._dir)
+        self._final = final
+        self._tmp = os.path.join(parent, f"{name}.{self._token}{PARTIAL_SUFFIX}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         if self.direct:
             try:
@@ -468,13 +472,14 @@ class ShardFileWriter:
             self._write_staged()
         if self._in_chunk:
             self._end_piecewise_record()
-        index = encode_shard_index(self._chunks, g, self._index)
         at = self._chunks * g.stride
         if self.direct:  # whole pages from an aligned buffer, then cut the file to its size
+            encode_shard_index(self._chunks, g, self._index)
             self._pwritev([self._index[: -(-g.index_bytes // SECTOR) * SECTOR]], at)
             os.ftruncate(self._fd, at + g.index_bytes)
         else:
-            self._pwritev([index], at)
+            self._pwritev([self._full_index if self._chunks == g.chunks_per_shard
+                           else encode_shard_index(self._chunks, g, self._index)], at)
         if self.fsync:
             os.fdatasync(self._fd)
         os.close(self._fd)
@@ -482,9 +487,9 @@ class ShardFileWriter:
         os.replace(self._tmp, self._final)
         self._tmp = None
         if self.fsync:
-            _fsync_dir(self._final.parent)
+            _fsync_dir(os.path.dirname(self._final))
             for new in self._new_dirs:
-                _fsync_dir(new.parent)
+                _fsync_dir(os.path.dirname(new))
         self._new_dirs = []
         self.durable = self.cursor
 
@@ -545,7 +550,28 @@ def _address(buffer: memoryview) -> int:
     return np.frombuffer(buffer, dtype=np.uint8).ctypes.data
 
 
-def _fsync_dir(directory: Path) -> None:
+def _make_dirs(directory: str, root: str) -> list[str]:
+    """Create ``directory`` and its missing parents below ``root``; the ones created, deepest first.
+
+    One ``mkdir`` when only the directory itself is new (zarr's key ``c/<shard>/0`` makes one per
+    shard), nothing more when it exists; its parents are looked at only when they are missing."""
+    try:
+        os.mkdir(directory)
+        return [directory]
+    except FileExistsError:
+        return []
+    except FileNotFoundError:
+        if directory == root or len(directory) <= len(root):
+            raise
+    created = _make_dirs(os.path.dirname(directory), root)
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        return created
+    return [directory, *created]
+
+
+def _fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
