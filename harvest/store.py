@@ -17,8 +17,10 @@ Layout of one job's group (every array carries ``dimension_names``)::
     model/ln_final.{w,b}         (d_model,)
     tokenizer/{file}             (byte,) uint8             tokenizer files, to decode without the model
     _progress/stage_{i}          (batch,) uint8            1 = batch fully written by stage i
-    analysis/statistics/stage_{i}/batch_{b:08d}/{key}         harvest-time statistics of stage i's
-                                 hooks over batches [0, b) (``capture.statistics``; see below)
+    analysis/statistics/stage_{i}/unit_{a:08d}_{b:08d}/{key}  harvest-time statistics of stage i's hooks
+                                 over batches [a, b) of the unit starting at batch a (``capture.statistics``)
+    analysis/statistics/prefix/batch_{b:08d}/{key}            every hook's statistics over batches [0, b):
+                                 the units folded in order, all stages merged (see below)
 
 Activation arrays use the sharding codec (one file per shard, not per chunk) with a crc32c
 checksum on every inner chunk and on the shard index, so a torn or corrupted chunk is detected
@@ -220,22 +222,28 @@ def first_incomplete(group: zarr.Group) -> int:
 
 
 # --- harvest-time statistics: snapshots beside the manifest -----------------------------------------
+#
+# Each unit of work (``harvest.shape.unit_bounds``) has its statistics accumulated from nothing, by each
+# stage over its own hooks: ``stage_{i}/unit_{a}_{b}`` holds stage i's state over batches [a, b) of the
+# unit starting at a (b short of the unit's end while a one-replica run is inside it). The units that
+# every stage has whole and the manifest marks are folded, in unit order, into one ``prefix`` snapshot of
+# every hook (``harvest.statistics.compact_statistics``), and the snapshots it absorbed are deleted. A
+# snapshot is written before the manifest counts its batches, and never changed once it does.
 
 STATISTICS_GROUP = "analysis/statistics"
+PREFIX_GROUP = f"{STATISTICS_GROUP}/prefix"
 
 
-def _snapshot_name(stage: int, through: int) -> str:
-    return f"{STATISTICS_GROUP}/stage_{stage}/batch_{through:08d}"
+def unit_snapshot_name(stage: int, start: int, through: int) -> str:
+    return f"{STATISTICS_GROUP}/stage_{stage}/unit_{start:08d}_{through:08d}"
 
 
-def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[str, np.ndarray],
-                     attrs: dict[str, Any]) -> None:
-    """Stage ``stage``'s statistics over batches [0, through): written *before* the manifest says so.
+def prefix_snapshot_name(through: int) -> str:
+    return f"{PREFIX_GROUP}/batch_{through:08d}"
 
-    A snapshot is never changed once the manifest has advanced to it, so a process killed at any
-    point leaves the snapshot of its manifest frontier intact (a later, torn one is rewritten).
-    """
-    name = _snapshot_name(stage, through)
+
+def write_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """One statistics snapshot; its attributes go last, so a snapshot without them is torn (never read)."""
     if name in group:
         del group[name]
     snap = group.require_group(name)
@@ -251,7 +259,7 @@ def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[s
             arr[...] = data
         else:
             write_small(snap, key, data, dims)
-    snap.attrs["statistics"] = {**attrs, "through": through}
+    snap.attrs["statistics"] = attrs
 
 
 #: columns per chunk of a snapshot's per-dimension arrays (inside one shard per array)
@@ -260,29 +268,46 @@ STATISTICS_COLUMNS = 64
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
 
 
-def statistics_attrs(group: zarr.Group, stage: int, through: int) -> dict[str, Any]:
-    return dict(group[_snapshot_name(stage, through)].attrs["statistics"])
+def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
+    """A snapshot's attributes; None when it is torn (its attributes never landed)."""
+    try:
+        return dict(group[name].attrs["statistics"])
+    except KeyError:
+        return None
 
 
-def statistics_snapshots(group: zarr.Group, stage: int) -> list[int]:
-    """The batch counts of stage ``stage``'s snapshots, ascending."""
+def unit_snapshots(group: zarr.Group, stage: int) -> list[tuple[int, int]]:
+    """(first batch, through) of stage ``stage``'s unit snapshots, ascending."""
     name = f"{STATISTICS_GROUP}/stage_{stage}"
     if name not in group:
         return []
-    return sorted(int(key.removeprefix("batch_")) for key in group[name].group_keys())
+    out = []
+    for key in group[name].group_keys():
+        if key.startswith("unit_"):
+            a, b = key.removeprefix("unit_").split("_")
+            out.append((int(a), int(b)))
+    return sorted(out)
+
+
+def prefix_snapshots(group: zarr.Group) -> list[int]:
+    """The batch counts of the prefix snapshots, ascending (one but while a compaction is under way)."""
+    if PREFIX_GROUP not in group:
+        return []
+    return sorted(int(key.removeprefix("batch_")) for key in group[PREFIX_GROUP].group_keys())
 
 
 def statistics_stages(group: zarr.Group) -> list[int]:
     if STATISTICS_GROUP not in group:
         return []
-    return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys())
+    return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys()
+                  if key.startswith("stage_"))
 
 
-def read_statistics(group: zarr.Group, stage: int, through: int, columns: np.ndarray | None = None,
-                    keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_snapshot(group: zarr.Group, name: str, columns: np.ndarray | None = None,
+                  keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One snapshot's arrays (``keys``; all by default) and attributes; ``columns``: only those
     columns (last axis) of each array, read chunk by chunk."""
-    snap = group[_snapshot_name(stage, through)]
+    snap = group[name]
     arrays = {}
     for key, arr in snap.arrays():
         if keys is not None and key not in keys:
@@ -294,14 +319,46 @@ def read_statistics(group: zarr.Group, stage: int, through: int, columns: np.nda
     return arrays, dict(snap.attrs["statistics"])
 
 
-def prune_statistics(group: zarr.Group, stage: int, frontier: int) -> None:
-    """Drop the snapshots no resume can need: those older than the newest one at or below ``frontier``
-    (the first batch some stage has not marked: every stage restarts there)."""
-    have = statistics_snapshots(group, stage)
-    keep_from = max((b for b in have if b <= frontier), default=0)
-    for b in have:
-        if b < keep_from:
-            del group[_snapshot_name(stage, b)]
+@dataclass(frozen=True)
+class StatisticsCover:
+    """What a store's statistics snapshots cover: the newest whole prefix, and the whole units beyond it."""
+
+    prefix: int  #: batches [0, prefix) are in the prefix snapshot
+    prefix_name: str | None
+    units: list[tuple[int, int, list[str]]]  #: (first batch, end, every stage's snapshot) in unit order
+
+
+def statistics_cover(group: zarr.Group) -> StatisticsCover | None:
+    """The snapshots a reader folds: the newest prefix, then each unit beyond it that *every* stage of the
+    manifest has a whole snapshot of and that every stage has marked (the manifest decides: a snapshot of
+    batches it does not count is a run's unfinished work). None: the store has no statistics."""
+    if STATISTICS_GROUP not in group:
+        return None
+    prefixes = [b for b in prefix_snapshots(group) if snapshot_attrs(group, prefix_snapshot_name(b)) is not None]
+    prefix = prefixes[-1] if prefixes else 0
+    done = batches_done(group)
+    n_stages = len(list(group[MANIFEST_GROUP].array_keys()))
+    by_start: dict[int, dict[int, tuple[int, str]]] = {}
+    for stage in range(n_stages):
+        for a, b in unit_snapshots(group, stage):
+            if a < prefix or not done[a:b].all():
+                continue
+            name = unit_snapshot_name(stage, a, b)
+            attrs = snapshot_attrs(group, name)
+            if attrs is not None and int(attrs["end"]) == b:
+                by_start.setdefault(a, {})[stage] = (b, name)
+    units = []
+    for a in sorted(by_start):
+        have = by_start[a]
+        ends = {b for b, _ in have.values()}
+        if len(have) == n_stages and len(ends) == 1:
+            units.append((a, ends.pop(), [have[i][1] for i in range(n_stages)]))
+    return StatisticsCover(prefix, prefix_snapshot_name(prefix) if prefixes else None, units)
+
+
+def delete_snapshot(group: zarr.Group, name: str) -> None:
+    if name in group:
+        del group[name]
 
 
 # --- opening ------------------------------------------------------------------------------------

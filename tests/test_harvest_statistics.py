@@ -152,8 +152,9 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
     assert 3 <= killed_at < n_batches
     clean_stats = load_statistics(open_group(tmp_path / "stores" / "clean.zarr"))
     assert_identical(load_statistics(open_group(store)), clean_stats)
-    # one snapshot per stage is left: the final one
-    assert sorted(open_group(store)["analysis/statistics/stage_0"].group_keys()) == [f"batch_{n_batches:08d}"]
+    # one snapshot is left: the prefix of every unit; no unit's own
+    assert sorted(open_group(store)["analysis/statistics/prefix"].group_keys()) == [f"batch_{n_batches:08d}"]
+    assert not list(open_group(store)["analysis/statistics/stage_0"].group_keys())
 
 
 def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
@@ -396,33 +397,13 @@ def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_
             if isinstance(value, np.ndarray) and value.ndim:
                 np.testing.assert_array_equal(one.hooks[hook][key][..., 0], value[..., 5], err_msg=f"{hook} {key}")
     width = sum(whole.widths.values())
-    snap = open_group(path)["analysis/statistics/stage_0"]
+    snap = open_group(path)["analysis/statistics/prefix"]  # a finished job: every unit in the prefix
     arr = next(snap.groups())[1]["top_values"]
     assert width > STATISTICS_COLUMNS and arr.chunks[-1] == STATISTICS_COLUMNS and arr.shards == arr.shape
     reads = [(k, n) for k, n in Recording.reads if k.split("/")[4] in PER_DIMENSION]
     assert {"mean", "m2", "top_rows", "top_values"} <= {k.split("/")[4] for k, _ in reads}  # zero chunks: unwritten
     stored = sum(a.nbytes_stored() for key, a in next(snap.groups())[1].arrays() if key in PER_DIMENSION)
     assert sum(n for _, n in reads) < stored / 2, (sum(n for _, n in reads), stored)  # not whole snapshots
-
-
-def test_a_snapshot_of_another_partition_is_refused_on_resume(neox_ckpt, make_spec):
-    """Snapshots are per stage: a stage whose hooks differ from the snapshot's (run.stages changed) must
-    not resume from it (it would silently count only the batches after the resume)."""
-    import dataclasses
-
-    from harvest.errors import StoreError
-    from harvest.runner import prepare
-    from harvest.writer import resume_statistics
-
-    spec = make_spec(neox_ckpt, hooks=("ln1", "resid_post"), store={"path": "part.zarr"})
-    path = run(spec, progress=False).path
-    job = prepare(spec)
-    info = job.stage_info(job.stages[0])
-    assert resume_statistics(open_group(path), info).through == job.layout.n_batches  # the same partition resumes
-    first_half = dataclasses.replace(info.statistics, hooks=info.statistics.hooks[:4],
-                                     hits=dataclasses.replace(info.statistics.hits, last=False))
-    with pytest.raises(StoreError, match="run.stages changed since the harvest started"):
-        resume_statistics(open_group(path), dataclasses.replace(info, statistics=first_half))
 
 
 def test_cli_source_option(planted_neox, make_spec):
@@ -446,21 +427,22 @@ def test_cli_source_option(planted_neox, make_spec):
 
 
 def test_orphaned_snapshot_files_are_removed_on_resume(neox_ckpt, make_spec):
-    """A kill during a prune can leave a snapshot's files without its group metadata (zarr no longer
-    lists it): the resumed writer removes them, keeping only the snapshot it resumes from."""
+    """A kill while a snapshot was deleted or written can leave its files without its group metadata
+    (zarr no longer lists it): the resumed writer removes them, and the snapshots its manifest does not count."""
     from harvest.runner import prepare
     from harvest.writer import resume_statistics
 
     spec = make_spec(neox_ckpt, hooks=("ln1",), store={"path": "orphans.zarr"})
     path = run(spec, progress=False).path
     stage_dir = path / "analysis/statistics/stage_0"
-    (kept,) = [d.name for d in stage_dir.iterdir() if d.is_dir()]
-    orphan = stage_dir / "batch_00000001" / "count_ge" / "c"
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["zarr.json"]  # every unit folded into the prefix
+    orphan = stage_dir / "unit_00000000_00000001" / "count_ge" / "c"
     orphan.mkdir(parents=True)
     (orphan / "0").write_bytes(b"torn")
+    (stage_dir / "batch_00000001").mkdir()  # not a unit snapshot's name at all
     job = prepare(spec)
     assert resume_statistics(open_group(path), job.stage_info(job.stages[0])) is not None
-    assert sorted(p.name for p in stage_dir.iterdir()) == [kept, "zarr.json"]
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["zarr.json"]
 
 
 def _interrupt_after(path, batches: int) -> None:
