@@ -929,11 +929,18 @@ class HarvestStatistics:
         return int(r["count"][0] + r["nonfinite"][0]) if r["count"].size else 0
 
 
-def load_job_state(group, dim: int | None = None, contiguous: bool = False) -> JobState | None:
+#: the Dettmers arrays with one element per sequence or per (sequence, dimension) hit: the prefix keeps
+#: them apart (``store.append_sequences``), so folding a unit in writes only that unit's records
+SEQUENCE_KEYS = ("seq_len", "seq_hits", "lkeys", "lcount", "pkeys", "pcount")
+
+
+def load_job_state(group, dim: int | None = None, contiguous: bool = False, sequences: bool = True) -> JobState | None:
     """The job's statistics: the newest prefix snapshot, then every unit beyond it that each stage has a
     whole snapshot of and the manifest marks (``contiguous``: only those up to the first gap), in unit
-    order; None when the store has no statistics. ``dim``: that dimension's column of each hook only."""
-    from .store import PER_DIMENSION, read_snapshot, snapshot_attrs, statistics_cover
+    order; None when the store has no statistics. ``dim``: that dimension's column of each hook only.
+    ``sequences=False``: the prefix's per-sequence Dettmers records are left out (empty), for a compaction
+    that appends the units' own."""
+    from .store import PER_DIMENSION, read_sequences, read_snapshot, snapshot_attrs, statistics_cover
 
     cover = statistics_cover(group)
     if cover is None:
@@ -943,7 +950,11 @@ def load_job_state(group, dim: int | None = None, contiguous: bool = False) -> J
 
     def read(name: str):
         if dim is None:
-            return read_snapshot(group, name)
+            arrays, attrs = read_snapshot(group, name)
+            if "sequences" in attrs:  # a prefix: its per-sequence records are appended apart
+                lengths = attrs["sequences"] if sequences else {k: 0 for k in attrs["sequences"]}
+                arrays.update({f"dettmers_{k}": v for k, v in read_sequences(group, lengths).items()})
+            return arrays, attrs
         attrs = snapshot_attrs(group, name)
         offsets = np.concatenate([[0], np.cumsum(attrs["widths"])[:-1]]).astype(np.int64)
         keep = [i for i, w in enumerate(attrs["widths"]) if dim < w]
@@ -973,19 +984,25 @@ def compact_statistics(group) -> int:
     newest prefix and skip the units it covers. One process compacts a store at a time (the writer of
     the last stage, the replica driver, or the runner between runs).
     """
-    from .store import (delete_snapshot, prefix_snapshot_name, prefix_snapshots, statistics_cover,
-                        statistics_stages, unit_snapshot_name, unit_snapshots, write_snapshot)
+    from .store import (append_sequences, delete_snapshot, prefix_snapshot_name, prefix_snapshots, snapshot_attrs,
+                        statistics_cover, statistics_stages, unit_snapshot_name, unit_snapshots, write_snapshot)
 
     cover = statistics_cover(group)
     if cover is None:
         return 0
     through = cover.prefix
     if cover.units and cover.units[0][0] == through:
-        job = load_job_state(group, contiguous=True)
+        # the prefix's per-sequence records stay where they are: only the units' are appended
+        job = load_job_state(group, contiguous=True, sequences=False)
         if job.through > through:
             arrays, attrs = job.pack()
-            write_snapshot(group, prefix_snapshot_name(job.through), arrays, {**attrs, "start": 0,
-                                                                              "through": job.through})
+            extra = {}
+            if job.dettmers is not None:
+                have = (snapshot_attrs(group, cover.prefix_name) or {}).get("sequences", {}) if cover.prefix_name else {}
+                records = {k: arrays.pop(f"dettmers_{k}") for k in SEQUENCE_KEYS}
+                extra["sequences"] = append_sequences(group, records, have)
+            write_snapshot(group, prefix_snapshot_name(job.through), arrays,
+                           {**attrs, "start": 0, "through": job.through, **extra})
             through = job.through
     for b in prefix_snapshots(group):
         if b != through:

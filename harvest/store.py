@@ -356,6 +356,42 @@ def statistics_cover(group: zarr.Group) -> StatisticsCover | None:
     return StatisticsCover(prefix, prefix_snapshot_name(prefix) if prefixes else None, units)
 
 
+#: the per-sequence records of the prefix's Dettmers state: appended to as units are folded in, never rewritten
+SEQUENCES_GROUP = f"{STATISTICS_GROUP}/sequences"
+SEQUENCE_CHUNK = 1 << 16
+
+
+def append_sequences(group: zarr.Group, records: dict[str, np.ndarray], have: dict[str, int]) -> dict[str, int]:
+    """Append ``records`` (key -> 1-D int64) after the first ``have[key]`` elements of each array; returns
+    the new lengths, which the prefix snapshot written next records (elements past them are not read).
+
+    Only the chunks from the old end on are written, each whole and atomically (a rename, or one PUT),
+    so a process killed here leaves the elements the current prefix counts as they were."""
+    lengths = {}
+    for key, data in records.items():
+        name = f"{SEQUENCES_GROUP}/{key}"
+        start = int(have.get(key, 0))
+        if name in group:
+            arr = group[name]
+        else:
+            arr = group.require_group(SEQUENCES_GROUP).create_array(
+                key, shape=(0,), dtype="int64", chunks=(SEQUENCE_CHUNK,), compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                fill_value=0, dimension_names=("record",))
+        end = start + len(data)
+        if arr.shape[0] != end:
+            arr.resize((end,))
+        if len(data):
+            arr[start:end] = np.asarray(data, np.int64)
+        lengths[key] = end
+    return lengths
+
+
+def read_sequences(group: zarr.Group, lengths: dict[str, int]) -> dict[str, np.ndarray]:
+    """The first ``lengths[key]`` elements of each per-sequence record array."""
+    return {key: np.asarray(group[f"{SEQUENCES_GROUP}/{key}"][:n]) if n else np.zeros(0, np.int64)
+            for key, n in lengths.items()}
+
+
 def delete_snapshot(group: zarr.Group, name: str) -> None:
     if name in group:
         del group[name]

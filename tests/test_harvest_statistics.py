@@ -542,7 +542,7 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     compacted in one step or in several: bit for bit what a reader folds from the unit snapshots."""
     import harvest.statistics as statistics_module
     import harvest.writer as writer_module
-    from harvest.statistics import JobState, compact_statistics, index_aggregate, unit_state
+    from harvest.statistics import JobState, compact_statistics, index_aggregate, load_dettmers, unit_state
     from harvest.store import read_snapshot, statistics_cover
 
     for module in (writer_module, statistics_module):  # keep every unit's own snapshot
@@ -553,6 +553,7 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     cover = statistics_cover(group)
     assert cover.prefix_name is None and [(a, b) for a, b, _ in cover.units] == [(a, a + 2) for a in range(0, 12, 2)]
     read_whole = load_statistics(group)  # the reader folds the six unit snapshots
+    read_dettmers = load_dettmers(group)
     states = [unit_state([read_snapshot(group, n) for n in names]) for _, _, names in cover.units]
     in_order, backwards = JobState({}), JobState({})
     for state in states:
@@ -563,12 +564,18 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     marks = group["_progress/stage_0"][...]
     group["_progress/stage_0"][6:] = 0  # as if units 3.. were not done yet: the prefix takes units 0..2
     assert compact_statistics(group) == 6
+    seq_len = group["analysis/statistics/sequences/seq_len"]
+    assert seq_len.shape == (12,)  # the per-sequence records of units 0..2, apart from the prefix
     group["_progress/stage_0"][...] = marks
     assert_identical(load_statistics(group), read_whole)  # prefix + the three units beyond
     assert compact_statistics(group) == 12
     assert statistics_cover(group).units == [] and list(group["analysis/statistics/prefix"].group_keys()) == [
         "batch_00000012"]
     assert not list(group["analysis/statistics/stage_0"].group_keys())
+    # appended, not rewritten: the first units' records are where they were; the prefix holds none
+    assert group["analysis/statistics/sequences/seq_len"].shape == (24,)
+    assert "dettmers_seq_len" not in group["analysis/statistics/prefix/batch_00000012"]
+    assert_same_dettmers(load_dettmers(group), read_dettmers)
     compacted = load_statistics(group)
     assert_identical(compacted, read_whole)
     assert_same(compacted, scan_index(path))  # every token once: the counts are the scan's
