@@ -330,7 +330,7 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
                          run={"stages": n, "threads": 1}, store={"path": f"d{n}.zarr"})
         paths[n] = run(spec, progress=False).path
     a, b = (load_dettmers(open_group(paths[n])) for n in (1, 2))
-    assert len(b.states) == 2 and a.sources == b.sources
+    assert len(b.states) == 1 and a.sources == b.sources  # the two stages' states merged, per unit
     for key, value in a.reduce(0.25, 0.06).items():
         np.testing.assert_array_equal(value if not isinstance(value, dict) else value["count"],
                                       b.reduce(0.25, 0.06)[key] if not isinstance(value, dict)
@@ -655,3 +655,25 @@ def test_a_resume_at_other_stages_and_replicas_continues_the_statistics(neox_ckp
     assert store_differences(other.store_path(), clean) == []
 
 
+
+
+def test_verify_checks_the_statistics_cover_the_manifest(neox_ckpt, make_spec):
+    """``harvest verify``: statistics that lack batches the manifest marks, or count batches it does not,
+    are one line each, with what to do."""
+    import shutil
+
+    from harvest.verify import verify_store
+
+    path = run(units_spec(make_spec, neox_ckpt, "verified.zarr"), progress=False).path
+    assert verify_store(path).ok
+    _interrupt_after(path, 4)
+    (line,) = [d.line() for d in verify_store(path).damages]
+    assert line == ("analysis/statistics: the statistics prefix counts batches 0..11, but the manifest marks only "
+                    "0..3 as written; batches 4-11")
+    group = open_group(path, mode="r+")
+    group["_progress/stage_0"][...] = 1
+    shutil.rmtree(path / "analysis/statistics/prefix/batch_00000012")
+    report = verify_store(path)
+    assert [d.line() for d in report.damages] == [
+        "analysis/statistics: stage 0 marks batches its statistics snapshots do not cover; batches 0-11"]
+    assert "--overwrite" in report.repair_commands()[0]
