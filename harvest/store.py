@@ -284,13 +284,23 @@ def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
         return None
 
 
+def _group_keys(group: zarr.Group) -> list[str]:
+    """A group's subgroups, quietly: another process writing a snapshot there leaves a temporary
+    ``zarr.json.<token>.partial`` for a moment, which zarr warns about while listing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        return list(group.group_keys())
+
+
 def unit_snapshots(group: zarr.Group, stage: int) -> list[tuple[int, int]]:
     """(first batch, through) of stage ``stage``'s unit snapshots, ascending."""
     name = f"{STATISTICS_GROUP}/stage_{stage}"
     if name not in group:
         return []
     out = []
-    for key in group[name].group_keys():
+    for key in _group_keys(group[name]):
         if key.startswith("unit_"):
             a, b = key.removeprefix("unit_").split("_")
             out.append((int(a), int(b)))
@@ -301,7 +311,7 @@ def prefix_snapshots(group: zarr.Group) -> list[int]:
     """The batch counts of the prefix snapshots, ascending (one but while a compaction is under way)."""
     if PREFIX_GROUP not in group:
         return []
-    return sorted(int(key.removeprefix("batch_")) for key in group[PREFIX_GROUP].group_keys())
+    return sorted(int(key.removeprefix("batch_")) for key in _group_keys(group[PREFIX_GROUP]))
 
 
 def statistics_stages(group: zarr.Group) -> list[int]:
@@ -401,8 +411,13 @@ def read_sequences(group: zarr.Group, lengths: dict[str, int]) -> dict[str, np.n
 
 
 def delete_snapshot(group: zarr.Group, name: str) -> None:
-    if name in group:
-        del group[name]
+    """Delete a snapshot; one already gone is fine (the compactor and a stage's writer may both delete a
+    partial snapshot of a unit the compactor has just folded in)."""
+    try:
+        if name in group:
+            del group[name]
+    except (KeyError, FileNotFoundError):
+        pass
 
 
 # --- opening ------------------------------------------------------------------------------------
