@@ -561,8 +561,23 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
     rows and values (same order: |x| descending, ties to the lower row), ranking only the candidates."""
     if "dense" in candidates:
         return candidates["dense"] if state is None else topk_combine([state, candidates["dense"]], k)
+    if state is None:
+        # a unit's first batch, sent sparse: each column's entries at or above its own k-th largest |x|
+        # (all its rows when fewer), so the top-k is among them; ``dims``: the columns, every one present
+        d = int(candidates["dims"])
+        counts = np.bincount(candidates["cols"], minlength=d)
+        kk = min(k, int(counts.min())) if d else 0
+        state = {"rows": np.zeros((0, d), np.int64), "values": np.zeros((0, d), np.float32)}
+        if not kk:
+            return state
+        return {key: v[:kk] for key, v in _merge_sparse(state, candidates, k).items()}
     if not candidates["cols"].size:
         return state
+    return _merge_sparse(state, candidates, k)
+
+
+def _merge_sparse(state: State, candidates: State, k: int) -> State:
+    """``topk_merge`` of sparse candidates into ``state`` (an empty one: the first k of each column)."""
     cols, inv = np.unique(candidates["cols"], return_inverse=True)
     order = np.argsort(inv, kind="stable")
     counts = np.bincount(inv, minlength=cols.size)
@@ -584,6 +599,8 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
     key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
     key[np.concatenate([np.zeros(state["rows"][:, cols].shape, bool), new_abs < 0])] = np.iinfo(np.uint64).max
     pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
+    if not state["rows"].shape[0]:  # empty: every column is among the candidates
+        return {"rows": np.take_along_axis(cand_rows, pick, axis=0), "values": np.take_along_axis(cand_values, pick, axis=0)}
     rows, values = state["rows"].copy(), state["values"].copy()
     rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
     values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
@@ -702,7 +719,7 @@ class StatisticsAccumulator:
         else:
             top[hook] = topk_merge(old, {"rows": get("rows").astype(np.int64) + start,
                                                "cols": get("cols").astype(np.int64),
-                                               "values": get("values").astype(np.float32)}, k)
+                                               "values": get("values").astype(np.float32), "dims": s.size}, k)
         if tokens is None:
             tokens = int(values[f"{DEVICE_PREFIX}{hook}:tokens"])
         n = tokens - bad

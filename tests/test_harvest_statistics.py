@@ -677,3 +677,24 @@ def test_verify_checks_the_statistics_cover_the_manifest(neox_ckpt, make_spec):
     assert [d.line() for d in report.damages] == [
         "analysis/statistics: stage 0 marks batches its statistics snapshots do not cover; batches 0-11"]
     assert "--overwrite" in report.repair_commands()[0]
+
+
+@pytest.mark.parametrize("rows", [5, 200])
+def test_a_units_first_batch_can_come_sparse(rows):
+    """A unit's top-k starts from nothing: its first batch need not come whole. The entries at or above each
+    column's own k-th largest |x| (ties included; every row when there are fewer than k) give
+    ``topk_chunk``'s rows and values exactly, with no state before them."""
+    from harvest.statistics import Block, topk_chunk, topk_merge
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((rows, 24)) * 3).astype(np.float32)
+    x[::7, 11] = 9.0  # ties
+    k = 8
+    block = Block(x, start=1000)
+    a = np.abs(x)
+    kth = -np.sort(-a, axis=0)[min(k, rows) - 1]
+    r, c = np.nonzero(a >= kth[None, :])
+    got = topk_merge(None, {"rows": r + 1000, "cols": c, "values": x[r, c], "dims": 24}, k)
+    want = topk_chunk(block, k)
+    np.testing.assert_array_equal(got["rows"], want["rows"])
+    np.testing.assert_array_equal(got["values"], want["values"])
