@@ -38,7 +38,7 @@ from .prompts import build_source, pad_meta
 from .quantize import check_quantization
 from .redo import check_redo
 from .redo import redo_rows as redo
-from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, layers_needed, single_stage,
+from .shape import (ArrayPlan, ModelDims, StagePlan, array_plans, job_hooks, job_units, layers_needed, single_stage,
                     store_dtype_for, workload_of)
 from .spec import JobSpec
 from .stage import check_tensors
@@ -46,7 +46,7 @@ from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sour
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
-from .store import STATISTICS_GROUP, is_store, location_exists, open_group, read_provenance, remove_store, write_provenance
+from .store import STATISTICS_GROUP, is_store, statistics_stages, location_exists, open_group, read_provenance, remove_store, write_provenance
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
@@ -88,9 +88,17 @@ class Job:
             fsync=self.spec.store.fsync, direct_io=self.spec.store.direct_io, engine=self.spec.store.writer,
             storage_options=dict(self.spec.store.storage_options),
             statistics=StatisticsPlan(tuple(h for h in self.statistics if stage_runs(stage, h)),
-                                      TOP_K, THRESHOLD, self.layout.token_starts(), self.hit_plan(stage))
+                                      TOP_K, THRESHOLD, self.layout.token_starts(), self.hit_plan(stage),
+                                      tuple(int(b) for b in self.unit_bounds))
             if self.spec.capture.statistics else None,
+            compacts=stage.index == len(self.stages) - 1,
         )
+
+    @property
+    def unit_bounds(self) -> list[int]:
+        """First batch of every unit, and the batch count: replicas' units, and the statistics' (any R)."""
+        units = job_units(self.layout, self.arrays)
+        return [a for a, _ in units] + [units[-1][1] if units else 0]
 
     def hit_plan(self, stage: StagePlan) -> HitPlan | None:
         """This stage's share of Dettmers' criterion (``harvest.hits``): the LayerNorms feeding linear
@@ -296,8 +304,8 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     group = open_group(path, mode="r+")
     job.arrays = stored_layout(job.arrays, group)
     n_stages_before = len(info.get("stages", []))
-    start = first_incomplete(group)
-    continue_statistics(job, info, group, start, same_stages=n_stages_before == len(job.stages))
+    start = continue_statistics(job, info, group, first_incomplete(group),
+                                same_stages=n_stages_before == len(job.stages))
     if n_stages_before != len(job.stages):
         # a different partition owns different arrays; restart from the common durable prefix
         create_manifest(group, len(job.stages), job.layout.n_batches)
@@ -309,28 +317,40 @@ def claim_store(job: Job, *, resume: bool, overwrite: bool) -> int:
     return start
 
 
-def continue_statistics(job: Job, info: dict[str, Any], group, start: int, *, same_stages: bool) -> None:
-    """Decide whether a resumed run keeps harvest-time statistics; never let them cover part of a job silently.
+def continue_statistics(job: Job, info: dict[str, Any], group, start: int, *, same_stages: bool) -> int:
+    """Decide how a resumed run continues harvest-time statistics; never let them cover part of a job
+    silently. Returns the batch the run starts at.
 
-    Statistics (``capture.statistics``) count every token since batch 0, per stage, in batch order. A resume
-    continues them only when it can do so exactly: the same statistics, the same stage partition, and no
-    replicas (which do not merge them yet). Otherwise a resume still goes on, since the activations do not
-    depend on it, but without statistics: the snapshots so far are deleted, the provenance records why
-    and from which batch, and the analyses scan the stored rows instead. A store that began without
-    statistics cannot gain them mid-job either.
+    Statistics (``capture.statistics``) are kept per unit of work, each from nothing, and folded in unit
+    order (``harvest.statistics``): any ``run.replicas`` continues them as they are. Another ``run.stages``
+    keeps every unit all the old stages finished (folded into the prefix snapshot) and restarts at the
+    first unit that is not (its rows are rewritten whole shards at a time, so the store does not change).
+    Only other statistics (``capture.statistics`` changed) cannot continue: the resume still goes on,
+    since the activations do not depend on them, but without statistics: the snapshots so far are
+    deleted, the provenance records why and from which batch, and the analyses scan the stored rows
+    instead. A store that began without statistics cannot gain them mid-job either.
     """
+    from .statistics import compact_statistics
+
     before = ((info.get("spec") or {}).get("capture") or {}).get("statistics") or False
     wanted = job.spec.to_dict()["capture"]["statistics"] or False
-    if start == 0 or (before == wanted and (not wanted or same_stages)):
+    if start == 0 or before == wanted:
         if start == 0 and before != wanted:  # nothing computed yet: the new run starts its own
             if STATISTICS_GROUP in group:
                 del group[STATISTICS_GROUP]
             info.setdefault("spec", {}).setdefault("capture", {})["statistics"] = wanted
-        return
+        elif wanted:
+            through = compact_statistics(group)  # with the manifest of the stages that wrote the snapshots
+            if not same_stages:
+                for stage in statistics_stages(group):  # another partition cannot continue their units
+                    del group[f"{STATISTICS_GROUP}/stage_{stage}"]
+                if through < start:
+                    log.info("run.stages changed: %s restarts at batch %d, the end of the statistics every stage "
+                             "finished (batch %d was next)", job.path, through, start)
+                start = min(start, through)
+        return start
     if before:
-        why = ("run.stages changed" if before == wanted else
-               "run.replicas is not 1 (replicas do not merge statistics yet)" if job.spec.run.replicas != 1 else
-               "capture.statistics changed")
+        why = "capture.statistics changed"
         if STATISTICS_GROUP in group:
             del group[STATISTICS_GROUP]
         info["statistics_dropped"] = {"batch": start, "reason": why}
@@ -340,6 +360,7 @@ def continue_statistics(job: Job, info: dict[str, Any], group, start: int, *, sa
         log.info("no harvest-time statistics for %s: it began without them at batch 0", job.path)
     job.spec = dataclasses.replace(job.spec, capture=dataclasses.replace(job.spec.capture, statistics=False))
     info.setdefault("spec", {}).setdefault("capture", {})["statistics"] = False
+    return start
 
 
 def stored_layout(arrays: list[ArrayPlan], group) -> list[ArrayPlan]:
@@ -447,6 +468,10 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     seconds = time.perf_counter() - t0
     tokens = job.layout.tokens_before(job.layout.n_batches) - job.layout.tokens_before(start)
     group = open_group(job.path, mode="r+")
+    if job.spec.capture.statistics:
+        from .statistics import compact_statistics
+
+        compact_statistics(group)  # every unit into the one prefix snapshot
     info = read_provenance(group)
     info.pop("stopped", None)
     info.update(status="complete", completed=_now(),

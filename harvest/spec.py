@@ -374,12 +374,8 @@ def parse_spec(raw: Any, base_dir: Path | str = ".", store_root: str | None = No
     if run.write_threads is not None:
         _integer("run.write_threads", run.write_threads, 1, "or null: 1 on CPU, up to 8 on a GPU")
     _check_pipeline(run)
-    if capture.statistics and run.replicas != 1:
-        # replicas finish units out of order; the accumulators fold batches in order (not merged yet)
-        raise SpecError("capture.statistics is not available with run.replicas other than 1 yet; "
-                        "harvest with run.replicas: 1, or turn capture.statistics off")
-    if capture.statistics is None:  # on by default (off with replicas until they merge statistics)
-        capture = dataclasses.replace(capture, statistics=run.replicas == 1)
+    if capture.statistics is None:  # on by default, with any run.replicas (units merge in unit order)
+        capture = dataclasses.replace(capture, statistics=True)
     store_raw = dict(raw["store"]) if isinstance(raw["store"], dict) else raw["store"]
     if store_root is not None and isinstance(store_raw, dict):
         store_raw["root"] = store_root

@@ -17,7 +17,7 @@ core may not import the analyses; ``analysis.stats`` runs them over Dask arrays 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -510,6 +510,17 @@ class StatisticsPlan:
     threshold: float
     token_starts: np.ndarray  #: (sequences + 1,) int64
     hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
+    #: first batch of every unit and the job's batch count (``harvest.shape.unit_bounds``): the statistics
+    #: of each unit start from nothing, so a unit's state is the same whoever harvests it (any R, any stages)
+    unit_bounds: tuple[int, ...] = ()
+
+    def unit_of(self, batch: int) -> tuple[int, int]:
+        """(first, end) batch of the unit holding ``batch``; the whole job is one unit without bounds."""
+        bounds = self.unit_bounds
+        if len(bounds) < 2:
+            return 0, 1 << 62
+        i = int(np.searchsorted(bounds, batch, side="right")) - 1
+        return int(bounds[i]), int(bounds[min(i + 1, len(bounds) - 1)])
 
 
 #: the key prefix of the device's per-batch statistics (``harvest.running``) in a stage's captures
@@ -550,8 +561,23 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
     rows and values (same order: |x| descending, ties to the lower row), ranking only the candidates."""
     if "dense" in candidates:
         return candidates["dense"] if state is None else topk_combine([state, candidates["dense"]], k)
+    if state is None:
+        # a unit's first batch, sent sparse: each column's entries at or above its own k-th largest |x|
+        # (all its rows when fewer), so the top-k is among them; ``dims``: the columns, every one present
+        d = int(candidates["dims"])
+        counts = np.bincount(candidates["cols"], minlength=d)
+        kk = min(k, int(counts.min())) if d else 0
+        state = {"rows": np.zeros((0, d), np.int64), "values": np.zeros((0, d), np.float32)}
+        if not kk:
+            return state
+        return {key: v[:kk] for key, v in _merge_sparse(state, candidates, k).items()}
     if not candidates["cols"].size:
         return state
+    return _merge_sparse(state, candidates, k)
+
+
+def _merge_sparse(state: State, candidates: State, k: int) -> State:
+    """``topk_merge`` of sparse candidates into ``state`` (an empty one: the first k of each column)."""
     cols, inv = np.unique(candidates["cols"], return_inverse=True)
     order = np.argsort(inv, kind="stable")
     counts = np.bincount(inv, minlength=cols.size)
@@ -573,6 +599,8 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
     key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
     key[np.concatenate([np.zeros(state["rows"][:, cols].shape, bool), new_abs < 0])] = np.iinfo(np.uint64).max
     pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
+    if not state["rows"].shape[0]:  # empty: every column is among the candidates
+        return {"rows": np.take_along_axis(cand_rows, pick, axis=0), "values": np.take_along_axis(cand_values, pick, axis=0)}
     rows, values = state["rows"].copy(), state["values"].copy()
     rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
     values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
@@ -593,14 +621,36 @@ class StatisticsAccumulator:
     """
 
     def __init__(self, plan: StatisticsPlan, through: int = 0, state: dict[str, State] | None = None,
-                 dettmers: State | None = None):
+                 dettmers: State | None = None, start: int | None = None):
         self.plan = plan
-        self.through = through  #: batches [0, through) are folded into ``state``
+        self.start = plan.unit_of(through)[0] if start is None else start  #: the unit's first batch
+        self.through = through  #: batches [start, through) are folded into ``state``
         self.state: dict[str, State] = state or {}
         self.dettmers: State | None = dettmers  #: Dettmers' hit state (``dettmers_chunk``), when planned
         self.pending: dict[int, dict[str, State]] = {}
-        self._top: dict[str, State] = {hook: s["topk"] for hook, s in self.state.items()}  #: incl. pending
+        #: (unit start, last batch added, hook -> top-k incl. pending batches): replaced whole at a unit's
+        #: start, so ``floors`` never hands the device a floor from another unit or from later batches
+        self._tops: tuple[int, int, dict[str, State]] = (self.start, through - 1,
+                                                          {hook: s["topk"] for hook, s in self.state.items()})
         self._dettmers_pending: dict[int, State] = {}
+        self.next_batch: int | None = None  #: the batch the stage computes next (set by its writer), for ``floors``
+
+    @property
+    def end(self) -> int:
+        """The end batch of the current unit."""
+        return self.plan.unit_of(self.start)[1]
+
+    def next_unit(self) -> None:
+        """The current unit is folded whole (``through == end``): start the next from nothing."""
+        self.start = self.through
+        self.state, self.dettmers = {}, None
+
+    def restart(self, batch: int) -> None:
+        """Start over at ``batch``, a unit's first (a replica's writer begins a unit, maybe again)."""
+        self.start = self.through = batch
+        self.state, self.dettmers = {}, None
+        self.pending.clear()
+        self._dettmers_pending.clear()
 
     def add(self, batch: int, first_sequence: int, values: dict[str, np.ndarray], sequences: int = 0) -> None:
         """One batch: ``values[hook]`` holds its rows at every position, in (sequence, position) order;
@@ -611,6 +661,12 @@ class StatisticsAccumulator:
         """
         if batch < self.through:
             return
+        unit = self.plan.unit_of(batch)[0]
+        if unit != self._tops[0] or batch <= self._tops[1]:  # a unit's top-k starts from nothing (also when redone)
+            self._tops = (unit, batch, {})
+        else:
+            self._tops = (unit, batch, self._tops[2])
+        top = self._tops[2]
         if self.plan.hits is not None:
             self.pending.setdefault(batch, {})
             self._dettmers_pending[batch] = dettmers_chunk(self.plan.hits, self.plan.token_starts, first_sequence,
@@ -621,23 +677,29 @@ class StatisticsAccumulator:
         states = {}
         for hook in self.plan.hooks:
             if f"{DEVICE_PREFIX}{hook}:sum" in values:  # reduced on the stage's device (harvest.running)
-                states[hook] = self._from_device(hook, start, values)
+                states[hook] = self._from_device(hook, start, values, top)
                 continue
             block = Block(values[hook], start, scratch, "statistics.")
-            candidates = topk_candidates(self._top.get(hook), block, k)
-            self._top[hook] = topk_merge(self._top.get(hook), candidates, k)
+            top[hook] = topk_merge(top.get(hook), topk_candidates(top.get(hook), block, k), k)
             states[hook] = {"moments": moments_chunk(block), "max_abs": max_abs_chunk(block),
-                            "count_ge": count_ge_chunk(block, self.plan.threshold), "topk": self._top[hook],
+                            "count_ge": count_ge_chunk(block, self.plan.threshold), "topk": top[hook],
                             "nonfinite": nonfinite_chunk(block)}
         self.pending[batch] = states
 
     def floors(self) -> dict[str, np.ndarray]:
         """hook -> the running k-th largest |x| per column (pending batches included), for hooks whose
-        top-k is full: ``harvest.running`` sends only values above it. Safe to read from another thread."""
-        k = self.plan.top_k
-        return {hook: np.abs(s["values"][-1]) for hook, s in list(self._top.items()) if s["values"].shape[0] >= k}
+        top-k is full: ``harvest.running`` sends only values above it. Safe to read from another thread.
 
-    def _from_device(self, hook: str, start: int, values: dict[str, np.ndarray]) -> State:
+        Empty while the batch the stage computes next (``next_batch``, set by the writer) is in another unit than the
+        running top-k: a unit's top-k starts from nothing, so another unit's floor is no lower bound."""
+        k = self.plan.top_k
+        unit, last, top = self._tops
+        nxt = last + 1 if self.next_batch is None else self.next_batch  # None: the batch after the last added
+        if nxt <= last or self.plan.unit_of(nxt)[0] != unit:
+            return {}
+        return {hook: np.abs(s["values"][-1]) for hook, s in list(top.items()) if s["values"].shape[0] >= k}
+
+    def _from_device(self, hook: str, start: int, values: dict[str, np.ndarray], top: dict[str, State]) -> State:
         """One hook's chunk states from ``harvest.running.DeviceStatistics``' per-batch results."""
         get = lambda name: np.asarray(values[f"{DEVICE_PREFIX}{hook}:{name}"])  # noqa: E731
         s, sq = get("sum").astype(np.float64), get("sumsq").astype(np.float64)
@@ -649,15 +711,15 @@ class StatisticsAccumulator:
         else:
             bad, n_bad_rows, first = np.zeros(d, np.int64), 0, -1
         k = self.plan.top_k
-        old = self._top.get(hook)
+        old = top.get(hook)
         if f"{DEVICE_PREFIX}{hook}:dense" in values:
             block = Block(get("dense"), start, Scratch.for_thread(), "statistics.")
             tokens = block.rows
-            self._top[hook] = topk_merge(old, {"dense": topk_chunk(block, k)}, k)
+            top[hook] = topk_merge(old, {"dense": topk_chunk(block, k)}, k)
         else:
-            self._top[hook] = topk_merge(old, {"rows": get("rows").astype(np.int64) + start,
+            top[hook] = topk_merge(old, {"rows": get("rows").astype(np.int64) + start,
                                                "cols": get("cols").astype(np.int64),
-                                               "values": get("values").astype(np.float32)}, k)
+                                               "values": get("values").astype(np.float32), "dims": s.size}, k)
         if tokens is None:
             tokens = int(values[f"{DEVICE_PREFIX}{hook}:tokens"])
         n = tokens - bad
@@ -666,12 +728,13 @@ class StatisticsAccumulator:
         m2 = np.maximum(sq - s * mean, 0.0)
         return {"moments": {"n": n, "mean": np.where(n > 0, mean, 0.0), "m2": m2},
                 "max_abs": {"max": get("max").astype(np.float32), "n": n.copy()},
-                "count_ge": {"n": get("count_ge").astype(np.int64)}, "topk": self._top[hook],
+                "count_ge": {"n": get("count_ge").astype(np.int64)}, "topk": top[hook],
                 "nonfinite": {"count": bad, "rows": n_bad_rows, "first_row": first + start if first >= 0 else -1,
                               "n_rows": tokens}}
 
     def fold(self, through: int) -> None:
-        """Merge the pending batches [self.through, through) into the running state, in order."""
+        """Merge the pending batches [self.through, through) into the running state, in order (within
+        the current unit: ``through <= end``)."""
         combine = {"moments": moments_combine, "max_abs": max_abs_combine, "count_ge": count_ge_combine,
                    "nonfinite": nonfinite_combine}
         for batch in range(self.through, through):
@@ -750,22 +813,32 @@ ALL_ROWS = "statistics:"
 
 def pack(acc: StatisticsAccumulator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The running state as a few arrays (hooks side by side along the last axis) and attributes."""
-    hooks = [h for h in acc.plan.hooks if h in acc.state]
-    states = [acc.state[h] for h in hooks]
+    hits = acc.plan.hits
+    return pack_states({h: acc.state[h] for h in acc.plan.hooks if h in acc.state}, acc.plan.top_k, acc.plan.threshold,
+                       acc.dettmers, hits.sources if hits else None, hits.magnitude if hits else None,
+                       bool(hits and hits.last))
+
+
+def pack_states(states: dict[str, State], top_k: int, threshold: float, dettmers: State | None = None,
+                sources: Sequence[str] | None = None, magnitude: float | None = None, last: bool = False
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Index states (hook -> state, in order) and a Dettmers state as snapshot arrays and attributes."""
+    hooks = list(states)
+    states = list(states.values())
 
     def cat(get, axis=0):
         return np.concatenate([get(s) for s in states], axis=axis)
 
-    extra, extra_attrs = pack_dettmers(acc.dettmers, acc.plan.hits)
+    extra, extra_attrs = pack_dettmers(dettmers, sources, magnitude, last)
     if not states:
-        return extra, {"hooks": [], "widths": [], "top_k": acc.plan.top_k, "threshold": acc.plan.threshold,
+        return extra, {"hooks": [], "widths": [], "top_k": top_k, "threshold": threshold,
                        "nonfinite_rows": {}, **extra_attrs}
     arrays = {**extra, "n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
               "m2": cat(lambda s: s["moments"]["m2"]), "max": cat(lambda s: s["max_abs"]["max"]),
               "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"]),
               "top_rows": cat(lambda s: s["topk"]["rows"], 1), "top_values": cat(lambda s: s["topk"]["values"], 1)}
-    attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": acc.plan.top_k,
-             "threshold": acc.plan.threshold,
+    attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": top_k,
+             "threshold": threshold,
              "nonfinite_rows": {h: [int(s["nonfinite"][k]) for k in ("rows", "first_row", "n_rows")]
                                 for h, s in zip(hooks, states)}, **extra_attrs}
     return arrays, attrs
@@ -789,6 +862,69 @@ def unpack(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, St
     return out
 
 
+def index_fold(old: State | None, new: State, k: int) -> State:
+    """One hook's state over ``old``'s batches then ``new``'s (a unit's): the left fold of units."""
+    if old is None:
+        return new
+    return {"moments": moments_combine([old["moments"], new["moments"]]),
+            "max_abs": max_abs_combine([old["max_abs"], new["max_abs"]]),
+            "count_ge": count_ge_combine([old["count_ge"], new["count_ge"]]),
+            "topk": topk_combine([old["topk"], new["topk"]], k),
+            "nonfinite": nonfinite_combine([old["nonfinite"], new["nonfinite"]])}
+
+
+@dataclass
+class JobState:
+    """The job's statistics over some units: every hook's state (whatever stage computed it) and the
+    Dettmers state of every source (stages merged, ``dettmers_merge_stages``). The same for any
+    ``run.stages`` and ``run.replicas``: units are folded in unit order, each from nothing."""
+
+    hooks: dict[str, State]
+    top_k: int = TOP_K
+    threshold: float = THRESHOLD
+    dettmers: State | None = None
+    sources: list[str] | None = None
+    magnitude: float | None = None
+    batches: int = 0  #: batches covered
+    through: int = 0  #: batches [0, through) covered without a gap (what a prefix snapshot may hold)
+    widths: dict[str, int] = field(default_factory=dict)  #: hook -> its dimensions (also when read for one)
+
+    def fold(self, other: "JobState") -> None:
+        """Append ``other`` (the next units, in order)."""
+        for hook, state in other.hooks.items():
+            self.hooks[hook] = index_fold(self.hooks.get(hook), state, self.top_k)
+        if other.dettmers is not None:
+            self.dettmers = other.dettmers if self.dettmers is None else dettmers_combine([self.dettmers, other.dettmers])
+            self.sources, self.magnitude = other.sources, other.magnitude
+        self.top_k, self.threshold = other.top_k, other.threshold
+        self.batches += other.batches
+        self.widths.update(other.widths)
+
+    def pack(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return pack_states(self.hooks, self.top_k, self.threshold, self.dettmers, self.sources, self.magnitude, True)
+
+
+def unit_state(snapshots: Sequence[tuple[dict[str, np.ndarray], dict[str, Any]]]) -> JobState:
+    """One unit's job-wide state from its snapshots (every stage's, in stage order; or a prefix)."""
+    hooks: dict[str, State] = {}
+    widths: dict[str, int] = {}
+    dett, sources, magnitude = [], [], None
+    top_k, threshold = TOP_K, THRESHOLD
+    for arrays, attrs in snapshots:
+        hooks.update(unpack(arrays, attrs))
+        widths.update(zip(attrs["hooks"], (int(w) for w in attrs.get("full_widths", attrs["widths"]))))
+        top_k, threshold = int(attrs["top_k"]), float(attrs["threshold"])
+        state = unpack_dettmers(arrays, attrs)
+        if state is not None:
+            dett.append(state)
+            sources += list(attrs["dettmers_sources"])
+            magnitude = float(attrs["dettmers_magnitude"])
+    attrs = snapshots[0][1] if snapshots else {}
+    n = int(attrs.get("through", 0)) - int(attrs.get("start", 0))
+    return JobState(hooks, top_k, threshold, dettmers_merge_stages(dett) if dett else None,
+                    sources if dett else None, magnitude, n, int(attrs.get("through", 0)), widths)
+
+
 @dataclass
 class HarvestStatistics:
     """A store's harvest-time statistics: per hook, the index statistics over every token it saw."""
@@ -810,38 +946,104 @@ class HarvestStatistics:
         return int(r["count"][0] + r["nonfinite"][0]) if r["count"].size else 0
 
 
+#: the Dettmers arrays with one element per sequence or per (sequence, dimension) hit: the prefix keeps
+#: them apart (``store.append_sequences``), so folding a unit in writes only that unit's records
+SEQUENCE_KEYS = ("seq_len", "seq_hits", "lkeys", "lcount", "pkeys", "pcount")
+
+
+def load_job_state(group, dim: int | None = None, contiguous: bool = False, sequences: bool = True) -> JobState | None:
+    """The job's statistics: the newest prefix snapshot, then every unit beyond it that each stage has a
+    whole snapshot of and the manifest marks (``contiguous``: only those up to the first gap), in unit
+    order; None when the store has no statistics. ``dim``: that dimension's column of each hook only.
+    ``sequences=False``: the prefix's per-sequence Dettmers records are left out (empty), for a compaction
+    that appends the units' own."""
+    from .store import PER_DIMENSION, read_sequences, read_snapshot, snapshot_attrs, statistics_cover
+
+    cover = statistics_cover(group)
+    if cover is None:
+        return None
+    prefix, units = cover.prefix_name, cover.units
+    keys = PER_DIMENSION if dim is not None else None
+
+    def read(name: str):
+        if dim is None:
+            arrays, attrs = read_snapshot(group, name)
+            if "sequences" in attrs:  # a prefix: its per-sequence records are appended apart
+                lengths = attrs["sequences"] if sequences else {k: 0 for k in attrs["sequences"]}
+                arrays.update({f"dettmers_{k}": v for k, v in read_sequences(group, lengths).items()})
+            return arrays, attrs
+        attrs = snapshot_attrs(group, name)
+        offsets = np.concatenate([[0], np.cumsum(attrs["widths"])[:-1]]).astype(np.int64)
+        keep = [i for i, w in enumerate(attrs["widths"]) if dim < w]
+        arrays, attrs = read_snapshot(group, name, columns=offsets[keep] + dim, keys=keys)
+        attrs = {k: v for k, v in attrs.items() if not k.startswith("dettmers")}  # not read: per dimension only
+        return arrays, {**attrs, "hooks": [attrs["hooks"][i] for i in keep], "widths": [1] * len(keep),
+                        "full_widths": [attrs["widths"][i] for i in keep]}
+
+    job = unit_state([read(prefix)]) if prefix is not None else JobState({})
+    job.batches = job.through
+    for start, end, names in units:
+        if contiguous and start != job.through:
+            break
+        job.fold(unit_state([read(n) for n in names]))
+        if start == job.through:
+            job.through = end
+    return job
+
+
+def compact_statistics(group) -> int:
+    """Fold the whole units that follow the prefix without a gap into a new prefix snapshot, then delete
+    the old prefix and every unit snapshot before the new one's end; returns batches in the prefix.
+
+    The new prefix is the old one with the units left-folded onto it in unit order, which is what a
+    reader folds from the snapshots it replaces, so compacting never changes a result. It is written
+    whole before anything is deleted: a process killed in between leaves both, and readers take the
+    newest prefix and skip the units it covers. One process compacts a store at a time (the writer of
+    the last stage, the replica driver, or the runner between runs).
+    """
+    from .store import (append_sequences, delete_snapshot, prefix_snapshot_name, prefix_snapshots, snapshot_attrs,
+                        statistics_cover, statistics_stages, unit_snapshot_name, unit_snapshots, write_snapshot)
+
+    cover = statistics_cover(group)
+    if cover is None:
+        return 0
+    through = cover.prefix
+    if cover.units and cover.units[0][0] == through:
+        # the prefix's per-sequence records stay where they are: only the units' are appended
+        job = load_job_state(group, contiguous=True, sequences=False)
+        if job.through > through:
+            arrays, attrs = job.pack()
+            extra = {}
+            if job.dettmers is not None:
+                have = (snapshot_attrs(group, cover.prefix_name) or {}).get("sequences", {}) if cover.prefix_name else {}
+                records = {k: arrays.pop(f"dettmers_{k}") for k in SEQUENCE_KEYS}
+                extra["sequences"] = append_sequences(group, records, have)
+            write_snapshot(group, prefix_snapshot_name(job.through), arrays,
+                           {**attrs, "start": 0, "through": job.through, **extra})
+            through = job.through
+    for b in prefix_snapshots(group):
+        if b != through:
+            delete_snapshot(group, prefix_snapshot_name(b))
+    for stage in statistics_stages(group):
+        for a, b in unit_snapshots(group, stage):
+            if a < through:
+                delete_snapshot(group, unit_snapshot_name(stage, a, b))
+    return through
+
+
 def load_statistics(group, dim: int | None = None) -> HarvestStatistics | None:
-    """The newest snapshot of every stage, or None when the store was harvested without statistics.
+    """The job's index statistics (``load_job_state``), or None when the store was harvested without them.
 
     ``dim``: read only that dimension's column of each hook (``harvest query dim``): a few small
-    chunks, whatever the width and the number of hooks; hooks narrower than ``dim`` are left out.
+    chunks per snapshot, whatever the width and the number of hooks; hooks narrower than ``dim`` are left out.
     """
-    from .store import PER_DIMENSION, read_statistics, statistics_attrs, statistics_snapshots, statistics_stages
-
-    hooks: dict[str, dict[str, Any]] = {}
-    batches: dict[str, int] = {}
-    widths: dict[str, int] = {}
-    top_k, threshold = TOP_K, THRESHOLD
-    for stage in statistics_stages(group):
-        have = statistics_snapshots(group, stage)
-        if not have:
-            continue
-        attrs = statistics_attrs(group, stage, have[-1])
-        if not attrs["hooks"]:
-            continue
-        offsets = np.concatenate([[0], np.cumsum(attrs["widths"])[:-1]]).astype(np.int64)
-        widths.update(zip(attrs["hooks"], (int(w) for w in attrs["widths"])))
-        if dim is None:
-            arrays, _ = read_statistics(group, stage, have[-1])
-        else:
-            keep = [i for i, w in enumerate(attrs["widths"]) if dim < w]
-            arrays, _ = read_statistics(group, stage, have[-1], columns=offsets[keep] + dim, keys=PER_DIMENSION)
-            attrs = {**attrs, "hooks": [attrs["hooks"][i] for i in keep], "widths": [1] * len(keep)}
-        top_k, threshold = int(attrs["top_k"]), float(attrs["threshold"])
-        for hook, state in unpack(arrays, attrs).items():
-            hooks[hook] = {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
-            batches[hook] = int(attrs["through"])
-    return HarvestStatistics(hooks, batches, top_k, threshold, widths, dim) if hooks else None
+    job = load_job_state(group, dim)
+    if job is None or not job.hooks:
+        return None
+    hooks = {hook: {**index_aggregate(state), **nonfinite_aggregate(state["nonfinite"])}
+             for hook, state in job.hooks.items()}
+    return HarvestStatistics(hooks, {hook: job.batches for hook in hooks}, job.top_k, job.threshold,
+                             dict(job.widths), dim)
 
 
 # --- Dettmers' criterion from the device's hits (``harvest.hits``) ------------------------------------
@@ -915,15 +1117,35 @@ _DETTMERS_ARRAYS = ("seq_len", "hits", "max", "nonfinite", "share_hits", "layer_
                     "pkeys", "pcount")
 
 
-def pack_dettmers(state: State | None, plan: HitPlan | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A stage's Dettmers state as snapshot arrays (``dettmers_*``) and attributes."""
-    if state is None or plan is None:
+def pack_dettmers(state: State | None, sources: Sequence[str] | None, magnitude: float | None,
+                  last: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A Dettmers state (a stage's, or every stage's merged) as snapshot arrays (``dettmers_*``) and attributes."""
+    if state is None or sources is None:
         return {}, {}
     arrays = {f"dettmers_{k}": state[k] for k in _DETTMERS_ARRAYS}
     arrays.update({f"dettmers_hist_{k}": state["hist"][k] for k in ("key", "count", "sum")})
     return arrays, {"dettmers": {"rows": int(state["rows"]), "seqs": int(state["seqs"])},
-                    "dettmers_sources": list(plan.sources), "dettmers_magnitude": plan.magnitude,
-                    "dettmers_last": plan.last}
+                    "dettmers_sources": list(sources), "dettmers_magnitude": magnitude, "dettmers_last": last}
+
+
+def dettmers_merge_stages(states: Sequence[State]) -> State:
+    """One unit's Dettmers state of every stage (in stage order) as one state over all their sources:
+    per-source rows stacked, the (sequence, dimension) layer counts summed by key, the positions from
+    the last stage. What ``DettmersStatistics.reduce`` gives is the same from either form."""
+    if len(states) == 1:
+        return states[0]
+    first, last = states[0], states[-1]
+    keys = np.concatenate([s["lkeys"] for s in states])
+    uniq, inv = np.unique(keys, return_inverse=True)
+    out: State = {"rows": first["rows"], "seqs": first["seqs"], "seq_len": first["seq_len"],
+                  "lkeys": uniq, "lcount": np.bincount(inv, np.concatenate([s["lcount"] for s in states]),
+                                                       minlength=uniq.size).astype(np.int64),
+                  "pkeys": last["pkeys"], "pcount": last["pcount"],
+                  "seq_hits": np.sum([s["seq_hits"] for s in states], axis=0),
+                  "hist": hist_combine([s["hist"] for s in states])}
+    for key in ("hits", "max", "nonfinite", "share_hits", "layer_any"):
+        out[key] = np.concatenate([s[key] for s in states])
+    return out
 
 
 def unpack_dettmers(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> State | None:
@@ -983,23 +1205,9 @@ class DettmersStatistics:
 
 
 def load_dettmers(group) -> DettmersStatistics | None:
-    """Every stage's newest Dettmers state, or None when the harvest kept none."""
-    from .store import read_statistics, statistics_snapshots, statistics_stages
-
-    states, per_stage, magnitude = [], [], None
-    for stage in statistics_stages(group):
-        have = statistics_snapshots(group, stage)
-        if not have:
-            continue
-        arrays, attrs = read_statistics(group, stage, have[-1])
-        state = unpack_dettmers(arrays, attrs)
-        if state is None:
-            continue
-        states.append(state)
-        per_stage.append(list(attrs["dettmers_sources"]))
-        magnitude = float(attrs["dettmers_magnitude"])
-    if not states:
+    """The Dettmers state of every source over the batches from 0 that the statistics cover without a
+    gap (every batch once the job is complete), or None when the harvest kept none."""
+    job = load_job_state(group, contiguous=True)
+    if job is None or job.dettmers is None:
         return None
-    if len({int(s["seqs"]) for s in states}) != 1:
-        raise ValueError("the stages' harvest-time statistics cover different batches: the harvest is unfinished")
-    return DettmersStatistics([h for hs in per_stage for h in hs], magnitude, states, per_stage)
+    return DettmersStatistics(list(job.sources), float(job.magnitude), [job.dettmers], [list(job.sources)])

@@ -17,8 +17,10 @@ Layout of one job's group (every array carries ``dimension_names``)::
     model/ln_final.{w,b}         (d_model,)
     tokenizer/{file}             (byte,) uint8             tokenizer files, to decode without the model
     _progress/stage_{i}          (batch,) uint8            1 = batch fully written by stage i
-    analysis/statistics/stage_{i}/batch_{b:08d}/{key}         harvest-time statistics of stage i's
-                                 hooks over batches [0, b) (``capture.statistics``; see below)
+    analysis/statistics/stage_{i}/unit_{a:08d}_{b:08d}/{key}  harvest-time statistics of stage i's hooks
+                                 over batches [a, b) of the unit starting at batch a (``capture.statistics``)
+    analysis/statistics/prefix/batch_{b:08d}/{key}            every hook's statistics over batches [0, b):
+                                 the units folded in order, all stages merged (see below)
 
 Activation arrays use the sharding codec (one file per shard, not per chunk) with a crc32c
 checksum on every inner chunk and on the shard index, so a torn or corrupted chunk is detected
@@ -220,22 +222,28 @@ def first_incomplete(group: zarr.Group) -> int:
 
 
 # --- harvest-time statistics: snapshots beside the manifest -----------------------------------------
+#
+# Each unit of work (``harvest.shape.unit_bounds``) has its statistics accumulated from nothing, by each
+# stage over its own hooks: ``stage_{i}/unit_{a}_{b}`` holds stage i's state over batches [a, b) of the
+# unit starting at a (b short of the unit's end while a one-replica run is inside it). The units that
+# every stage has whole and the manifest marks are folded, in unit order, into one ``prefix`` snapshot of
+# every hook (``harvest.statistics.compact_statistics``), and the snapshots it absorbed are deleted. A
+# snapshot is written before the manifest counts its batches, and never changed once it does.
 
 STATISTICS_GROUP = "analysis/statistics"
+PREFIX_GROUP = f"{STATISTICS_GROUP}/prefix"
 
 
-def _snapshot_name(stage: int, through: int) -> str:
-    return f"{STATISTICS_GROUP}/stage_{stage}/batch_{through:08d}"
+def unit_snapshot_name(stage: int, start: int, through: int) -> str:
+    return f"{STATISTICS_GROUP}/stage_{stage}/unit_{start:08d}_{through:08d}"
 
 
-def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[str, np.ndarray],
-                     attrs: dict[str, Any]) -> None:
-    """Stage ``stage``'s statistics over batches [0, through): written *before* the manifest says so.
+def prefix_snapshot_name(through: int) -> str:
+    return f"{PREFIX_GROUP}/batch_{through:08d}"
 
-    A snapshot is never changed once the manifest has advanced to it, so a process killed at any
-    point leaves the snapshot of its manifest frontier intact (a later, torn one is rewritten).
-    """
-    name = _snapshot_name(stage, through)
+
+def write_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """One statistics snapshot; its attributes go last, so a snapshot without them is torn (never read)."""
     if name in group:
         del group[name]
     snap = group.require_group(name)
@@ -251,7 +259,7 @@ def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[s
             arr[...] = data
         else:
             write_small(snap, key, data, dims)
-    snap.attrs["statistics"] = {**attrs, "through": through}
+    snap.attrs["statistics"] = attrs
 
 
 #: columns per chunk of a snapshot's per-dimension arrays (inside one shard per array)
@@ -260,29 +268,64 @@ STATISTICS_COLUMNS = 64
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
 
 
-def statistics_attrs(group: zarr.Group, stage: int, through: int) -> dict[str, Any]:
-    return dict(group[_snapshot_name(stage, through)].attrs["statistics"])
+def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[str, np.ndarray],
+                     attrs: dict[str, Any]) -> None:
+    """Stage ``stage``'s snapshot of batches [0, through) as one unit (what ``bench/statistics_overhead.py``
+    times: the writer writes ``unit_snapshot_name`` snapshots of its units the same way)."""
+    write_snapshot(group, unit_snapshot_name(stage, 0, through), arrays,
+                   {**attrs, "start": 0, "through": through, "end": through})
 
 
-def statistics_snapshots(group: zarr.Group, stage: int) -> list[int]:
-    """The batch counts of stage ``stage``'s snapshots, ascending."""
+def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
+    """A snapshot's attributes; None when it is torn (its attributes never landed)."""
+    try:
+        return dict(group[name].attrs["statistics"])
+    except KeyError:
+        return None
+
+
+def _group_keys(group: zarr.Group) -> list[str]:
+    """A group's subgroups, quietly: another process writing a snapshot there leaves a temporary
+    ``zarr.json.<token>.partial`` for a moment, which zarr warns about while listing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        return list(group.group_keys())
+
+
+def unit_snapshots(group: zarr.Group, stage: int) -> list[tuple[int, int]]:
+    """(first batch, through) of stage ``stage``'s unit snapshots, ascending."""
     name = f"{STATISTICS_GROUP}/stage_{stage}"
     if name not in group:
         return []
-    return sorted(int(key.removeprefix("batch_")) for key in group[name].group_keys())
+    out = []
+    for key in _group_keys(group[name]):
+        if key.startswith("unit_"):
+            a, b = key.removeprefix("unit_").split("_")
+            out.append((int(a), int(b)))
+    return sorted(out)
+
+
+def prefix_snapshots(group: zarr.Group) -> list[int]:
+    """The batch counts of the prefix snapshots, ascending (one but while a compaction is under way)."""
+    if PREFIX_GROUP not in group:
+        return []
+    return sorted(int(key.removeprefix("batch_")) for key in _group_keys(group[PREFIX_GROUP]))
 
 
 def statistics_stages(group: zarr.Group) -> list[int]:
     if STATISTICS_GROUP not in group:
         return []
-    return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys())
+    return sorted(int(key.removeprefix("stage_")) for key in group[STATISTICS_GROUP].group_keys()
+                  if key.startswith("stage_"))
 
 
-def read_statistics(group: zarr.Group, stage: int, through: int, columns: np.ndarray | None = None,
-                    keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_snapshot(group: zarr.Group, name: str, columns: np.ndarray | None = None,
+                  keys: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One snapshot's arrays (``keys``; all by default) and attributes; ``columns``: only those
     columns (last axis) of each array, read chunk by chunk."""
-    snap = group[_snapshot_name(stage, through)]
+    snap = group[name]
     arrays = {}
     for key, arr in snap.arrays():
         if keys is not None and key not in keys:
@@ -294,14 +337,87 @@ def read_statistics(group: zarr.Group, stage: int, through: int, columns: np.nda
     return arrays, dict(snap.attrs["statistics"])
 
 
-def prune_statistics(group: zarr.Group, stage: int, frontier: int) -> None:
-    """Drop the snapshots no resume can need: those older than the newest one at or below ``frontier``
-    (the first batch some stage has not marked: every stage restarts there)."""
-    have = statistics_snapshots(group, stage)
-    keep_from = max((b for b in have if b <= frontier), default=0)
-    for b in have:
-        if b < keep_from:
-            del group[_snapshot_name(stage, b)]
+@dataclass(frozen=True)
+class StatisticsCover:
+    """What a store's statistics snapshots cover: the newest whole prefix, and the whole units beyond it."""
+
+    prefix: int  #: batches [0, prefix) are in the prefix snapshot
+    prefix_name: str | None
+    units: list[tuple[int, int, list[str]]]  #: (first batch, end, every stage's snapshot) in unit order
+
+
+def statistics_cover(group: zarr.Group) -> StatisticsCover | None:
+    """The snapshots a reader folds: the newest prefix, then each unit beyond it that *every* stage of the
+    manifest has a whole snapshot of and that every stage has marked (the manifest decides: a snapshot of
+    batches it does not count is a run's unfinished work). None: the store has no statistics."""
+    if STATISTICS_GROUP not in group:
+        return None
+    prefixes = [b for b in prefix_snapshots(group) if snapshot_attrs(group, prefix_snapshot_name(b)) is not None]
+    prefix = prefixes[-1] if prefixes else 0
+    done = batches_done(group)
+    n_stages = len(list(group[MANIFEST_GROUP].array_keys()))
+    by_start: dict[int, dict[int, tuple[int, str]]] = {}
+    for stage in range(n_stages):
+        for a, b in unit_snapshots(group, stage):
+            if a < prefix or not done[a:b].all():
+                continue
+            name = unit_snapshot_name(stage, a, b)
+            attrs = snapshot_attrs(group, name)
+            if attrs is not None and int(attrs["end"]) == b:
+                by_start.setdefault(a, {})[stage] = (b, name)
+    units = []
+    for a in sorted(by_start):
+        have = by_start[a]
+        ends = {b for b, _ in have.values()}
+        if len(have) == n_stages and len(ends) == 1:
+            units.append((a, ends.pop(), [have[i][1] for i in range(n_stages)]))
+    return StatisticsCover(prefix, prefix_snapshot_name(prefix) if prefixes else None, units)
+
+
+#: the per-sequence records of the prefix's Dettmers state: appended to as units are folded in, never rewritten
+SEQUENCES_GROUP = f"{STATISTICS_GROUP}/sequences"
+SEQUENCE_CHUNK = 1 << 16
+
+
+def append_sequences(group: zarr.Group, records: dict[str, np.ndarray], have: dict[str, int]) -> dict[str, int]:
+    """Append ``records`` (key -> 1-D int64) after the first ``have[key]`` elements of each array; returns
+    the new lengths, which the prefix snapshot written next records (elements past them are not read).
+
+    Only the chunks from the old end on are written, each whole and atomically (a rename, or one PUT),
+    so a process killed here leaves the elements the current prefix counts as they were."""
+    lengths = {}
+    for key, data in records.items():
+        name = f"{SEQUENCES_GROUP}/{key}"
+        start = int(have.get(key, 0))
+        if name in group:
+            arr = group[name]
+        else:
+            arr = group.require_group(SEQUENCES_GROUP).create_array(
+                key, shape=(0,), dtype="int64", chunks=(SEQUENCE_CHUNK,), compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                fill_value=0, dimension_names=("record",))
+        end = start + len(data)
+        if arr.shape[0] != end:
+            arr.resize((end,))
+        if len(data):
+            arr[start:end] = np.asarray(data, np.int64)
+        lengths[key] = end
+    return lengths
+
+
+def read_sequences(group: zarr.Group, lengths: dict[str, int]) -> dict[str, np.ndarray]:
+    """The first ``lengths[key]`` elements of each per-sequence record array."""
+    return {key: np.asarray(group[f"{SEQUENCES_GROUP}/{key}"][:n]) if n else np.zeros(0, np.int64)
+            for key, n in lengths.items()}
+
+
+def delete_snapshot(group: zarr.Group, name: str) -> None:
+    """Delete a snapshot; one already gone is fine (the compactor and a stage's writer may both delete a
+    partial snapshot of a unit the compactor has just folded in)."""
+    try:
+        if name in group:
+            del group[name]
+    except (KeyError, FileNotFoundError):
+        pass
 
 
 # --- opening ------------------------------------------------------------------------------------

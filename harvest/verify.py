@@ -68,7 +68,8 @@ class Damage:
         if self.batches:
             b0, b1 = self.batches
             cover.append(f"batch {b0}" if b0 == b1 else f"batches {b0}-{b1}")
-        return f"{self.array} {where} ({self.file}): {self.what}" + (f"; {', '.join(cover)}" if cover else "")
+        head = f"{self.array}: " if self.file == self.array else f"{self.array} {where} ({self.file}): "
+        return head + self.what + (f"; {', '.join(cover)}" if cover else "")
 
 
 @dataclass
@@ -262,6 +263,7 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
     of the leading axis (to name the damage an analysis hit without reading the whole store).
     """
     t0 = time.perf_counter()
+    whole = arrays is None and span is None
     root = normalize(path)
     group = open_group(root)
     source = _Objects(root) if isinstance(root, str) else _Files(root)
@@ -323,9 +325,53 @@ def verify_store(path: str | Path, *, workers: int | None = None, progress: bool
                 if name not in hooks or not _claimed(claimed, axis, span, rowmap):
                     continue  # never written: reads as the fill value, as the manifest says
             report.damages.append(_damage(name, key, grid, axis, unit, problem, rowmap, hooks))
+    if whole and done is not None:
+        report.damages += statistics_damage(group, done)
     report.damages.sort(key=lambda d: (d.array, d.span or (0, 0), d.chunk or ()))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+#: what to do about statistics that do not match the manifest: they are not recomputed in place
+STATISTICS_FIX = ("harvest run SPEC --overwrite (the statistics are not repaired in place), or delete "
+                  "analysis/statistics to have the analyses scan the stored rows")
+
+
+def statistics_damage(group, done: np.ndarray) -> list[Damage]:
+    """The harvest-time statistics must be readable and cover every batch the manifest marks, no more:
+    per stage, the prefix and the stage's unit snapshots (whole, or a one-replica run's partway
+    through its unit); a prefix beyond the marked batches counts batches the store does not hold."""
+    from .statistics import load_statistics
+    from .store import (MANIFEST_GROUP, STATISTICS_GROUP, manifest, snapshot_attrs, statistics_cover,
+                        unit_snapshot_name, unit_snapshots)
+
+    if STATISTICS_GROUP not in group:
+        return []
+    name = STATISTICS_GROUP
+    try:
+        cover = statistics_cover(group)
+        load_statistics(group)
+    except Exception as exc:  # noqa: BLE001 - any failure to read them is the finding
+        return [Damage(name, name, f"harvest-time statistics unreadable ({_short(exc)})", fix=STATISTICS_FIX)]
+    out = []
+    first_gap = int(np.flatnonzero(~done)[0]) if (~done).any() else len(done)
+    if cover.prefix > first_gap:
+        out.append(Damage(name, name, f"the statistics prefix counts batches 0..{cover.prefix - 1}, but the manifest "
+                          f"marks only 0..{first_gap - 1} as written", batches=(first_gap, cover.prefix - 1),
+                          fix=STATISTICS_FIX))
+    for stage in range(len(list(group[MANIFEST_GROUP].array_keys()))):
+        marked = np.asarray(manifest(group, stage)[...]).astype(bool)
+        covered = np.zeros(len(marked), bool)
+        covered[:cover.prefix] = True
+        for a, b in unit_snapshots(group, stage):
+            if snapshot_attrs(group, unit_snapshot_name(stage, a, b)) is not None:
+                covered[a:b] = True
+        lacking = np.flatnonzero(marked & ~covered)
+        if lacking.size:
+            runs = np.split(lacking, np.flatnonzero(np.diff(lacking) > 1) + 1)
+            out += [Damage(name, name, f"stage {stage} marks batches its statistics snapshots do not cover",
+                           batches=(int(r[0]), int(r[-1])), fix=STATISTICS_FIX) for r in runs]
+    return out
 
 
 def _unit_span(grid: ChunkGrid, unit: tuple[int, ...]) -> tuple[int, int]:

@@ -35,9 +35,10 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import configure, is_object_store, is_url, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .statistics import ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan, pack, unpack, unpack_dettmers
-from .store import (mark_written, open_for_writing, prune_statistics, read_statistics, stage_frontier,
-                    statistics_snapshots, write_rows, write_statistics)
+from .statistics import (ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan,
+                         compact_statistics, pack, unpack, unpack_dettmers)
+from .store import (delete_snapshot, manifest, mark_written, open_for_writing, read_snapshot, snapshot_attrs,
+                    unit_snapshot_name, write_rows, write_snapshot)
 from .transfer import HostBatch
 
 #: most write threads a GPU stage gets by default; beyond this the disk, not the threads, limits
@@ -251,6 +252,9 @@ class StageStoreInfo:
     direct_io: bool = False  #: store.direct_io
     engine: str = "shards"  #: store.writer
     statistics: StatisticsPlan | None = None  #: harvest-time statistics of this stage's hooks
+    #: this writer folds the units every stage has finished into the statistics' prefix snapshot
+    #: (``compact_statistics``): the last stage's, with one replica (the replica driver does it otherwise)
+    compacts: bool = False
     #: several writers (replicas) share these arrays, each over whole units: the driver cleans up
     #: unfinished writes and marks the manifest, never the writers
     shared: bool = False
@@ -300,6 +304,13 @@ class StageWriter:
         self.next_batch = start_batch  #: the batch expected next (batches arrive in order)
         self.marked = start_batch  #: manifest is written up to here
         self.statistics = resume_statistics(group, info)
+        #: (first batch, through) of this stage's snapshot of a unit it is inside (superseded as it advances)
+        self._partial: tuple[int, int] | None = None
+        self._superseded: tuple[int, int] | None = None  #: a partial snapshot to delete once the manifest moves on
+        if self.statistics is not None:
+            self.statistics.next_batch = start_batch
+            if self.statistics.through > self.statistics.start:
+                self._partial = (self.statistics.start, self.statistics.through)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self.nonfinite: dict[str, int] = {}
@@ -321,6 +332,8 @@ class StageWriter:
                 self.raise_if_failed()
         # counted only once queued: an interrupt while waiting must not let close() mark this batch
         self.next_batch += 1
+        if self.statistics is not None:
+            self.statistics.next_batch = self.next_batch
 
     def begin_unit(self, batch: int) -> None:
         """Start a unit at ``batch``: its rows start at the batch's first rows; rows of an unfinished
@@ -328,6 +341,8 @@ class StageWriter:
         self.raise_if_failed()
         self._queue.put(_Unit(batch))
         self.next_batch = batch
+        if self.statistics is not None:
+            self.statistics.next_batch = batch
 
     def end_unit(self) -> dict[str, int]:
         """Block until every batch submitted is on disk (a unit ends on shard ends: nothing is left buffered);
@@ -406,8 +421,11 @@ class StageWriter:
                 writer.restart(int(starts[item.batch]) if item.batch < len(starts) else writer.array.shape[0])
             self.marked = item.batch
             self.unit_nonfinite = {}
+            if self.statistics is not None:  # a unit's statistics start from nothing (see ``_mark``)
+                self.statistics.restart(item.batch)
         else:
             self._each_array(lambda name: self.writers[name][0].flush())
+            self._mark(self.next_batch)  # the unit's statistics snapshot, before the driver marks the unit
             item.done.set()
 
     def _each_array(self, fn) -> None:
@@ -447,50 +465,85 @@ class StageWriter:
         for writer, axis in self.writers.values():
             ends = self.info.batch_ends[axis]
             frontier = min(frontier, int(np.searchsorted(ends, writer.durable, side="right")))
-        if frontier > self.marked:
-            acc = self.statistics
-            folded = acc is not None and frontier > acc.through
-            if folded:  # the snapshot first: the manifest never counts a batch the statistics lack
-                acc.fold(frontier)
-                write_statistics(self.group, self.info.stage, frontier, *pack(acc))
-            if not self.info.shared:
-                mark_written(self.group, self.info.stage, frontier, start=self.marked)
-            self.marked = frontier
-            if folded:
-                prune_statistics(self.group, self.info.stage, frontier)
+        if frontier <= self.marked:
+            return
+        whole = self._snapshot(frontier) if self.statistics is not None else False
+        if not self.info.shared:
+            mark_written(self.group, self.info.stage, frontier, start=self.marked)
+        self.marked = frontier
+        if self._superseded is not None:  # only once the manifest counts the newer snapshot
+            delete_snapshot(self.group, unit_snapshot_name(self.info.stage, *self._superseded))
+            self._superseded = None
+        if whole and self.info.compacts and not self.info.shared:
+            compact_statistics(self.group)
+
+    def _snapshot(self, frontier: int) -> bool:
+        """Fold the statistics up to ``frontier`` unit by unit and write each unit's snapshot (a replica's
+        writer: whole units only, the driver redoes the others), *before* the manifest counts the batches;
+        returns whether a unit was finished."""
+        acc, stage, whole = self.statistics, self.info.stage, False
+        while acc.through < frontier:
+            end = min(frontier, acc.end)
+            acc.fold(end)
+            if end == acc.end or not self.info.shared:
+                write_snapshot(self.group, unit_snapshot_name(stage, acc.start, end),
+                               *unit_attrs(pack(acc), acc.start, end, acc.end))
+                if self._partial is not None and self._partial[0] == acc.start:
+                    self._superseded = self._partial
+                self._partial = (acc.start, end) if end < acc.end else None
+            if end == acc.end:
+                whole = True
+                acc.next_unit()
+        return whole
+
+
+def unit_attrs(packed: tuple[dict[str, np.ndarray], dict[str, Any]], start: int, through: int, end: int):
+    """A unit snapshot's arrays and attributes: batches [start, through) of the unit [start, end)."""
+    arrays, attrs = packed
+    return arrays, {**attrs, "start": start, "through": through, "end": end}
 
 
 def resume_statistics(group: zarr.Group, info: StageStoreInfo) -> StatisticsAccumulator | None:
-    """The stage's statistics as of its own manifest frontier (a resume may redo batches past the
-    job's frontier that this stage had already marked: :meth:`StatisticsAccumulator.add` skips them)."""
-    if info.statistics is None or not (info.statistics.hooks or info.statistics.hits):
+    """The stage's statistics as of its own manifest frontier: nothing at a unit's first batch, else its
+    snapshot of the unit so far (a resume may redo batches past the job's frontier that this stage had
+    already marked: :meth:`StatisticsAccumulator.add` skips them). A replica's writer starts each unit
+    from nothing (``begin_unit``)."""
+    if info.statistics is None:
         return None
-    through = stage_frontier(info.path, info.stage)
-    remove_stale_snapshots(info.path, info.stage, through)
-    if through == 0:
-        return StatisticsAccumulator(info.statistics)
-    if through not in statistics_snapshots(group, info.stage):
+    plan = info.statistics
+    if info.shared:
+        return StatisticsAccumulator(plan)
+    marks = np.asarray(manifest(group, info.stage)[...]).astype(bool)
+    unmarked = np.flatnonzero(~marks)
+    through = int(unmarked[0]) if unmarked.size else len(marks)
+    start = plan.unit_of(through)[0]
+    remove_stale_snapshots(info.path, info.stage, marks, (start, through))
+    if through == start:
+        return StatisticsAccumulator(plan, through, start=start)
+    name = unit_snapshot_name(info.stage, start, through)
+    attrs = snapshot_attrs(group, name)
+    if attrs is None:
         raise StoreError(f"{info.path}: stage {info.stage} has marked {through} batches but holds no statistics "
                          "snapshot for them (capture.statistics); run again with --overwrite")
-    arrays, attrs = read_statistics(group, info.stage, through)
-    plan = info.statistics
     hits = plan.hits
     if (list(attrs["hooks"]) != [h for h in plan.hooks if h in attrs["hooks"]] or set(attrs["hooks"]) != set(plan.hooks)
             or list(attrs.get("dettmers_sources", [])) != list(hits.sources if hits else [])
             or bool(attrs.get("dettmers_last", False)) != bool(hits and hits.last)):
-        # snapshots are per stage: another partition of the layers cannot take them over (yet)
+        # the runner restarts a resume with another partition at a unit's start (``continue_statistics``)
         raise StoreError(f"{info.path}: stage {info.stage}'s statistics snapshot covers other hook points than this "
                          "run's stage does (run.stages changed since the harvest started); resume with the "
                          "run.stages it started with, or run again with --overwrite")
-    return StatisticsAccumulator(plan, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs))
+    arrays, attrs = read_snapshot(group, name)
+    return StatisticsAccumulator(plan, through, unpack(arrays, attrs), unpack_dettmers(arrays, attrs), start=start)
 
 
-def remove_stale_snapshots(path: str, stage: int, keep: int) -> int:
-    """Delete every statistics snapshot of ``stage`` but the one at ``keep``, files and all; returns how many.
+def remove_stale_snapshots(path: str, stage: int, marks: np.ndarray, keep: tuple[int, int]) -> int:
+    """Delete ``stage``'s unit snapshots no resume may read, files and all; returns how many.
 
-    A process killed while it pruned an old snapshot (or wrote a newer one) can leave that snapshot's
-    files without its group metadata, which zarr then no longer lists: only the file system finds
-    them. Local stores only (on object storage the prune's deletes are single requests per key).
+    Those are: a snapshot of batches the stage's manifest (``marks``) does not count (a killed run's
+    unfinished work), an older snapshot of the unit being resumed (``keep`` is its newest), and files of
+    a snapshot without its group metadata, which a process killed while deleting or writing a snapshot
+    can leave and zarr no longer lists. Local stores only (on object storage deletes are single requests).
     """
     import shutil
 
@@ -499,7 +552,18 @@ def remove_stale_snapshots(path: str, stage: int, keep: int) -> int:
     root = Path(path) / STATISTICS_GROUP / f"stage_{stage}"
     if not root.is_dir():
         return 0
-    stale = [d for d in root.iterdir() if d.name not in (f"batch_{keep:08d}", "zarr.json")]
+    stale = []
+    for d in root.iterdir():
+        if d.name == "zarr.json":
+            continue
+        try:
+            a, b = (int(x) for x in d.name.removeprefix("unit_").split("_"))
+        except ValueError:
+            stale.append(d)
+            continue
+        if (not d.name.startswith("unit_") or not (d / "zarr.json").is_file() or not marks[a:b].all()
+                or (a == keep[0] and b != keep[1])):
+            stale.append(d)
     for d in stale:
         shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
     return len(stale)

@@ -10,8 +10,12 @@ pipeline runs). The driver owns the rest:
   replica has finished the last one, so a slow replica does not hold the others back; within a
   unit, batches flow stage to stage as object references, at most ``run.max_in_flight`` at once;
 - **manifest**: the driver (one process) marks a unit's batches in every stage's ``_progress``
-  array once every stage of the replica has the unit on disk; ``--resume`` then redoes the units
+  array once every stage of the replica has the unit on disk, rows and statistics snapshot (each
+  stage's writer accumulates a unit's statistics from nothing); ``--resume`` then redoes the units
   not fully marked, with any R (and the in-process or one-replica paths read the same manifest);
+- **statistics**: after marking a unit, the driver folds the units done without a gap into the
+  prefix snapshot in unit order (``harvest.statistics.compact_statistics``), so the statistics are
+  bit-identical for any R and the store keeps one prefix plus the units finished out of order;
 - **failures**: a replica whose actor dies (killed, segfault) has it restarted by Ray and redoes
   its unit from the unit's first batch (rows are rewritten with the same bytes); a replica that
   cannot be restarted, or whose unit fails twice in a row, is dropped with a warning naming it and
@@ -45,6 +49,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from harvest.errors import ReplicaLost, StageError
+from harvest.statistics import compact_statistics
 from harvest.shape import (Resources, cluster_capacity, job_units, local_ray_cpus, missing_resources,
                            stage_resources)
 from harvest.store import batches_done, mark_written, open_for_writing, open_group
@@ -88,6 +93,7 @@ class ReplicaDriver:
         self.replicas: list[Replica] = []
         self.queue: deque[tuple[int, int]] = deque()
         self.lock = threading.Lock()  #: the manifest, the counters
+        self.compacting = threading.Lock()  #: one compaction of the statistics at a time
         self.changed = threading.Condition()  #: the queue of units, ``busy``
         self.busy = 0  #: replicas working on a unit
         self.stop_event = threading.Event()
@@ -123,7 +129,7 @@ class ReplicaDriver:
                     name=f"{name}-r{j}-stage{stage.index}", num_cpus=cpus, num_gpus=gpus,
                     max_restarts=job.spec.run.max_restarts, max_task_retries=0, max_concurrency=1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=j),
-                ).remote(job.ckpt, stage, options, dataclasses.replace(job.stage_info(stage), shared=True),
+                ).remote(job.ckpt, stage, options, dataclasses.replace(job.stage_info(stage), shared=True, compacts=False),
                          job.layout.n_batches)
                 for stage in job.stages]
             self.replicas.append(Replica(j, actors))
@@ -303,6 +309,9 @@ class ReplicaDriver:
                         self.nonfinite[name] = self.nonfinite.get(name, 0) + v
                     rep.units += 1
                     rep.seconds += time.perf_counter() - t0
+                if self.job.spec.capture.statistics:
+                    with self.compacting:  # fold the units done without a gap into the prefix snapshot
+                        compact_statistics(self.group)
             self._release(None if finished is not None else unit)
 
     def _release(self, unit: tuple[int, int] | None) -> None:

@@ -9,9 +9,9 @@ import zarr
 
 from harvest.store import BOOKKEEPING
 
-#: ``analysis/`` is derived data: the harvest-time statistics are kept per stage (and off with replicas),
-#: so their layout follows the partition; their identity across stages, replicas and resumes has its
-#: own tests (tests/test_harvest_statistics.py)
+#: ``analysis/`` is derived data: the harvest-time statistics are written per stage and unit before they
+#: are folded into one prefix, so their files follow the partition; their identity across stages,
+#: replicas and resumes has its own tests (tests/test_harvest_statistics.py)
 EXCLUDED = BOOKKEEPING + ("analysis",)
 
 

@@ -107,8 +107,13 @@ def test_one_two_three_stages_give_identical_statistics(neox_ckpt, make_spec, ra
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_spec, tmp_path):
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("killed, resumed", [({}, {}), ({}, {"stages": 2, "replicas": 2}),
+                                             ({"replicas": 2}, {"stages": 2})],
+                         ids=["same", "r1s1-to-r2s2", "r2s1-to-r1s2"])
+def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_spec, tmp_path, killed, resumed):
+    """A driver killed with SIGKILL, resumed with the same or another run.replicas and run.stages: the
+    statistics are the uninterrupted run's, bit for bit."""
     import os
     import signal
     import time
@@ -118,9 +123,14 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
     import subprocess
     import sys
 
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's harvest, whatever the venv installed
+
     def start_run(spec_path, cwd, *extra):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
         return subprocess.Popen([sys.executable, "-m", "harvest", "run", str(spec_path), "--quiet", *extra], cwd=cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def batches_done(path) -> int:
         try:
@@ -134,7 +144,8 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
                     capture={"statistics": True, "positions": {"sample": 8, "seed": 2}},
                     prompts={"seq_len": 64, "mode": "packed", "max_sequences": 120},
                     store={"chunk_mib": 0.02, "chunks_per_shard": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**raw, "run": {**raw["run"], **killed}}))
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump({**raw, "run": {**raw["run"], **resumed}}))
     (tmp_path / "clean.yaml").write_text(yaml.safe_dump({**raw, "store": {**raw["store"], "path": "clean.zarr"}}))
     store = tmp_path / "stores" / "job.zarr"
     proc = start_run(tmp_path / "job.yaml", tmp_path)
@@ -144,16 +155,18 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = batches_done(store)
-    resumed = start_run(tmp_path / "job.yaml", tmp_path, "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    again = start_run(tmp_path / "resume.yaml", tmp_path, "--resume")
+    assert again.wait(timeout=300) == 0, again.communicate()[1]
     clean = start_run(tmp_path / "clean.yaml", tmp_path)
     assert clean.wait(timeout=300) == 0, clean.communicate()[1]
     n_batches = open_group(store).attrs["harvest"]["layout"]["n_batches"]
     assert 3 <= killed_at < n_batches
     clean_stats = load_statistics(open_group(tmp_path / "stores" / "clean.zarr"))
     assert_identical(load_statistics(open_group(store)), clean_stats)
-    # one snapshot per stage is left: the final one
-    assert sorted(open_group(store)["analysis/statistics/stage_0"].group_keys()) == [f"batch_{n_batches:08d}"]
+    assert "statistics_dropped" not in open_group(store).attrs["harvest"]
+    # one snapshot is left: the prefix of every unit; no unit's own
+    assert sorted(open_group(store)["analysis/statistics/prefix"].group_keys()) == [f"batch_{n_batches:08d}"]
+    assert not list(open_group(store)["analysis/statistics/stage_0"].group_keys())
 
 
 def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
@@ -317,7 +330,7 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
                          run={"stages": n, "threads": 1}, store={"path": f"d{n}.zarr"})
         paths[n] = run(spec, progress=False).path
     a, b = (load_dettmers(open_group(paths[n])) for n in (1, 2))
-    assert len(b.states) == 2 and a.sources == b.sources
+    assert len(b.states) == 1 and a.sources == b.sources  # the two stages' states merged, per unit
     for key, value in a.reduce(0.25, 0.06).items():
         np.testing.assert_array_equal(value if not isinstance(value, dict) else value["count"],
                                       b.reduce(0.25, 0.06)[key] if not isinstance(value, dict)
@@ -396,33 +409,13 @@ def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_
             if isinstance(value, np.ndarray) and value.ndim:
                 np.testing.assert_array_equal(one.hooks[hook][key][..., 0], value[..., 5], err_msg=f"{hook} {key}")
     width = sum(whole.widths.values())
-    snap = open_group(path)["analysis/statistics/stage_0"]
+    snap = open_group(path)["analysis/statistics/prefix"]  # a finished job: every unit in the prefix
     arr = next(snap.groups())[1]["top_values"]
     assert width > STATISTICS_COLUMNS and arr.chunks[-1] == STATISTICS_COLUMNS and arr.shards == arr.shape
     reads = [(k, n) for k, n in Recording.reads if k.split("/")[4] in PER_DIMENSION]
     assert {"mean", "m2", "top_rows", "top_values"} <= {k.split("/")[4] for k, _ in reads}  # zero chunks: unwritten
     stored = sum(a.nbytes_stored() for key, a in next(snap.groups())[1].arrays() if key in PER_DIMENSION)
     assert sum(n for _, n in reads) < stored / 2, (sum(n for _, n in reads), stored)  # not whole snapshots
-
-
-def test_a_snapshot_of_another_partition_is_refused_on_resume(neox_ckpt, make_spec):
-    """Snapshots are per stage: a stage whose hooks differ from the snapshot's (run.stages changed) must
-    not resume from it (it would silently count only the batches after the resume)."""
-    import dataclasses
-
-    from harvest.errors import StoreError
-    from harvest.runner import prepare
-    from harvest.writer import resume_statistics
-
-    spec = make_spec(neox_ckpt, hooks=("ln1", "resid_post"), store={"path": "part.zarr"})
-    path = run(spec, progress=False).path
-    job = prepare(spec)
-    info = job.stage_info(job.stages[0])
-    assert resume_statistics(open_group(path), info).through == job.layout.n_batches  # the same partition resumes
-    first_half = dataclasses.replace(info.statistics, hooks=info.statistics.hooks[:4],
-                                     hits=dataclasses.replace(info.statistics.hits, last=False))
-    with pytest.raises(StoreError, match="run.stages changed since the harvest started"):
-        resume_statistics(open_group(path), dataclasses.replace(info, statistics=first_half))
 
 
 def test_cli_source_option(planted_neox, make_spec):
@@ -446,21 +439,22 @@ def test_cli_source_option(planted_neox, make_spec):
 
 
 def test_orphaned_snapshot_files_are_removed_on_resume(neox_ckpt, make_spec):
-    """A kill during a prune can leave a snapshot's files without its group metadata (zarr no longer
-    lists it): the resumed writer removes them, keeping only the snapshot it resumes from."""
+    """A kill while a snapshot was deleted or written can leave its files without its group metadata
+    (zarr no longer lists it): the resumed writer removes them, and the snapshots its manifest does not count."""
     from harvest.runner import prepare
     from harvest.writer import resume_statistics
 
     spec = make_spec(neox_ckpt, hooks=("ln1",), store={"path": "orphans.zarr"})
     path = run(spec, progress=False).path
     stage_dir = path / "analysis/statistics/stage_0"
-    (kept,) = [d.name for d in stage_dir.iterdir() if d.is_dir()]
-    orphan = stage_dir / "batch_00000001" / "count_ge" / "c"
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["zarr.json"]  # every unit folded into the prefix
+    orphan = stage_dir / "unit_00000000_00000001" / "count_ge" / "c"
     orphan.mkdir(parents=True)
     (orphan / "0").write_bytes(b"torn")
+    (stage_dir / "batch_00000001").mkdir()  # not a unit snapshot's name at all
     job = prepare(spec)
     assert resume_statistics(open_group(path), job.stage_info(job.stages[0])) is not None
-    assert sorted(p.name for p in stage_dir.iterdir()) == [kept, "zarr.json"]
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["zarr.json"]
 
 
 def _interrupt_after(path, batches: int) -> None:
@@ -506,12 +500,201 @@ def test_a_resume_that_cannot_continue_the_statistics_drops_them_and_says_so(neo
     _resumed_without_statistics(began_without, reference, None)  # they cannot start mid-job
 
 
+#: a job of 12 batches in 6 units of 2 (packed sequences, one shard per 2 batches)
+UNITS = {"store": {"chunks_per_shard": 1, "chunk_mib": 0.012}, "run": {"batch_size": 2},
+         "prompts": {"max_sequences": 24, "mode": "packed", "seq_len": 16}}
+
+
+def units_spec(make_spec, ckpt, path, run_=None, **capture):
+    return make_spec(ckpt, hooks=("ln1", "ln2", "resid_post"), capture={"statistics": True, **capture},
+                     store={**UNITS["store"], "path": path}, run={**UNITS["run"], **(run_ or {})},
+                     prompts=UNITS["prompts"])
+
+
+def assert_same_dettmers(a, b) -> None:
+    """Dettmers' criterion the same: every count exactly (the histogram's sums add per stage first)."""
+    assert a.sources == b.sources and a.tokens == b.tokens
+    ra, rb = a.reduce(0.25, 0.06), b.reduce(0.25, 0.06)
+    for key, value in ra.items():
+        if isinstance(value, dict):
+            value, other = value["count"], rb[key]["count"]
+        else:
+            other = rb[key]
+        np.testing.assert_array_equal(value, other, err_msg=key)
+
+
+def interrupt_at(monkeypatch, batch: int) -> None:
+    """Stop an in-process run with Ctrl-C as batch ``batch`` is about to be computed."""
+    from harvest.worker import StageWorker
+
+    process = StageWorker.process
+
+    def stopping(self, b, hidden):
+        if b.index == batch:
+            raise KeyboardInterrupt
+        return process(self, b, hidden)
+
+    monkeypatch.setattr(StageWorker, "process", stopping)
+
+
+def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, monkeypatch):
+    """The prefix snapshot is the left fold of the units in unit order, each counted once, whether it is
+    compacted in one step or in several: bit for bit what a reader folds from the unit snapshots."""
+    import harvest.statistics as statistics_module
+    import harvest.writer as writer_module
+    from harvest.statistics import JobState, compact_statistics, index_aggregate, load_dettmers, unit_state
+    from harvest.store import read_snapshot, statistics_cover
+
+    for module in (writer_module, statistics_module):  # keep every unit's own snapshot
+        monkeypatch.setattr(module, "compact_statistics", lambda group: 0)
+    path = run(units_spec(make_spec, neox_ckpt, "units.zarr"), progress=False).path
+    monkeypatch.undo()
+    group = open_group(path, mode="r+")
+    cover = statistics_cover(group)
+    assert cover.prefix_name is None and [(a, b) for a, b, _ in cover.units] == [(a, a + 2) for a in range(0, 12, 2)]
+    read_whole = load_statistics(group)  # the reader folds the six unit snapshots
+    read_dettmers = load_dettmers(group)
+    states = [unit_state([read_snapshot(group, n) for n in names]) for _, _, names in cover.units]
+    in_order, backwards = JobState({}), JobState({})
+    for state in states:
+        in_order.fold(state)
+    for state in reversed(states):
+        backwards.fold(state)
+
+    marks = group["_progress/stage_0"][...]
+    group["_progress/stage_0"][6:] = 0  # as if units 3.. were not done yet: the prefix takes units 0..2
+    assert compact_statistics(group) == 6
+    seq_len = group["analysis/statistics/sequences/seq_len"]
+    assert seq_len.shape == (12,)  # the per-sequence records of units 0..2, apart from the prefix
+    group["_progress/stage_0"][...] = marks
+    assert_identical(load_statistics(group), read_whole)  # prefix + the three units beyond
+    assert compact_statistics(group) == 12
+    assert statistics_cover(group).units == [] and list(group["analysis/statistics/prefix"].group_keys()) == [
+        "batch_00000012"]
+    assert not list(group["analysis/statistics/stage_0"].group_keys())
+    # appended, not rewritten: the first units' records are where they were; the prefix holds none
+    assert group["analysis/statistics/sequences/seq_len"].shape == (24,)
+    assert "dettmers_seq_len" not in group["analysis/statistics/prefix/batch_00000012"]
+    assert_same_dettmers(load_dettmers(group), read_dettmers)
+    compacted = load_statistics(group)
+    assert_identical(compacted, read_whole)
+    assert_same(compacted, scan_index(path))  # every token once: the counts are the scan's
+    differs = False
+    for hook, stats in compacted.hooks.items():
+        want = index_aggregate(in_order.hooks[hook])
+        for key in ("count", "mean", "std", "max_abs", "top_rows", "top_values"):
+            np.testing.assert_array_equal(stats[key], want[key], err_msg=f"{hook} {key}")
+        differs |= not np.array_equal(index_aggregate(backwards.hooks[hook])["std"], stats["std"])
+    assert differs  # the fold order shows in the bits: the comparison above would catch another order
+
+
+def test_a_resume_inside_a_unit_continues_its_statistics_exactly(neox_ckpt, make_spec, monkeypatch):
+    """Stopped in the middle of a unit (its snapshot so far is kept), resumed: the same bits as a run
+    that never stopped, Dettmers' state included."""
+    from harvest.errors import Interrupted
+    from harvest.statistics import load_dettmers
+    from harvest.store import unit_snapshots
+
+    clean = run(units_spec(make_spec, neox_ckpt, "clean.zarr"), progress=False).path
+    spec = units_spec(make_spec, neox_ckpt, "stopped.zarr")
+    interrupt_at(monkeypatch, 7)
+    with pytest.raises(Interrupted):
+        run(spec, progress=False)
+    monkeypatch.undo()
+    group = open_group(spec.store_path())
+    assert unit_snapshots(group, 0) == [(6, 7)]  # the unit [6, 8) so far; units 0..2 are in the prefix
+    assert list(group["analysis/statistics/prefix"].group_keys()) == ["batch_00000006"]
+    assert run(spec, resume=True, progress=False).batches == 5
+    assert_identical(load_statistics(open_group(spec.store_path())), load_statistics(open_group(clean)))
+    assert_same_dettmers(load_dettmers(open_group(spec.store_path())), load_dettmers(open_group(clean)))
+
+
 @pytest.mark.slow
-def test_resume_with_replicas_drops_the_statistics_of_one_replica(neox_ckpt, make_spec, ray_session, caplog):
-    """Resume with any R: a job begun with one replica (statistics on by default) resumes with two."""
-    reference = run(make_spec(neox_ckpt, store={"path": "ref.zarr"}), progress=False).path
-    path = run(make_spec(neox_ckpt, store={"path": "r.zarr"}), progress=False).path
-    _interrupt_after(path, 1)
-    with caplog.at_level("WARNING", logger="harvest.runner"):
-        run(make_spec(neox_ckpt, run={"replicas": 2}, store={"path": "r.zarr"}), resume=True, progress=False)
-    _resumed_without_statistics(path, reference, "run.replicas is not 1 (replicas do not merge statistics yet)")
+def test_replicas_and_stages_give_identical_statistics(neox_ckpt, make_spec, ray_session):
+    """R = 1, 2, 3 and one or two stages: the same statistics bit for bit (units folded in unit order,
+    each from nothing), and the scan's of the stored rows."""
+    from harvest.statistics import load_dettmers
+
+    stats, dett, paths = {}, {}, {}
+    for r, n in ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2)):
+        spec = units_spec(make_spec, neox_ckpt, f"r{r}s{n}.zarr", {"replicas": r, "stages": n, "threads": 1})
+        path = paths[r, n] = run(spec, progress=False).path
+        stats[r, n], dett[r, n] = load_statistics(open_group(path)), load_dettmers(open_group(path))
+        assert list(open_group(path)["analysis/statistics/prefix"].group_keys()) == ["batch_00000012"]
+    assert_same(stats[1, 1], scan_index(paths[1, 1]))
+    for key in stats:
+        assert_identical(stats[key], stats[1, 1])
+        assert_same_dettmers(dett[key], dett[1, 1])
+
+
+@pytest.mark.slow
+def test_a_resume_at_other_stages_and_replicas_continues_the_statistics(neox_ckpt, make_spec, ray_session,
+                                                                        monkeypatch, caplog):
+    """Stopped inside a unit with one stage, resumed with two stages on two replicas: the statistics of
+    the units done are kept (the prefix), the run restarts at the prefix's end, and the result is bit for
+    bit the uninterrupted run's."""
+    from harvest.errors import Interrupted
+    from harvest.statistics import load_dettmers
+    from harvest.store import read_provenance
+    from sharding.verify import store_differences
+
+    clean = run(units_spec(make_spec, neox_ckpt, "clean.zarr"), progress=False).path
+    spec = units_spec(make_spec, neox_ckpt, "moved.zarr")
+    interrupt_at(monkeypatch, 7)
+    with pytest.raises(Interrupted):
+        run(spec, progress=False)
+    monkeypatch.undo()
+    other = units_spec(make_spec, neox_ckpt, "moved.zarr", {"replicas": 2, "stages": 2, "threads": 1})
+    with caplog.at_level("INFO", logger="harvest.runner"):
+        run(other, resume=True, progress=False)
+    assert "restarts at batch 6" in caplog.text
+    group = open_group(other.store_path())
+    assert "statistics_dropped" not in read_provenance(group)
+    assert_identical(load_statistics(group), load_statistics(open_group(clean)))
+    assert_same_dettmers(load_dettmers(group), load_dettmers(open_group(clean)))
+    assert store_differences(other.store_path(), clean) == []
+
+
+
+
+def test_verify_checks_the_statistics_cover_the_manifest(neox_ckpt, make_spec):
+    """``harvest verify``: statistics that lack batches the manifest marks, or count batches it does not,
+    are one line each, with what to do."""
+    import shutil
+
+    from harvest.verify import verify_store
+
+    path = run(units_spec(make_spec, neox_ckpt, "verified.zarr"), progress=False).path
+    assert verify_store(path).ok
+    _interrupt_after(path, 4)
+    (line,) = [d.line() for d in verify_store(path).damages]
+    assert line == ("analysis/statistics: the statistics prefix counts batches 0..11, but the manifest marks only "
+                    "0..3 as written; batches 4-11")
+    group = open_group(path, mode="r+")
+    group["_progress/stage_0"][...] = 1
+    shutil.rmtree(path / "analysis/statistics/prefix/batch_00000012")
+    report = verify_store(path)
+    assert [d.line() for d in report.damages] == [
+        "analysis/statistics: stage 0 marks batches its statistics snapshots do not cover; batches 0-11"]
+    assert "--overwrite" in report.repair_commands()[0]
+
+
+@pytest.mark.parametrize("rows", [5, 200])
+def test_a_units_first_batch_can_come_sparse(rows):
+    """A unit's top-k starts from nothing: its first batch need not come whole. The entries at or above each
+    column's own k-th largest |x| (ties included; every row when there are fewer than k) give
+    ``topk_chunk``'s rows and values exactly, with no state before them."""
+    from harvest.statistics import Block, topk_chunk, topk_merge
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((rows, 24)) * 3).astype(np.float32)
+    x[::7, 11] = 9.0  # ties
+    k = 8
+    block = Block(x, start=1000)
+    a = np.abs(x)
+    kth = -np.sort(-a, axis=0)[min(k, rows) - 1]
+    r, c = np.nonzero(a >= kth[None, :])
+    got = topk_merge(None, {"rows": r + 1000, "cols": c, "values": x[r, c], "dims": 24}, k)
+    want = topk_chunk(block, k)
+    np.testing.assert_array_equal(got["rows"], want["rows"])
+    np.testing.assert_array_equal(got["values"], want["values"])

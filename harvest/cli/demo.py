@@ -122,7 +122,7 @@ def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="activations")
         print(f"S3 server {endpoint} (moto), bucket s3://activations")
         raw = spec.to_dict()
-        raw["capture"].pop("statistics")  # the default again: off with replicas, which do not merge them yet
+        raw["capture"].pop("statistics")  # the default again (on: replicas merge them unit by unit)
         raw["run"]["replicas"] = REPLICAS
         raw["store"].update(root="s3://activations/stores", storage_options={"endpoint": endpoint, "region": "us-east-1"})
         remote = parse_spec(raw, base_dir=spec.base_dir)
