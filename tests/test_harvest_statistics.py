@@ -325,7 +325,8 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
     assert_same_criterion(*criterion_both_ways(paths[2]))
 
 
-def test_device_kernels_equal_the_host_kernels(tmp_path):
+@pytest.mark.parametrize("lengths", [(3, 9), (10, 40)])  # batches shorter than a group; several groups and a tail
+def test_device_kernels_equal_the_host_kernels(lengths):
     """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
     and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
     import torch
@@ -333,7 +334,7 @@ def test_device_kernels_equal_the_host_kernels(tmp_path):
     from harvest.running import DeviceStatistics
 
     rng = np.random.default_rng(1)
-    starts = np.cumsum([0] + [int(n) for n in rng.integers(3, 9, 12)]).astype(np.int64)
+    starts = np.cumsum([0] + [int(n) for n in rng.integers(*lengths, 12)]).astype(np.int64)
     values = (rng.standard_normal((int(starts[-1]), 24)) * 3).astype(np.float32)
     values[4, 5] = np.nan
     values[30, 7] = np.inf
@@ -363,6 +364,73 @@ def test_device_kernels_equal_the_host_kernels(tmp_path):
     np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)  # the host squares deviations in float32
     exact = np.where(np.isfinite(values), values, np.nan).astype(np.float64)
     np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
+
+
+def test_device_sums_are_float64_sums_of_the_float32_rows():
+    """The device's exact scheme (float32 rows copied to float64, summed by a product with ones):
+    the sum within float64 rounding of the exact sum (``math.fsum``), the sum of squares too (a float32
+    square is exact in float64)."""
+    import math
+
+    import torch
+
+    from harvest.running import DeviceStatistics
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((1000, 5)) * 10 + 1e3 * rng.standard_normal(5)).astype(np.float32)
+    x[:, 4] = np.float32(0.1)  # a constant column: no cancellation lost to the scheme
+    out = DeviceStatistics(("h",), 4, 6.0).batch({"h": torch.from_numpy(x)})
+    xd = x.astype(np.float64)
+    for name, terms in (("sum", xd), ("sumsq", xd * xd)):
+        exact = np.array([math.fsum(terms[:, j]) for j in range(5)])
+        bound = 1e-14 * np.abs(terms).sum(0)
+        assert np.all(np.abs(out[f"stats:h:{name}"].numpy() - exact) <= bound), name
+
+
+SYNCS = {"item", "tolist", "nonzero", "__bool__", "unique", "numpy", "masked_select", "__int__", "__float__",
+         "__index__", "any", "all"}
+
+
+def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
+    """On a GPU a ``nonzero``, ``.item()``, ``.tolist()`` or ``bool(tensor)`` waits for the stream: a batch's
+    statistics read sizes from the device twice, not once per hook (counted here through torch's
+    function mode, which sees every such call on any device; ``any``/``all`` count when their result is read)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from harvest.running import DeviceStatistics
+
+    class Syncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in SYNCS - {"any", "all"}:
+                self.calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    counted = {}
+    for n_hooks in (2, 9):
+        hooks = tuple(f"h{i}" for i in range(n_hooks))
+        rng = np.random.default_rng(3)
+        starts = np.arange(0, 8 * 50 + 1, 50, dtype=np.int64)
+        plan = StatisticsPlan(hooks, 4, 6.0, starts)
+        acc = StatisticsAccumulator(plan)
+        kernels = DeviceStatistics(hooks, 4, 6.0)
+        kernels.floors = acc.floors
+        per_batch = []
+        for b in range(4):  # dense, then candidates
+            rows = {h: torch.from_numpy((rng.standard_normal((100, 32)) * 3).astype(np.float32)) for h in hooks}
+            with Syncs() as syncs:
+                out = kernels.batch(rows)
+            per_batch.append(syncs.calls)
+            acc.add(b, 2 * b, {k: v.numpy() for k, v in out.items()})
+        assert any(k.endswith(":values") and v.numel() for k, v in out.items())  # the candidate phase ran
+        counted[n_hooks] = per_batch
+    assert counted[2] == counted[9]
+    assert all(calls == ["tolist", "tolist"] for calls in counted[9]), counted[9]
 
 
 def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
