@@ -61,17 +61,16 @@ class _Pending:
     cand: tuple | None = None  #: phase 2: (rows, cols, mask of the candidates among them)
 
 
-def group_max(x: torch.Tensor) -> torch.Tensor:
-    """(groups, d): max |x| of each column over each group of ``GROUP`` consecutive rows."""
-    tokens, d = x.shape
+def group_max(a: torch.Tensor) -> torch.Tensor:
+    """(groups, d): the max of each column of ``a`` (|x|, >= 0) over each group of ``GROUP`` consecutive rows."""
+    tokens, d = a.shape
     full = tokens - tokens % GROUP
-    a = x.abs()
     parts = []
     if full:
         parts.append(a[:full].reshape(-1, GROUP, d).amax(1))
     if full < tokens:
         parts.append(a[full:].amax(0, keepdim=True))
-    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else x.new_zeros((0, d))
+    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else a.new_zeros((0, d))
 
 
 def pair_values(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +143,7 @@ class DeviceStatistics:
         ones = torch.ones(tokens, dtype=torch.float64, device=x.device)
         s = torch.mv(xd.t(), ones)
         sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
-        gmax = group_max(x)
+        gmax = group_max(x.abs())
         if floor is not None:
             floor = torch.from_numpy(floor).to(x.device, non_blocking=True)
         p = _Pending(key, x, raw, floor, gmax)

@@ -210,7 +210,8 @@ class Stage:
             hidden = hidden.to(self.device)
         hit_results: dict[str, torch.Tensor] = {}
         hits = (nullcontext([]) if self.hits is None else  # inside the capture's: it checks no hook is left
-                self.hits.attached(index.lengths, batch.width, carried, hit_results))
+                self.hits.attached(index.lengths, batch.width, carried, hit_results,
+                                   padded=bool((batch.lengths < batch.width).any())))
         with self.capture.attached(index) as captured, hits as handed:
             out = self.model(input_ids, hidden, index.flat_rows)
         captured.update(hit_results)

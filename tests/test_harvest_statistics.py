@@ -433,6 +433,74 @@ def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
     assert all(calls == ["tolist", "tolist"] for calls in counted[9]), counted[9]
 
 
+class _Syncs:
+    """Records the torch calls that read a device value on the host (a sync on a GPU)."""
+
+    def __new__(cls):
+        from torch.overrides import TorchFunctionMode
+
+        class Mode(TorchFunctionMode):
+            def __init__(self):
+                super().__init__()
+                self.calls: list[str] = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in SYNCS - {"any", "all"}:
+                    self.calls.append(name)
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded):
+    """``harvest.hits`` through the group maxima (two syncs per batch) gives what the value-by-value
+    path (``Hits._source``, which the NaN/inf case takes) gives, and the same bitmask."""
+    import torch
+    from torch import nn
+
+    from harvest.hits import Hits
+    from harvest.statistics import HitPlan
+
+    rng = np.random.default_rng(5)
+    batch, width, d = 3, 40, 24
+    sources = tuple(f"blocks.{i}.ln1.hook_normalized" for i in range(4))
+    ys = [torch.from_numpy((rng.standard_normal((batch, width, d)) * 2.5).astype(np.float32)) for _ in sources]
+    ys[1][:, :, 3] = 7.0  # a dimension over the magnitude everywhere, padding included
+    ys[2][1, 5, 9] = -6.0  # exactly the magnitude
+    lengths = torch.tensor([width, 17, 33] if padded else [width] * batch)
+    real = torch.arange(width)[None, :] < lengths[:, None]
+
+    class Feed(nn.Module):
+        def __init__(self, y):
+            super().__init__()
+            self.y = y
+
+        def forward(self):
+            return self.y
+
+    modules = {name: Feed(y) for name, y in zip(sources, ys)}
+    hits = Hits(HitPlan(sources, 6.0, False, d), modules, torch.float32)
+    out: dict = {}
+    with _Syncs() as syncs:
+        with hits.attached(lengths, width, None, out, padded=padded) as handed:
+            for name in sources:
+                modules[name]()
+    assert syncs.calls == ["tolist", "tolist"], syncs.calls
+    want: dict = {}
+    mask = torch.zeros((batch, width, d), dtype=torch.bool)
+    for name, y in zip(sources, ys):
+        hits._source(name, y, real if padded else None, mask, want)
+    assert sorted(out) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(out[key], want[key], rtol=0, atol=0, msg=key)
+    assert int((out[f"dettmers:{sources[1]}:where"][:, 2] == 3).sum()) == int(lengths.sum())  # padding is no hit
+    from harvest.hits import pack_bits
+
+    assert torch.equal(handed[0], pack_bits(mask))
+
+
 def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
     """``harvest query dim`` loads one column per hook: the snapshot's per-dimension arrays are one shard
     each, chunked along the columns, and loading dim 5 reads their shard indexes and one small chunk per
