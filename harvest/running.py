@@ -36,6 +36,7 @@ a hook with a NaN/inf takes the slow path of its own (exceptional: it syncs).
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,34 @@ from .statistics import DEVICE_PREFIX
 
 #: rows per group of the per-group column maxima
 GROUP = 16
+
+#: a batch's statistics as steps: each yields a (n,) or (n, m) integer tensor of sizes it needs on the
+#: host and is sent them back as (nested) lists (see :func:`lockstep`)
+Steps = Generator[torch.Tensor, list, None]
+
+
+def lockstep(steps: list[Steps]) -> None:
+    """Run several :data:`Steps` together: each round reads every step's sizes in one ``tolist`` (one
+    host sync for all of them), so a batch costs as many syncs as its longest step has rounds."""
+    waiting = []
+    for step in steps:
+        try:
+            waiting.append((step, next(step)))
+        except StopIteration:
+            pass
+    while waiting:
+        flat = torch.cat([t.reshape(-1).long() for _, t in waiting]).tolist()  # the round's one sync
+        going, at = [], 0
+        for step, t in waiting:
+            values = flat[at:at + t.numel()]
+            at += t.numel()
+            if t.dim() == 2:
+                values = [values[i * t.shape[1]:(i + 1) * t.shape[1]] for i in range(t.shape[0])]
+            try:
+                going.append((step, step.send(values)))
+            except StopIteration:
+                pass
+        waiting = going
 
 
 @dataclass
@@ -101,12 +130,17 @@ class DeviceStatistics:
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
+        out: dict[str, torch.Tensor] = {}
+        lockstep([self.steps(rows, out)])
+        return out
+
+    def steps(self, rows: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> Steps:
+        """:meth:`batch` as steps for :func:`lockstep`: yields the sizes it needs read (twice), fills ``out``."""
         floors = self.floors() if self.floors is not None else {}
         pending = [self._reduce(hook, rows[hook], floors.get(hook)) for hook in self.hooks]
-        out: dict[str, torch.Tensor] = {}
         if not pending:
-            return out
-        sizes = torch.stack([p.sizes for p in pending]).tolist()  # sync 1 of 2
+            return
+        sizes = yield torch.stack([p.sizes for p in pending])  # read 1 of 2
         live = []
         for p, (finite, n_ge, n_cand) in zip(pending, sizes):
             if not finite:
@@ -114,8 +148,10 @@ class DeviceStatistics:
                 continue
             self._compare(p, n_ge, n_cand)
             live.append(p)
-        counts = torch.stack([p.cand[2].sum() if p.cand is not None else p.gmax.new_zeros((), dtype=torch.long)
-                              for p in live]).tolist() if live else []  # sync 2 of 2
+        if not live:
+            return
+        counts = yield torch.stack([p.cand[2].sum() if p.cand is not None else p.gmax.new_zeros((), dtype=torch.long)
+                                    for p in live])  # read 2 of 2
         for p, n in zip(live, counts):
             if p.cand is not None:
                 r, c, mask = p.cand
@@ -124,7 +160,6 @@ class DeviceStatistics:
                 p.out[p.key + "rows"], p.out[p.key + "cols"] = rr, cc
                 p.out[p.key + "values"] = p.raw[rr, cc].float()
             out.update(p.out)
-        return out
 
     def _rows64(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` copied into the kept float64 buffer (grown when a batch is larger)."""

@@ -461,6 +461,7 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     from torch import nn
 
     from harvest.hits import Hits
+    from harvest.running import DeviceStatistics, lockstep
     from harvest.statistics import HitPlan
 
     rng = np.random.default_rng(5)
@@ -482,12 +483,18 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
 
     modules = {name: Feed(y) for name, y in zip(sources, ys)}
     hits = Hits(HitPlan(sources, 6.0, False, d), modules, torch.float32)
-    out: dict = {}
+    kernels = DeviceStatistics(sources, 4, 6.0)
+    kernels.floors = lambda: {name: np.full(d, 5.0, np.float32) for name in sources}
+    out, stats = {}, {}
     with _Syncs() as syncs:
-        with hits.attached(lengths, width, None, out, padded=padded) as handed:
+        with hits.attached(lengths, width, None, out, padded=padded) as batch_hits:
             for name in sources:
                 modules[name]()
+        # the hits and the statistics of a batch read the device together: twice in all
+        lockstep([batch_hits.steps(), kernels.steps({n: y.reshape(-1, d) for n, y in zip(sources, ys)}, stats)])
     assert syncs.calls == ["tolist", "tolist"], syncs.calls
+    assert stats[f"stats:{sources[1]}:values"].numel()
+    handed = batch_hits.handed
     want: dict = {}
     mask = torch.zeros((batch, width, d), dtype=torch.bool)
     for name, y in zip(sources, ys):
