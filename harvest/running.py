@@ -30,8 +30,9 @@ No host sync per hook: on a GPU, a ``nonzero``, ``.item()`` or ``bool(tensor)`` 
 to drain. A batch runs in three phases over all its hooks: the reductions and the per-group maxima
 (no sync); one read of every hook's sizes (how many pairs reach a threshold, whether any value is
 NaN/inf); the pairs' values compared and counted (no sync); one more read of the candidate counts;
-then ``nonzero_static`` with the known sizes. Two syncs per batch, whatever the number of hooks;
-a hook with a NaN/inf takes the slow path of its own (exceptional: it syncs).
+then ``nonzero_static`` with the known sizes. Two syncs per batch, whatever the number of hooks,
+shared with Dettmers' hits (``harvest.hits``) by :func:`lockstep`; a hook with a NaN/inf takes the
+slow path of its own (exceptional: it syncs). On a CPU a sync costs nothing.
 """
 
 from __future__ import annotations
