@@ -23,8 +23,8 @@ whole (``dense``), ranked there.
 Where the time goes is comparing values to a threshold (the floor, or |x| >= threshold for the
 count): the rows are cut into groups of ``GROUP`` and each column's max |x| per group taken
 (``GROUP`` times fewer values; their max is the column max). Only the (group, column) pairs whose
-max reaches the threshold are compared value by value; after a few batches those are a few in a
-thousand.
+max reaches the threshold are compared value by value: for the floor, about k / (batches so far)
+values per column enter each batch, so after some hundred batches a few pairs in a thousand.
 
 No host sync per hook: on a GPU, a ``nonzero``, ``.item()`` or ``bool(tensor)`` waits for the stream
 to drain. A batch runs in three phases over all its hooks: the reductions and the per-group maxima
@@ -81,8 +81,7 @@ class _Pending:
     """One hook between the phases of :meth:`DeviceStatistics.batch`."""
 
     key: str
-    x: torch.Tensor  #: (tokens, d) float32
-    raw: torch.Tensor  #: (tokens, d) as captured
+    raw: torch.Tensor  #: (tokens, d) as captured (no float32 copy is kept between the phases)
     floor: torch.Tensor | None  #: (d,) the host's top-k floor on the device, None: dense
     gmax: torch.Tensor  #: (groups, d) max |x| per group of GROUP rows (the last group may be shorter)
     out: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -182,7 +181,7 @@ class DeviceStatistics:
         gmax = group_max(x.abs())
         if floor is not None:
             floor = torch.from_numpy(floor).to(x.device, non_blocking=True)
-        p = _Pending(key, x, raw, floor, gmax)
+        p = _Pending(key, raw, floor, gmax)
         p.out = {key + "sum": s, key + "sumsq": sq, key + "tokens": torch.full((), tokens, device=x.device),
                  key + "max": gmax.amax(0) if tokens else x.new_zeros(d)}
         if floor is None:
@@ -195,15 +194,15 @@ class DeviceStatistics:
 
     def _compare(self, p: _Pending, n_ge: int, n_cand: int) -> None:
         """Phase 2 (no sync): count |x| >= threshold and find the candidates in the pairs that reach them."""
-        x, d = p.x, p.x.shape[1]
+        x, d = p.raw, p.raw.shape[1]
         count = torch.zeros(d, dtype=torch.long, device=x.device)
         if n_ge:
             _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))
-            count.index_add_(0, c, (v.abs() >= self.threshold).sum(1))
+            count.index_add_(0, c, (v.float().abs() >= self.threshold).sum(1))
         p.out[p.key + "count_ge"] = count
         if p.floor is not None:
             r, c, v = pair_values(x, torch.nonzero_static(p.gmax > p.floor, size=n_cand))
-            p.cand = (r, c, v.abs() > p.floor[c][:, None])
+            p.cand = (r, c, v.float().abs() > p.floor[c][:, None])
 
 
 def _slow(key: str, raw: torch.Tensor, threshold: float, floor: torch.Tensor | None) -> dict[str, torch.Tensor]:
