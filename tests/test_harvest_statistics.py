@@ -453,10 +453,10 @@ class _Syncs:
         return Mode()
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded):
+@pytest.mark.parametrize("padded,nan", [(False, False), (True, False), (True, True)])
+def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded, nan):
     """``harvest.hits`` through the group maxima (two syncs per batch) gives what the value-by-value
-    path (``Hits._source``, which the NaN/inf case takes) gives, and the same bitmask."""
+    path (``Hits._source``, which a hidden state with a NaN/inf takes) gives, and the same bitmask."""
     import torch
     from torch import nn
 
@@ -470,6 +470,8 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     ys = [torch.from_numpy((rng.standard_normal((batch, width, d)) * 2.5).astype(np.float32)) for _ in sources]
     ys[1][:, :, 3] = 7.0  # a dimension over the magnitude everywhere, padding included
     ys[2][1, 5, 9] = -6.0  # exactly the magnitude
+    if nan:
+        ys[3][0, 2, 4], ys[3][2, 1, 0] = float("nan"), float("inf")  # source 3 takes the slow path
     lengths = torch.tensor([width, 17, 33] if padded else [width] * batch)
     real = torch.arange(width)[None, :] < lengths[:, None]
 
@@ -492,7 +494,8 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
                 modules[name]()
         # the hits and the statistics of a batch read the device together: twice in all
         lockstep([batch_hits.steps(), kernels.steps({n: y.reshape(-1, d) for n, y in zip(sources, ys)}, stats)])
-    assert syncs.calls == ["tolist", "tolist"], syncs.calls
+    if not nan:
+        assert syncs.calls == ["tolist", "tolist"], syncs.calls
     assert stats[f"stats:{sources[1]}:values"].numel()
     handed = batch_hits.handed
     want: dict = {}
@@ -503,6 +506,7 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     for key in want:
         torch.testing.assert_close(out[key], want[key], rtol=0, atol=0, msg=key)
     assert int((out[f"dettmers:{sources[1]}:where"][:, 2] == 3).sum()) == int(lengths.sum())  # padding is no hit
+    assert int(out[f"dettmers:{sources[3]}:nonfinite"].sum()) == (2 if nan else 0)
     from harvest.hits import pack_bits
 
     assert torch.equal(handed[0], pack_bits(mask))
