@@ -11,6 +11,16 @@ NaN/inf count, from which ``harvest.statistics.dettmers_chunk`` builds the same 
 scan (``analysis.scan.outlier_chunk``).
 
 The hook reads the LayerNorm output cast to the stored dtype, so a hit here is a hit in the store.
+
+No host sync per hidden state (on a GPU each ``nonzero`` or ``bool(tensor)`` waits for the stream):
+a hook takes only what needs no answer from the device (per-group column maxima, as in
+``harvest.running``) and keeps a reference to its hidden state until the forward ends; then every
+hidden state's sizes are read at once, the (group, column) pairs that reach the magnitude compared,
+the hits counted and read at once, and gathered with ``nonzero_static``: two reads per batch, shared
+with the statistics' (``harvest.running.lockstep``), so a batch's statistics sync twice in all;
+the price is that the analysed LayerNorm outputs stay alive until the batch's forward ends (on a
+GPU, one hidden state per analysed LayerNorm). A hidden state with a NaN/inf takes the slow path of
+its own (exceptional: it syncs).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .running import Steps, group_max, pair_values
 from .statistics import HITS_POSITIONS as POSITIONS
 from .statistics import HITS_PREFIX as PREFIX
 from .statistics import HitPlan
@@ -56,53 +67,82 @@ class Hits:
 
     @contextmanager
     def attached(self, lengths: torch.Tensor, width: int, carried: torch.Tensor | None,
-                 out: dict[str, torch.Tensor]) -> Iterator[list]:
-        """Hooks for one batch; ``out`` gets each source's sparse hits; the yielded list gets the
-        packed bitmask to hand on (or is left empty on the last stage, which counts positions)."""
-        batch = lengths.shape[0]
-        real = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]  # (batch, pos)
-        if bool(real.all()):
-            real = None  # no padding (packed sequences): nothing to mask
-        state: dict[str, torch.Tensor] = {}
+                 out: dict[str, torch.Tensor], padded: bool = True) -> Iterator["HitBatch"]:
+        """Hooks for one batch. After the forward, run the yielded batch's :meth:`HitBatch.steps`
+        (``harvest.running.lockstep``): ``out`` then has each source's sparse hits and ``handed`` the
+        packed bitmask to hand on (or nothing on the last stage, which counts positions).
+        ``padded``: some sequence is shorter than ``width`` (known on the host: no device read)."""
+        real = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]) if padded else None
+        batch = HitBatch(self, lengths, width, carried, real, out)
         handles = []
 
         def hook_for(name: str):
             def hook(_module, _args, y):
-                d = y.shape[-1]
-                if "mask" not in state:
-                    state["mask"] = (unpack_bits(carried, (batch, width, d)) if carried is not None
-                                     else torch.zeros((batch, width, d), dtype=torch.bool, device=y.device))
-                self._source(name, y, real, state["mask"], out)
+                batch.stash[name] = self._reduce(y, real)
             return hook
 
         try:
             for name in self.plan.sources:
                 handles.append(self.modules[name].register_forward_hook(hook_for(name)))
-            handed: list = []
-            yield handed
+            yield batch
         finally:
             for h in handles:
                 h.remove()
-        mask = state.get("mask")
-        if mask is None and not self.plan.last:  # no analysed layer here: the mask goes on as it came
-            if carried is not None:
-                handed.append(carried)
+
+    def _reduce(self, y: torch.Tensor, real: torch.Tensor | None) -> tuple:
+        """In the hook (no sync): the hidden state in the stored dtype, its per-group max |x| at real
+        positions, and the sizes :meth:`_finish` reads (finite?, pairs reaching the magnitude)."""
+        x = y.to(self.store_dtype)
+        d = x.shape[-1]
+        a = x.reshape(-1, d).abs()
+        if real is not None:  # padding is never a hit, nor a max
+            a = torch.where(real.reshape(-1, 1), a, torch.zeros((), dtype=a.dtype, device=a.device))
+        gmax = group_max(a).float()
+        ge = gmax >= self.plan.magnitude
+        sizes = torch.stack([torch.isfinite(gmax).all().long(), ge.sum()])  # a NaN/inf gives a NaN/inf max
+        return x, gmax, ge, sizes
+
+    def _finish(self, stash: dict[str, tuple], real: torch.Tensor | None, mask: torch.Tensor,
+                out: dict[str, torch.Tensor]) -> Steps:
+        """After the forward: every hidden state's hits, reading sizes twice in all (``lockstep``)."""
+        names = list(stash)
+        sizes = yield torch.stack([stash[n][3] for n in names])  # read 1 of 2
+        found = {}
+        for name, (finite, n_pairs) in zip(names, sizes):
+            x, gmax, ge, _ = stash[name]
+            if not finite:
+                self._source(name, x, real, mask, out)
+                continue
+            flat = x.reshape(-1, x.shape[-1])
+            r, c, v = pair_values(flat, torch.nonzero_static(ge, size=n_pairs))
+            hit = (v.float().abs() >= self.plan.magnitude) & (r >= 0)
+            if real is not None:
+                hit &= real.reshape(-1)[r.clamp(min=0)]
+            found[name] = (r, c, hit, gmax)
+        if not found:
             return
-        if mask is None:
-            d = self.plan.d_model
-            mask = (unpack_bits(carried, (batch, width, d)) if carried is not None
-                    else torch.zeros((batch, width, d), dtype=torch.bool, device=lengths.device))
-        if self.plan.last:
-            out[POSITIONS] = mask.sum(dim=1, dtype=torch.int32)  # (batch, d): positions hit in any layer
-        else:
-            handed.append(pack_bits(mask))
+        counts = yield torch.stack([found[n][2].sum() for n in found])  # read 2 of 2
+        for (name, (r, c, hit, gmax)), n in zip(found.items(), counts):
+            x = stash[name][0]
+            width, d = x.shape[1], x.shape[-1]
+            at = torch.nonzero_static(hit, size=int(n))
+            flat_at, _ = torch.sort(r[at[:, 0], at[:, 1]] * d + c[at[:, 0]])  # in (sequence, position, column) order
+            token, col = flat_at // d, flat_at % d
+            flat = x.reshape(-1, d)
+            mask.view(-1, d)[token, col] = True
+            sub = flat.index_select(0, token).double()  # ‖x‖² in float64, of the rows with a hit only
+            out[f"{PREFIX}{name}:where"] = torch.stack([token // width, token % width, col], 1)
+            out[f"{PREFIX}{name}:values"] = flat[token, col].float()
+            out[f"{PREFIX}{name}:norm2"] = (sub * sub).sum(dim=1)
+            out[f"{PREFIX}{name}:max"] = gmax.amax(0) if gmax.shape[0] else torch.zeros(d, device=x.device)
+            out[f"{PREFIX}{name}:nonfinite"] = torch.zeros(d, dtype=torch.int64, device=x.device)
 
     def _source(self, name: str, y: torch.Tensor, real: torch.Tensor | None, mask: torch.Tensor,
                 out: dict[str, torch.Tensor]) -> None:
-        """One hidden state: OR its hits into ``mask``; its sparse hits, max |x| and NaN/inf into ``out``.
-
-        ``real`` (batch, pos) marks real positions, None when there is no padding. Only the columns
-        whose max |x| reaches the magnitude are compared value by value (outliers are few)."""
+        """One hidden state with a NaN/inf (the slow path: it syncs): OR its hits into ``mask``; its
+        sparse hits, max |x| and NaN/inf into ``out``. ``real`` (batch, pos) marks real positions, None
+        when there is no padding. Only the columns whose max |x| reaches the magnitude are compared
+        value by value (outliers are few)."""
         x = y.to(self.store_dtype).float()
         d = x.shape[-1]
         bad_count = None
@@ -131,3 +171,30 @@ class Hits:
         out[f"{PREFIX}{name}:max"] = colmax
         out[f"{PREFIX}{name}:nonfinite"] = (bad_count if bad_count is not None
                                             else torch.zeros(d, dtype=torch.int64, device=x.device))
+
+
+class HitBatch:
+    """One batch's hits between the forward and its end (:meth:`steps`)."""
+
+    def __init__(self, hits: Hits, lengths: torch.Tensor, width: int, carried: torch.Tensor | None,
+                 real: torch.Tensor | None, out: dict[str, torch.Tensor]):
+        self.hits, self.lengths, self.width, self.carried, self.real, self.out = hits, lengths, width, carried, real, out
+        self.stash: dict[str, tuple] = {}  #: source -> what its hook took (``Hits._reduce``)
+        self.handed: list[torch.Tensor] = []  #: the packed bitmask for the next stage, once the steps ran
+
+    def steps(self) -> Steps:
+        plan = self.hits.plan
+        if not self.stash and not plan.last:  # no analysed layer here: the mask goes on as it came
+            if self.carried is not None:
+                self.handed.append(self.carried)
+            return
+        batch, device = self.lengths.shape[0], self.lengths.device
+        shape = (batch, self.width, plan.d_model)
+        mask = (unpack_bits(self.carried.to(device), shape) if self.carried is not None
+                else torch.zeros(shape, dtype=torch.bool, device=device))
+        if self.stash:
+            yield from self.hits._finish(self.stash, self.real, mask, self.out)
+        if plan.last:
+            self.out[POSITIONS] = mask.sum(dim=1, dtype=torch.int32)  # (batch, d): positions hit in any layer
+        else:
+            self.handed.append(pack_bits(mask))

@@ -9,22 +9,112 @@ few entries that can still enter the running top-k. Only those cross to the host
 The exact scheme: a float32 value squared is exact in float64 (24-bit mantissas), so the batch's
 sum and sum of squares carry only float64 rounding of 2048-odd terms; M2 = Σx² - (Σx)²/n then
 loses about log2(mean²/var) bits to cancellation, which for activations (|mean| < 10³ σ) leaves
-better than 1e-9 relative. Batches merge by Chan's update on the host, as before.
+better than 1e-9 relative. The rows are copied once into a float64 buffer the stage keeps (no new
+allocation per hook) and summed by a matrix-vector product with ones. Batches merge by Chan's
+update on the host, as before.
 
 The top-k needs the running k-th largest |x| per column (the *floor*): only values strictly above it
 can still enter. The host's accumulator publishes its floor as it merges (``floors``); any floor
 it has published is at most the current one (floors only rise), so the entries above it are a
 superset of the ones that can enter, and the host's ranking of them (``topk_merge``) is exact
-however stale the floor is. A column whose max |x| is at most its floor is skipped whole. Until
-the host's top-k holds k rows, a batch's rows go to the host whole (``dense``), ranked there.
+however stale the floor is. Until the host's top-k holds k rows, a batch's rows go to the host
+whole (``dense``), ranked there.
+
+Where the time goes is comparing values to a threshold (the floor, or |x| >= threshold for the
+count): the rows are cut into groups of ``GROUP`` and each column's max |x| per group taken
+(``GROUP`` times fewer values; their max is the column max). Only the (group, column) pairs whose
+max reaches the threshold are compared value by value: for the floor, about k / (batches so far)
+values per column enter each batch, so after some hundred batches a few pairs in a thousand.
+
+No host sync per hook: on a GPU, a ``nonzero``, ``.item()`` or ``bool(tensor)`` waits for the stream
+to drain. A batch runs in three phases over all its hooks: the reductions and the per-group maxima
+(no sync); one read of every hook's sizes (how many pairs reach a threshold, whether any value is
+NaN/inf); the pairs' values compared and counted (no sync); one more read of the candidate counts;
+then ``nonzero_static`` with the known sizes. Two syncs per batch, whatever the number of hooks,
+shared with Dettmers' hits (``harvest.hits``) by :func:`lockstep`; a hook with a NaN/inf takes the
+slow path of its own (exceptional: it syncs). On a CPU a sync costs nothing.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
 import torch
 
 from .statistics import DEVICE_PREFIX
+
+#: rows per group of the per-group column maxima
+GROUP = 16
+
+#: a batch's statistics as steps: each yields a (n,) or (n, m) integer tensor of sizes it needs on the
+#: host and is sent them back as (nested) lists (see :func:`lockstep`)
+Steps = Generator[torch.Tensor, list, None]
+
+
+def lockstep(steps: list[Steps]) -> None:
+    """Run several :data:`Steps` together: each round reads every step's sizes in one ``tolist`` (one
+    host sync for all of them), so a batch costs as many syncs as its longest step has rounds."""
+    waiting = []
+    for step in steps:
+        try:
+            waiting.append((step, next(step)))
+        except StopIteration:
+            pass
+    while waiting:
+        flat = torch.cat([t.reshape(-1).long() for _, t in waiting]).tolist()  # the round's one sync
+        going, at = [], 0
+        for step, t in waiting:
+            values = flat[at:at + t.numel()]
+            at += t.numel()
+            if t.dim() == 2:
+                values = [values[i * t.shape[1]:(i + 1) * t.shape[1]] for i in range(t.shape[0])]
+            try:
+                going.append((step, step.send(values)))
+            except StopIteration:
+                pass
+        waiting = going
+
+
+@dataclass
+class _Pending:
+    """One hook between the phases of :meth:`DeviceStatistics.batch`."""
+
+    key: str
+    raw: torch.Tensor  #: (tokens, d) as captured (no float32 copy is kept between the phases)
+    floor: torch.Tensor | None  #: (d,) the host's top-k floor on the device, None: dense
+    gmax: torch.Tensor  #: (groups, d) max |x| per group of GROUP rows (the last group may be shorter)
+    out: dict[str, torch.Tensor] = field(default_factory=dict)
+    sizes: torch.Tensor | None = None  #: phase 1: (finite, pairs >= threshold, pairs > floor)
+    ge_pairs: torch.Tensor | None = None
+    cand: tuple | None = None  #: phase 2: (rows, cols, mask of the candidates among them)
+
+
+def group_max(a: torch.Tensor) -> torch.Tensor:
+    """(groups, d): the max of each column of ``a`` (|x|, >= 0) over each group of ``GROUP`` consecutive rows."""
+    tokens, d = a.shape
+    full = tokens - tokens % GROUP
+    parts = []
+    if full:
+        parts.append(a[:full].reshape(-1, GROUP, d).amax(1))
+    if full < tokens:
+        parts.append(a[full:].amax(0, keepdim=True))
+    return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else a.new_zeros((0, d))
+
+
+def pair_values(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values of (group, column) ``pairs`` (n, 2): rows (n, GROUP), columns (n,), values (n, GROUP).
+
+    A short last group is padded with row -1 and value 0, which is above no threshold or floor
+    (both >= 0, compared strictly or against a positive threshold)."""
+    tokens, d = x.shape
+    g, c = pairs[:, 0], pairs[:, 1]
+    rows = g[:, None] * GROUP + torch.arange(GROUP, device=x.device)[None, :]
+    valid = rows < tokens
+    flat = torch.where(valid, rows * d + c[:, None], torch.zeros((), dtype=rows.dtype, device=x.device))
+    values = x.reshape(-1)[flat.reshape(-1)].reshape(rows.shape)
+    return torch.where(valid, rows, -1), c, torch.where(valid, values, torch.zeros((), dtype=values.dtype,
+                                                                                     device=x.device))
 
 
 class DeviceStatistics:
@@ -36,59 +126,104 @@ class DeviceStatistics:
         self.threshold = threshold
         #: () -> hook -> the host's running k-th largest |x| per column (``StatisticsAccumulator.floors``)
         self.floors = None
+        self._buffer: torch.Tensor | None = None  #: float64 rows, reused by every hook
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
         out: dict[str, torch.Tensor] = {}
-        for hook in self.hooks:
-            out.update(self._hook(hook, rows[hook]))
+        lockstep([self.steps(rows, out)])
         return out
 
-    def _hook(self, hook: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = f"{DEVICE_PREFIX}{hook}:"
-        x = x.reshape(x.shape[0], -1)
-        raw = x
-        x = x.float()
-        tokens, d = x.shape
-        xd = x.double()  # float64: a float32 value squared is exact in it
-        s = xd.sum(0)
-        res: dict[str, torch.Tensor] = {}
-        if not bool(torch.isfinite(s).all()):  # NaN/inf: counted, then left out (set to 0)
-            bad = ~torch.isfinite(x)
-            bad_count = bad.sum(0)
-            bad_rows = bad.any(1).nonzero().flatten()
-            x = torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
-            xd = x.double()
-            s = xd.sum(0)
-            res[key + "nonfinite"] = bad_count
-            res[key + "nonfinite_rows"] = torch.stack([bad_rows.numel() * torch.ones((), dtype=torch.long,
-                                                                                     device=x.device),
-                                                       bad_rows[0] if bad_rows.numel() else bad_rows.new_tensor(-1)])
-        res[key + "sum"] = s
-        res[key + "tokens"] = torch.tensor(tokens, device=x.device)
-        res[key + "sumsq"] = xd.mul_(xd).sum(0)  # in place: xd is not needed after
-        a = x.abs()
-        colmax = a.amax(0) if tokens else torch.zeros(d, device=x.device)
-        res[key + "max"] = colmax
-        count = torch.zeros(d, dtype=torch.long, device=x.device)
-        cols = (colmax >= self.threshold).nonzero().flatten()
-        if cols.numel():
-            count[cols] = (a[:, cols] >= self.threshold).sum(0)
-        res[key + "count_ge"] = count
-        res.update(self._topk(hook, key, raw, a, colmax))
-        return res
+    def steps(self, rows: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> Steps:
+        """:meth:`batch` as steps for :func:`lockstep`: yields the sizes it needs read (twice), fills ``out``."""
+        floors = self.floors() if self.floors is not None else {}
+        pending = [self._reduce(hook, rows[hook], floors.get(hook)) for hook in self.hooks]
+        if not pending:
+            return
+        sizes = yield torch.stack([p.sizes for p in pending])  # read 1 of 2
+        live = []
+        for p, (finite, n_ge, n_cand) in zip(pending, sizes):
+            if not finite:
+                out.update(_slow(p.key, p.raw, self.threshold, p.floor))
+                continue
+            self._compare(p, n_ge, n_cand)
+            live.append(p)
+        if not live:
+            return
+        counts = yield torch.stack([p.cand[2].sum() if p.cand is not None else p.gmax.new_zeros((), dtype=torch.long)
+                                    for p in live])  # read 2 of 2
+        for p, n in zip(live, counts):
+            if p.cand is not None:
+                r, c, mask = p.cand
+                at = torch.nonzero_static(mask, size=int(n))
+                rr, cc = r[at[:, 0], at[:, 1]], c[at[:, 0]]
+                p.out[p.key + "rows"], p.out[p.key + "cols"] = rr, cc
+                p.out[p.key + "values"] = p.raw[rr, cc].float()
+            out.update(p.out)
 
-    def _topk(self, hook: str, key: str, raw: torch.Tensor, a: torch.Tensor, colmax: torch.Tensor):
-        floor = self.floors().get(hook) if self.floors is not None else None
-        if floor is None:  # the host's top-k is not full yet: it ranks the whole batch
-            return {key + "dense": raw}
-        floor = torch.from_numpy(floor).to(a.device)
-        cols = (colmax > floor).nonzero().flatten()
-        if not cols.numel():
-            return {key + "rows": cols.new_zeros(0), key + "cols": cols, key + "values": a.new_zeros(0)}
-        if 4 * cols.numel() > a.shape[1]:  # many columns (early in a job): compare in place, no gather
-            r, c = (a > floor).nonzero().unbind(1)
-        else:
-            r, c = (a[:, cols] > floor[cols]).nonzero().unbind(1)
-            c = cols[c]
-        return {key + "rows": r, key + "cols": c, key + "values": raw[r, c].float()}
+    def _rows64(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` copied into the kept float64 buffer (grown when a batch is larger)."""
+        n = x.numel()
+        if self._buffer is None or self._buffer.numel() < n or self._buffer.device != x.device:
+            self._buffer = torch.empty(n, dtype=torch.float64, device=x.device)
+        return self._buffer[:n].view(x.shape).copy_(x)
+
+    def _reduce(self, hook: str, raw: torch.Tensor, floor) -> _Pending:
+        """Phase 1 (no sync): moments, group maxima and the sizes phase 2 needs."""
+        key = f"{DEVICE_PREFIX}{hook}:"
+        raw = raw.reshape(raw.shape[0], -1)
+        x = raw.float()
+        tokens, d = x.shape
+        xd = self._rows64(x)
+        ones = torch.ones(tokens, dtype=torch.float64, device=x.device)
+        s = torch.mv(xd.t(), ones)
+        sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
+        gmax = group_max(x.abs())
+        if floor is not None:
+            floor = torch.from_numpy(floor).to(x.device, non_blocking=True)
+        p = _Pending(key, raw, floor, gmax)
+        p.out = {key + "sum": s, key + "sumsq": sq, key + "tokens": torch.full((), tokens, device=x.device),
+                 key + "max": gmax.amax(0) if tokens else x.new_zeros(d)}
+        if floor is None:
+            p.out[key + "dense"] = raw
+        ge = gmax >= self.threshold
+        n_cand = (gmax > floor).sum() if floor is not None else ge.new_zeros((), dtype=torch.long)
+        p.sizes = torch.stack([torch.isfinite(s).all().long(), ge.sum(), n_cand])
+        p.ge_pairs = ge
+        return p
+
+    def _compare(self, p: _Pending, n_ge: int, n_cand: int) -> None:
+        """Phase 2 (no sync): count |x| >= threshold and find the candidates in the pairs that reach them."""
+        x, d = p.raw, p.raw.shape[1]
+        count = torch.zeros(d, dtype=torch.long, device=x.device)
+        if n_ge:
+            _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))
+            count.index_add_(0, c, (v.float().abs() >= self.threshold).sum(1))
+        p.out[p.key + "count_ge"] = count
+        if p.floor is not None:
+            r, c, v = pair_values(x, torch.nonzero_static(p.gmax > p.floor, size=n_cand))
+            p.cand = (r, c, v.float().abs() > p.floor[c][:, None])
+
+
+def _slow(key: str, raw: torch.Tensor, threshold: float, floor: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A hook with a NaN/inf in the batch: counted, then left out (set to 0). Syncs (exceptional)."""
+    x = raw.reshape(raw.shape[0], -1).float()
+    tokens, d = x.shape
+    bad = ~torch.isfinite(x)
+    bad_rows = bad.any(1).nonzero().flatten()
+    x = torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    xd = x.double()
+    res = {key + "nonfinite": bad.sum(0),
+           key + "nonfinite_rows": torch.stack([torch.full((), bad_rows.numel(), dtype=torch.long, device=x.device),
+                                                bad_rows[0] if bad_rows.numel() else bad_rows.new_tensor(-1)]),
+           key + "sum": xd.sum(0), key + "tokens": torch.full((), tokens, device=x.device),
+           key + "sumsq": xd.mul_(xd).sum(0)}
+    a = x.abs()
+    res[key + "max"] = a.amax(0) if tokens else torch.zeros(d, device=x.device)
+    res[key + "count_ge"] = (a >= threshold).sum(0)
+    if floor is None:
+        res[key + "dense"] = raw
+    else:
+        r, c = (a > floor).nonzero().unbind(1)
+        res.update({key + "rows": r, key + "cols": c, key + "values": raw.reshape(tokens, -1)[r, c].float()})
+    return res

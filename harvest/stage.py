@@ -28,7 +28,7 @@ from .hookpoints import HookPoint, expand, split_name
 from .layout import Batch
 from .quantize import quantize_stage
 from .shape import StagePlan
-from .running import DeviceStatistics
+from .running import DeviceStatistics, lockstep
 from .statistics import ALL_ROWS, THRESHOLD, TOP_K, HitPlan
 
 
@@ -209,15 +209,22 @@ class Stage:
         if hidden is not None:
             hidden = hidden.to(self.device)
         hit_results: dict[str, torch.Tensor] = {}
-        hits = (nullcontext([]) if self.hits is None else  # inside the capture's: it checks no hook is left
-                self.hits.attached(index.lengths, batch.width, carried, hit_results))
-        with self.capture.attached(index) as captured, hits as handed:
+        hits = (nullcontext(None) if self.hits is None else  # inside the capture's: it checks no hook is left
+                self.hits.attached(index.lengths, batch.width, carried, hit_results,
+                                   padded=bool((batch.lengths < batch.width).any())))
+        with self.capture.attached(index) as captured, hits as hit_batch:
             out = self.model(input_ids, hidden, index.flat_rows)
-        captured.update(hit_results)
+        steps, results = [], {}
+        if hit_batch is not None:
+            steps.append(hit_batch.steps())
         if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
             rows = {h: captured.pop(ALL_ROWS + h) if ALL_ROWS + h in captured else captured[h]
                     for h in self.statistics.hooks}
-            captured.update(self.statistics.batch(rows))
+            steps.append(self.statistics.steps(rows, results))
+        lockstep(steps)  # the hits' and the statistics' sizes read together: two host syncs per batch
+        captured.update(hit_results)
+        captured.update(results)
+        handed = hit_batch.handed if hit_batch is not None else []
         return ((out, handed[0]) if handed else out), captured
 
 

@@ -338,7 +338,8 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
     assert_same_criterion(*criterion_both_ways(paths[2]))
 
 
-def test_device_kernels_equal_the_host_kernels(tmp_path):
+@pytest.mark.parametrize("lengths", [(3, 9), (10, 40)])  # batches shorter than a group; several groups and a tail
+def test_device_kernels_equal_the_host_kernels(lengths):
     """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
     and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
     import torch
@@ -346,7 +347,7 @@ def test_device_kernels_equal_the_host_kernels(tmp_path):
     from harvest.running import DeviceStatistics
 
     rng = np.random.default_rng(1)
-    starts = np.cumsum([0] + [int(n) for n in rng.integers(3, 9, 12)]).astype(np.int64)
+    starts = np.cumsum([0] + [int(n) for n in rng.integers(*lengths, 12)]).astype(np.int64)
     values = (rng.standard_normal((int(starts[-1]), 24)) * 3).astype(np.float32)
     values[4, 5] = np.nan
     values[30, 7] = np.inf
@@ -376,6 +377,152 @@ def test_device_kernels_equal_the_host_kernels(tmp_path):
     np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)  # the host squares deviations in float32
     exact = np.where(np.isfinite(values), values, np.nan).astype(np.float64)
     np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
+
+
+def test_device_sums_are_float64_sums_of_the_float32_rows():
+    """The device's exact scheme (float32 rows copied to float64, summed by a product with ones):
+    the sum within float64 rounding of the exact sum (``math.fsum``), the sum of squares too (a float32
+    square is exact in float64)."""
+    import math
+
+    import torch
+
+    from harvest.running import DeviceStatistics
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((1000, 5)) * 10 + 1e3 * rng.standard_normal(5)).astype(np.float32)
+    x[:, 4] = np.float32(0.1)  # a constant column: no cancellation lost to the scheme
+    out = DeviceStatistics(("h",), 4, 6.0).batch({"h": torch.from_numpy(x)})
+    xd = x.astype(np.float64)
+    for name, terms in (("sum", xd), ("sumsq", xd * xd)):
+        exact = np.array([math.fsum(terms[:, j]) for j in range(5)])
+        bound = 1e-14 * np.abs(terms).sum(0)
+        assert np.all(np.abs(out[f"stats:h:{name}"].numpy() - exact) <= bound), name
+
+
+SYNCS = {"item", "tolist", "nonzero", "__bool__", "unique", "numpy", "masked_select", "__int__", "__float__",
+         "__index__", "any", "all"}
+
+
+def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
+    """On a GPU a ``nonzero``, ``.item()``, ``.tolist()`` or ``bool(tensor)`` waits for the stream: a batch's
+    statistics read sizes from the device twice, not once per hook (counted here through torch's
+    function mode, which sees every such call on any device; ``any``/``all`` count when their result is read)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from harvest.running import DeviceStatistics
+
+    class Syncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in SYNCS - {"any", "all"}:
+                self.calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    counted = {}
+    for n_hooks in (2, 9):
+        hooks = tuple(f"h{i}" for i in range(n_hooks))
+        rng = np.random.default_rng(3)
+        starts = np.arange(0, 8 * 50 + 1, 50, dtype=np.int64)
+        plan = StatisticsPlan(hooks, 4, 6.0, starts)
+        acc = StatisticsAccumulator(plan)
+        kernels = DeviceStatistics(hooks, 4, 6.0)
+        kernels.floors = acc.floors
+        per_batch = []
+        for b in range(4):  # dense, then candidates
+            rows = {h: torch.from_numpy((rng.standard_normal((100, 32)) * 3).astype(np.float32)) for h in hooks}
+            with Syncs() as syncs:
+                out = kernels.batch(rows)
+            per_batch.append(syncs.calls)
+            acc.add(b, 2 * b, {k: v.numpy() for k, v in out.items()})
+        assert any(k.endswith(":values") and v.numel() for k, v in out.items())  # the candidate phase ran
+        counted[n_hooks] = per_batch
+    assert counted[2] == counted[9]
+    assert all(calls == ["tolist", "tolist"] for calls in counted[9]), counted[9]
+
+
+class _Syncs:
+    """Records the torch calls that read a device value on the host (a sync on a GPU)."""
+
+    def __new__(cls):
+        from torch.overrides import TorchFunctionMode
+
+        class Mode(TorchFunctionMode):
+            def __init__(self):
+                super().__init__()
+                self.calls: list[str] = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in SYNCS - {"any", "all"}:
+                    self.calls.append(name)
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+@pytest.mark.parametrize("padded,nan", [(False, False), (True, False), (True, True)])
+def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded, nan):
+    """``harvest.hits`` through the group maxima (two syncs per batch) gives what the value-by-value
+    path (``Hits._source``, which a hidden state with a NaN/inf takes) gives, and the same bitmask."""
+    import torch
+    from torch import nn
+
+    from harvest.hits import Hits
+    from harvest.running import DeviceStatistics, lockstep
+    from harvest.statistics import HitPlan
+
+    rng = np.random.default_rng(5)
+    batch, width, d = 3, 40, 24
+    sources = tuple(f"blocks.{i}.ln1.hook_normalized" for i in range(4))
+    ys = [torch.from_numpy((rng.standard_normal((batch, width, d)) * 2.5).astype(np.float32)) for _ in sources]
+    ys[1][:, :, 3] = 7.0  # a dimension over the magnitude everywhere, padding included
+    ys[2][1, 5, 9] = -6.0  # exactly the magnitude
+    if nan:
+        ys[3][0, 2, 4], ys[3][2, 1, 0] = float("nan"), float("inf")  # source 3 takes the slow path
+    lengths = torch.tensor([width, 17, 33] if padded else [width] * batch)
+    real = torch.arange(width)[None, :] < lengths[:, None]
+
+    class Feed(nn.Module):
+        def __init__(self, y):
+            super().__init__()
+            self.y = y
+
+        def forward(self):
+            return self.y
+
+    modules = {name: Feed(y) for name, y in zip(sources, ys)}
+    hits = Hits(HitPlan(sources, 6.0, False, d), modules, torch.float32)
+    kernels = DeviceStatistics(sources, 4, 6.0)
+    kernels.floors = lambda: {name: np.full(d, 5.0, np.float32) for name in sources}
+    out, stats = {}, {}
+    with _Syncs() as syncs:
+        with hits.attached(lengths, width, None, out, padded=padded) as batch_hits:
+            for name in sources:
+                modules[name]()
+        # the hits and the statistics of a batch read the device together: twice in all
+        lockstep([batch_hits.steps(), kernels.steps({n: y.reshape(-1, d) for n, y in zip(sources, ys)}, stats)])
+    if not nan:
+        assert syncs.calls == ["tolist", "tolist"], syncs.calls
+    assert stats[f"stats:{sources[1]}:values"].numel()
+    handed = batch_hits.handed
+    want: dict = {}
+    mask = torch.zeros((batch, width, d), dtype=torch.bool)
+    for name, y in zip(sources, ys):
+        hits._source(name, y, real if padded else None, mask, want)
+    assert sorted(out) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(out[key], want[key], rtol=0, atol=0, msg=key)
+    assert int((out[f"dettmers:{sources[1]}:where"][:, 2] == 3).sum()) == int(lengths.sum())  # padding is no hit
+    assert int(out[f"dettmers:{sources[3]}:nonfinite"].sum()) == (2 if nan else 0)
+    from harvest.hits import pack_bits
+
+    assert torch.equal(handed[0], pack_bits(mask))
 
 
 def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
