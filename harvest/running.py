@@ -15,10 +15,13 @@ update on the host, as before.
 
 The top-k needs the running k-th largest |x| per column (the *floor*): only values strictly above it
 can still enter. The host's accumulator publishes its floor as it merges (``floors``); any floor
-it has published is at most the current one (floors only rise), so the entries above it are a
+it has published is at most the current one (within a unit, floors only rise), so the entries above it are a
 superset of the ones that can enter, and the host's ranking of them (``topk_merge``) is exact
-however stale the floor is. Until the host's top-k holds k rows, a batch's rows go to the host
-whole (``dense``), ranked there.
+however stale the floor is. A unit's top-k starts from nothing (``harvest.statistics``: units merge
+in order whatever the replicas), so a unit's first batch has no floor from the host: it takes its
+own, the k-th largest of its per-group column maxima (at least k of its values reach it), and sends
+the values at or above it. Only a batch of fewer than k groups of rows goes to the host whole
+(``dense``), ranked there.
 
 Where the time goes is comparing values to a threshold (the floor, or |x| >= threshold for the
 count): the rows are cut into groups of ``GROUP`` and each column's max |x| per group taken
@@ -84,6 +87,8 @@ class _Pending:
     raw: torch.Tensor  #: (tokens, d) as captured (no float32 copy is kept between the phases)
     floor: torch.Tensor | None  #: (d,) the host's top-k floor on the device, None: dense
     gmax: torch.Tensor  #: (groups, d) max |x| per group of GROUP rows (the last group may be shorter)
+    #: the floor is the batch's own (a unit's first batch): values equal to it are candidates too
+    inclusive: bool = False
     out: dict[str, torch.Tensor] = field(default_factory=dict)
     sizes: torch.Tensor | None = None  #: phase 1: (finite, pairs >= threshold, pairs > floor)
     ge_pairs: torch.Tensor | None = None
@@ -144,7 +149,7 @@ class DeviceStatistics:
         live = []
         for p, (finite, n_ge, n_cand) in zip(pending, sizes):
             if not finite:
-                out.update(_slow(p.key, p.raw, self.threshold, p.floor))
+                out.update(_slow(p.key, p.raw, self.threshold, None if p.inclusive else p.floor))
                 continue
             self._compare(p, n_ge, n_cand)
             live.append(p)
@@ -179,15 +184,19 @@ class DeviceStatistics:
         s = torch.mv(xd.t(), ones)
         sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
         gmax = group_max(x.abs())
-        if floor is not None:
+        inclusive = floor is None and 0 < self.k <= gmax.shape[0]
+        if inclusive:  # a unit's first batch: the k-th largest group max, below at least k of its values
+            floor = torch.topk(gmax, self.k, dim=0).values[-1]
+        elif floor is not None:
             floor = torch.from_numpy(floor).to(x.device, non_blocking=True)
-        p = _Pending(key, raw, floor, gmax)
+        p = _Pending(key, raw, floor, gmax, inclusive)
         p.out = {key + "sum": s, key + "sumsq": sq, key + "tokens": torch.full((), tokens, device=x.device),
                  key + "max": gmax.amax(0) if tokens else x.new_zeros(d)}
-        if floor is None:
+        if floor is None:  # fewer than k groups of rows: the batch is small, sent whole
             p.out[key + "dense"] = raw
         ge = gmax >= self.threshold
-        n_cand = (gmax > floor).sum() if floor is not None else ge.new_zeros((), dtype=torch.long)
+        n_cand = ((gmax >= floor) if inclusive else (gmax > floor)).sum() if floor is not None \
+            else ge.new_zeros((), dtype=torch.long)
         p.sizes = torch.stack([torch.isfinite(s).all().long(), ge.sum(), n_cand])
         p.ge_pairs = ge
         return p
@@ -200,7 +209,10 @@ class DeviceStatistics:
             _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))
             count.index_add_(0, c, (v.float().abs() >= self.threshold).sum(1))
         p.out[p.key + "count_ge"] = count
-        if p.floor is not None:
+        if p.floor is not None and p.inclusive:  # padding rows (-1, value 0) must not pass a floor of 0
+            r, c, v = pair_values(x, torch.nonzero_static(p.gmax >= p.floor, size=n_cand))
+            p.cand = (r, c, (v.float().abs() >= p.floor[c][:, None]) & (r >= 0))
+        elif p.floor is not None:
             r, c, v = pair_values(x, torch.nonzero_static(p.gmax > p.floor, size=n_cand))
             p.cand = (r, c, v.float().abs() > p.floor[c][:, None])
 

@@ -379,6 +379,33 @@ def test_device_kernels_equal_the_host_kernels(lengths):
     np.testing.assert_allclose(got["std"], np.nanstd(exact, axis=0), rtol=1e-12)  # the device: float64 throughout
 
 
+def test_a_units_first_batch_leaves_the_device_sparse_and_ranks_exactly():
+    """No host floor (a unit's first batch): the device takes its own, the k-th largest group max, and sends
+    only the values at or above it: far fewer than the batch, and the same top-k as the host's from the rows
+    (ties to the lower row, an all-zero column, a short last group of padded rows)."""
+    import torch
+
+    from harvest.running import GROUP, DeviceStatistics
+
+    rng = np.random.default_rng(7)
+    tokens, d, k = 8 * GROUP * 4 + 5, 16, 4
+    values = (rng.standard_normal((tokens, d)) * 2).astype(np.float16).astype(np.float32)  # fp16: many ties
+    values[:, 3] = 0.0
+    values[::9, 5] = 7.0
+    plan = StatisticsPlan(("h",), k, 6.0, np.arange(tokens + 1, dtype=np.int64))
+    host, device = StatisticsAccumulator(plan), StatisticsAccumulator(plan)
+    out = DeviceStatistics(("h",), k, 6.0).batch({"h": torch.from_numpy(values.copy())})
+    assert "stats:h:dense" not in out
+    assert 0 < out["stats:h:values"].numel() < values.size // 4 and int(out["stats:h:rows"].min()) >= 0
+    host.add(0, 0, {"h": values})
+    device.add(0, 0, {key: v.numpy() for key, v in out.items()})
+    host.fold(1)
+    device.fold(1)
+    got, want = device.results()["h"], host.results()["h"]
+    for key in ("top_rows", "top_values", "count", "count_ge", "max_abs"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_device_sums_are_float64_sums_of_the_float32_rows():
     """The device's exact scheme (float32 rows copied to float64, summed by a product with ones):
     the sum within float64 rounding of the exact sum (``math.fsum``), the sum of squares too (a float32

@@ -192,7 +192,7 @@ def test_interrupted_replicas_stop_cleanly_and_resume_byte_identical(job, signum
     one-line resume hint; ``--resume`` (again with 2 replicas) ends byte-identical to an uninterrupted R = 1 run.
     Shards of one batch here, so every batch is a unit the replicas pull."""
     d, raw, _ = job
-    # statistics off: replicas do not merge them yet, and the R = 1 reference would hold them (on by default)
+    # statistics off: this test compares the rows; tests/test_harvest_statistics.py compares statistics across R
     small = {**raw, "store": {**raw["store"], "chunk_mib": 0.0625, "chunks_per_shard": 1},
              "capture": {**raw["capture"], "statistics": False}}
     clean_spec = d / "replicas-clean.yaml"
