@@ -14,7 +14,8 @@ One process, interleaved per batch so that the load of a shared machine hits eve
   LayerNorm outputs (``harvest.hits``); its excess over ``capture`` is the device part's cost;
 - ``host``: ``StatisticsAccumulator.add`` + ``fold`` of the batch's small results (the writer
   thread), and (every ``--snapshot-every`` batches, as often as a shard of these arrays fills)
-  ``pack`` + ``write_statistics`` of the snapshot.
+  ``pack`` + ``write_statistics`` of the unit's snapshot, and the compaction's read of it and write of
+  the prefix (the merge itself is not timed: at R = 1 it folds one unit onto the prefix).
 
 The ratio reported is the statistics' CPU time (device part + host part) over the bare forward's,
 the cost when nothing hides it (2 busy cores). Medians over the timed batches; batch 0 warms up.
@@ -61,7 +62,8 @@ def main() -> None:
     from harvest.spec import parse_spec
     from harvest.stage import Stage
     from harvest.statistics import StatisticsAccumulator, pack
-    from harvest.store import write_statistics
+    from harvest.store import (STATISTICS_COLUMNS, prefix_snapshot_name, read_snapshot, unit_snapshot_name,
+                               write_snapshot, write_statistics)
 
     torch.set_num_threads(args.threads)
     corpus, ckpt = common.stdlib_corpus(), common.pythia160m_checkpoint()
@@ -130,7 +132,11 @@ def main() -> None:
         t4 = time.process_time()
         snap = 0.0
         if (k + 1) % args.snapshot_every == 0:
-            write_statistics(group, 0, k + 1, *pack(acc))
+            packed = pack(acc)
+            write_statistics(group, 0, k + 1, *packed)  # the unit's snapshot (the writer, at each durable batch)
+            # the compaction at the unit's end: read the unit back, write the prefix (chunked by columns)
+            read_snapshot(group, unit_snapshot_name(0, 0, k + 1))
+            write_snapshot(group, prefix_snapshot_name(k + 1), *packed, columns=STATISTICS_COLUMNS)
             snap = time.process_time() - t4
         if k:  # batch 0 warms up
             for key, v in (("bare", t1 - t0), ("capture", t2 - t1), ("with", t3 - t2), ("kernels", kernel_time[0]),
@@ -164,7 +170,8 @@ def main() -> None:
         f"{device_part / med['bare']:.4f} |",
         f"| host part: `add` + `fold` of the small results (writer thread) | {med['host']:.4f} | "
         f"{med['host'] / med['bare']:.4f} |",
-        f"| snapshot (`pack` + `write_statistics`), every {args.snapshot_every} batches, per batch | "
+        f"| snapshot (`pack`, the unit's snapshot, its read-back and the prefix's write), "
+        f"every {args.snapshot_every} batches, per batch | "
         f"{snap_per_batch:.4f} | {snap_per_batch / med['bare']:.4f} |",
         f"| **statistics in all** | {total:.4f} | **{ratio:.3f}** |",
     ]

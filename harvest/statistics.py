@@ -1001,8 +1001,8 @@ def compact_statistics(group) -> int:
     newest prefix and skip the units it covers. One process compacts a store at a time (the writer of
     the last stage, the replica driver, or the runner between runs).
     """
-    from .store import (append_sequences, delete_snapshot, prefix_snapshot_name, prefix_snapshots, snapshot_attrs,
-                        statistics_cover, statistics_stages, unit_snapshot_name, unit_snapshots, write_snapshot)
+    from .store import (STATISTICS_COLUMNS, append_sequences, delete_snapshot, prefix_snapshot_name, prefix_snapshots,
+                        snapshot_attrs, statistics_cover, statistics_stages, unit_snapshot_name, unit_snapshots, write_snapshot)
 
     cover = statistics_cover(group)
     if cover is None:
@@ -1019,7 +1019,7 @@ def compact_statistics(group) -> int:
                 records = {k: arrays.pop(f"dettmers_{k}") for k in SEQUENCE_KEYS}
                 extra["sequences"] = append_sequences(group, records, have)
             write_snapshot(group, prefix_snapshot_name(job.through), arrays,
-                           {**attrs, "start": 0, "through": job.through, **extra})
+                           {**attrs, "start": 0, "through": job.through, **extra}, columns=STATISTICS_COLUMNS)
             through = job.through
     for b in prefix_snapshots(group):
         if b != through:

@@ -242,28 +242,37 @@ def prefix_snapshot_name(through: int) -> str:
     return f"{PREFIX_GROUP}/batch_{through:08d}"
 
 
-def write_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """One statistics snapshot; its attributes go last, so a snapshot without them is torn (never read)."""
+def write_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any],
+                   columns: int | None = None) -> None:
+    """One statistics snapshot; its attributes go last, so a snapshot without them is torn (never read).
+
+    ``columns``: chunk the per-dimension arrays by that many columns, compressed, so one dimension is a
+    small read (the prefix, which queries read). None: each array one chunk, checksummed only (a unit's
+    snapshot, written at every durable batch and read back whole once by the compaction: a chunk of a
+    few columns costs zarr's pipeline ~0.2 ms, which across a wide model's hooks made it the dearest
+    part of the statistics)."""
     if name in group:
         del group[name]
     snap = group.require_group(name)
     for key, data in arrays.items():
         dims = tuple(f"axis_{i}" for i in range(data.ndim))
-        if key in PER_DIMENSION and data.shape[-1] > STATISTICS_COLUMNS:
-            # one shard (file) per array, inner chunks of a few columns: one dimension reads a few small ranges
+        if key in PER_DIMENSION and data.ndim and data.shape[-1] > (columns or 0) and data.size:
             data = np.ascontiguousarray(data)
-            arr = snap.create_array(key, shape=data.shape, dtype=data.dtype, shards=data.shape,
-                                    chunks=(*data.shape[:-1], STATISTICS_COLUMNS),
-                                    compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
-                                    dimension_names=dims)
+            chunk = columns or data.shape[-1]
+            shard = (*data.shape[:-1], -(-data.shape[-1] // chunk) * chunk)  # whole chunks; the last one partly used
+            arr = snap.create_array(key, shape=data.shape, dtype=data.dtype, shards=shard,
+                                    chunks=(*data.shape[:-1], chunk),
+                                    compressors=[ZstdCodec(level=3), Crc32cCodec()] if columns else [Crc32cCodec()],
+                                    fill_value=0, dimension_names=dims)
             arr[...] = data
         else:
             write_small(snap, key, data, dims)
     snap.attrs["statistics"] = attrs
 
 
-#: columns per chunk of a snapshot's per-dimension arrays (inside one shard per array)
-STATISTICS_COLUMNS = 64
+#: columns per chunk of the prefix snapshot's per-dimension arrays (inside one shard per array): one dimension
+#: reads 512 columns of each (a top-k of 32: 128 KiB before compression), a wide model's prefix a few thousand chunks
+STATISTICS_COLUMNS = 512
 #: the snapshot arrays with one column per (hook, dimension): chunked along it, so one dimension is a small read
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
 
