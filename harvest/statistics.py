@@ -991,9 +991,17 @@ def load_job_state(group, dim: int | None = None, contiguous: bool = False, sequ
     return job
 
 
-def compact_statistics(group) -> int:
+#: whole units a running job's compactor waits for before it rewrites the prefix: a wide model's prefix is
+#: tens of MB (a top-k of 32 rows per dimension), so rewriting it after every unit would cost the writer
+#: more than the unit's statistics; the store holds at most this many unit snapshots beyond it
+COMPACT_UNITS = 8
+
+
+def compact_statistics(group, at_least: int | None = 1) -> int:
     """Fold the whole units that follow the prefix without a gap into a new prefix snapshot, then delete
     the old prefix and every unit snapshot before the new one's end; returns batches in the prefix.
+    ``at_least``: only when that many units follow without a gap (None: :data:`COMPACT_UNITS`, what a
+    running job's writer or replica driver asks; the runner folds every unit at a run's end and start).
 
     The new prefix is the old one with the units left-folded onto it in unit order, which is what a
     reader folds from the snapshots it replaces, so compacting never changes a result. It is written
@@ -1008,6 +1016,13 @@ def compact_statistics(group) -> int:
     if cover is None:
         return 0
     through = cover.prefix
+    end, following = through, 0  # the units that follow the prefix without a gap
+    for a, b, _ in cover.units:
+        if a != end:
+            break
+        end, following = b, following + 1
+    if following < (COMPACT_UNITS if at_least is None else at_least):
+        return through
     if cover.units and cover.units[0][0] == through:
         # the prefix's per-sequence records stay where they are: only the units' are appended
         job = load_job_state(group, contiguous=True, sequences=False)

@@ -475,7 +475,7 @@ class StageWriter:
             delete_snapshot(self.group, unit_snapshot_name(self.info.stage, *self._superseded))
             self._superseded = None
         if whole and self.info.compacts and not self.info.shared:
-            compact_statistics(self.group)
+            compact_statistics(self.group, at_least=None)  # every COMPACT_UNITS units
 
     def _snapshot(self, frontier: int) -> bool:
         """Fold the statistics up to ``frontier`` unit by unit and write each unit's snapshot (a replica's

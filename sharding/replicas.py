@@ -311,7 +311,7 @@ class ReplicaDriver:
                     rep.seconds += time.perf_counter() - t0
                 if self.job.spec.capture.statistics:
                     with self.compacting:  # fold the units done without a gap into the prefix snapshot
-                        compact_statistics(self.group)
+                        compact_statistics(self.group, at_least=None)
             self._release(None if finished is not None else unit)
 
     def _release(self, unit: tuple[int, int] | None) -> None:

@@ -720,7 +720,7 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     from harvest.store import read_snapshot, statistics_cover
 
     for module in (writer_module, statistics_module):  # keep every unit's own snapshot
-        monkeypatch.setattr(module, "compact_statistics", lambda group: 0)
+        monkeypatch.setattr(module, "compact_statistics", lambda group, at_least=1: 0)
     path = run(units_spec(make_spec, neox_ckpt, "units.zarr"), progress=False).path
     monkeypatch.undo()
     group = open_group(path, mode="r+")
@@ -762,9 +762,12 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     assert differs  # the fold order shows in the bits: the comparison above would catch another order
 
 
-def test_a_resume_inside_a_unit_continues_its_statistics_exactly(neox_ckpt, make_spec, monkeypatch):
+@pytest.mark.parametrize("compact_units", [1, 8])
+def test_a_resume_inside_a_unit_continues_its_statistics_exactly(neox_ckpt, make_spec, monkeypatch, compact_units):
     """Stopped in the middle of a unit (its snapshot so far is kept), resumed: the same bits as a run
-    that never stopped, Dettmers' state included."""
+    that never stopped, Dettmers' state included; whether the units done were already folded into the
+    prefix (``COMPACT_UNITS`` 1) or still wait beside it (8: the default, more than this job's six)."""
+    import harvest.statistics as statistics_module
     from harvest.errors import Interrupted
     from harvest.statistics import load_dettmers
     from harvest.store import unit_snapshots
@@ -772,12 +775,17 @@ def test_a_resume_inside_a_unit_continues_its_statistics_exactly(neox_ckpt, make
     clean = run(units_spec(make_spec, neox_ckpt, "clean.zarr"), progress=False).path
     spec = units_spec(make_spec, neox_ckpt, "stopped.zarr")
     interrupt_at(monkeypatch, 7)
+    monkeypatch.setattr(statistics_module, "COMPACT_UNITS", compact_units)
     with pytest.raises(Interrupted):
         run(spec, progress=False)
     monkeypatch.undo()
     group = open_group(spec.store_path())
-    assert unit_snapshots(group, 0) == [(6, 7)]  # the unit [6, 8) so far; units 0..2 are in the prefix
-    assert list(group["analysis/statistics/prefix"].group_keys()) == ["batch_00000006"]
+    if compact_units == 1:
+        assert unit_snapshots(group, 0) == [(6, 7)]  # the unit [6, 8) so far; units 0..2 are in the prefix
+        assert list(group["analysis/statistics/prefix"].group_keys()) == ["batch_00000006"]
+    else:
+        assert unit_snapshots(group, 0) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+        assert "analysis/statistics/prefix" not in group
     assert run(spec, resume=True, progress=False).batches == 5
     assert_identical(load_statistics(open_group(spec.store_path())), load_statistics(open_group(clean)))
     assert_same_dettmers(load_dettmers(open_group(spec.store_path())), load_dettmers(open_group(clean)))
