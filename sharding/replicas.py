@@ -301,18 +301,29 @@ class ReplicaDriver:
                 self.stop_event.set()
                 self._release(None)
                 return
-            if finished is not None:
-                with self.lock:
-                    for i in range(self.n):
-                        mark_written(self.group, i, unit[1], start=unit[0])
-                    for name, v in finished.items():
-                        self.nonfinite[name] = self.nonfinite.get(name, 0) + v
-                    rep.units += 1
-                    rep.seconds += time.perf_counter() - t0
-                if self.job.spec.capture.statistics:
-                    with self.compacting:  # fold the units done without a gap into the prefix snapshot
-                        compact_statistics(self.group, at_least=None)
+            try:
+                if finished is not None:
+                    self._finish(rep, unit, finished, t0)
+            except BaseException as exc:  # noqa: BLE001 - the store refused the mark: stop the job, never hang it
+                self.error = self.error or exc
+                self.stop_event.set()
+                self._release(None)
+                return
             self._release(None if finished is not None else unit)
+
+    def _finish(self, rep: Replica, unit: tuple[int, int], finished: dict[str, int], t0: float) -> None:
+        """Mark a unit every stage wrote (its statistics snapshots first: the writers wrote them before
+        returning), count its NaN/inf, and fold finished units into the statistics prefix."""
+        with self.lock:
+            for i in range(self.n):
+                mark_written(self.group, i, unit[1], start=unit[0])
+            for name, v in finished.items():
+                self.nonfinite[name] = self.nonfinite.get(name, 0) + v
+            rep.units += 1
+            rep.seconds += time.perf_counter() - t0
+        if self.job.spec.capture.statistics:
+            with self.compacting:  # fold the units done without a gap into the prefix snapshot
+                compact_statistics(self.group, at_least=None)
 
     def _release(self, unit: tuple[int, int] | None) -> None:
         """A replica is done with a unit; ``unit``: one to hand to another replica."""

@@ -332,6 +332,26 @@ def test_driver_killed_mid_run_resumes_with_another_replica_count(neox_ckpt, mak
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # a replica thread that died without giving its unit back hung the others forever
+def test_a_failure_marking_a_unit_stops_the_job_with_its_message(neox_ckpt, make_spec, ray_session, monkeypatch):
+    """The driver's own work after a unit (the manifest, the statistics prefix) failing stops the job
+    with that error; the other replica, waiting for the unit in flight, does not wait forever."""
+    from harvest.errors import StoreError
+    from sharding import replicas
+
+    calls = []
+
+    def full_disk(group, at_least=1):
+        calls.append(at_least)
+        raise StoreError("analysis/statistics: no space left on device")
+
+    monkeypatch.setattr(replicas, "compact_statistics", full_disk)
+    with pytest.raises(StoreError, match="no space left on device"):
+        run(replica_spec(make_spec, neox_ckpt, 2, 1, "nospace.zarr"), progress=False)
+    assert calls
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)  # a permanent failure retried forever would hang: the timeout fails it
 def test_a_stage_error_stops_every_replica_with_its_message(neox_ckpt, make_spec, ray_session, tmp_path):
     """A stage's own error would happen on any replica: it stops the job, message intact, not a drop."""

@@ -134,6 +134,7 @@ def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
         same = [n for n in names if np.array_equal(local[n][...], bucket[n][...], equal_nan=True)]
         print(f"{len(same)} of {len(names)} arrays equal the local {spec.run.stages}-stage store element for element"
               + ("" if len(same) == len(names) else f"; differ: {', '.join(sorted(set(names) - set(same)))}"))
+        print(same_statistics(local, bucket))
         report = analyze_outliers(result.path, index=False, plots=False)
         verdict = "the same as" if report.outlier_dims == local_outliers else "DIFFERENT from"
         print(f"analysed in the bucket: outlier dimensions {report.outlier_dims}, {verdict} the local store's")
@@ -143,6 +144,24 @@ def replicas_into_a_bucket(spec, local_path, local_outliers: list[int]) -> None:
         print(f"              {len(ds.data_vars)} variables, dims {dict(ds.sizes)}")
     finally:
         server.stop()
+
+
+def same_statistics(local, bucket) -> str:
+    """Whether two stores' harvest-time statistics are equal bit for bit (replicas fold them unit by unit,
+    in unit order, so they must be)."""
+    import numpy as np
+
+    from ..statistics import load_statistics
+
+    a, b = load_statistics(local), load_statistics(bucket)
+    if a is None or b is None:
+        return "harvest-time statistics: missing from " + ("the local store" if a is None else "the bucket's")
+    same = a.hooks.keys() == b.hooks.keys() and all(
+        np.array_equal(value, b.hooks[hook][key], equal_nan=True)
+        for hook, stats in a.hooks.items() for key, value in stats.items() if isinstance(value, np.ndarray))
+    tokens = max(a.tokens(hook) for hook in a.hooks)
+    return (f"harvest-time statistics of {len(a.hooks)} hook points over {tokens:,} tokens: "
+            + ("bit for bit the local store's" if same else "DIFFERENT from the local store's"))
 
 
 def main(workdir: Path = Path("build/demo")) -> None:
