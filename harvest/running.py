@@ -20,8 +20,8 @@ superset of the ones that can enter, and the host's ranking of them (``topk_merg
 however stale the floor is. A unit's top-k starts from nothing (``harvest.statistics``: units merge
 in order whatever the replicas), so a unit's first batch has no floor from the host: it takes its
 own, the k-th largest of its per-group column maxima (at least k of its values reach it), and sends
-the values at or above it. Only a batch of fewer than k groups of rows goes to the host whole
-(``dense``), ranked there.
+the values at or above it. On a CPU, and for a batch of fewer than k groups of rows, the batch goes
+to the host whole instead (``dense``), ranked there.
 
 Where the time goes is comparing values to a threshold (the floor, or |x| >= threshold for the
 count): the rows are cut into groups of ``GROUP`` and each column's max |x| per group taken
@@ -132,6 +132,10 @@ class DeviceStatistics:
         #: () -> hook -> the host's running k-th largest |x| per column (``StatisticsAccumulator.floors``)
         self.floors = None
         self._buffer: torch.Tensor | None = None  #: float64 rows, reused by every hook
+        #: a unit's first batch leaves the device sparse (its own floor); None: on accelerators only. On a
+        #: CPU the "device" is the host: handing it the rows costs no copy, and ranking them there is
+        #: cheaper than the floor's topk and compares (``bench/statistics_overhead.py``)
+        self.sparse_first_batch: bool | None = None
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
@@ -184,7 +188,8 @@ class DeviceStatistics:
         s = torch.mv(xd.t(), ones)
         sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
         gmax = group_max(x.abs())
-        inclusive = floor is None and 0 < self.k <= gmax.shape[0]
+        inclusive = (floor is None and 0 < self.k <= gmax.shape[0]
+                     and (self.sparse_first_batch if self.sparse_first_batch is not None else x.device.type != "cpu"))
         if inclusive:  # a unit's first batch: the k-th largest group max, below at least k of its values
             floor = torch.topk(gmax, self.k, dim=0).values[-1]
         elif floor is not None:

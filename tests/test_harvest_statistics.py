@@ -394,7 +394,10 @@ def test_a_units_first_batch_leaves_the_device_sparse_and_ranks_exactly():
     values[::9, 5] = 7.0
     plan = StatisticsPlan(("h",), k, 6.0, np.arange(tokens + 1, dtype=np.int64))
     host, device = StatisticsAccumulator(plan), StatisticsAccumulator(plan)
-    out = DeviceStatistics(("h",), k, 6.0).batch({"h": torch.from_numpy(values.copy())})
+    kernels = DeviceStatistics(("h",), k, 6.0)
+    assert "stats:h:dense" in kernels.batch({"h": torch.from_numpy(values.copy())})  # on a CPU: the rows
+    kernels.sparse_first_batch = True  # as on an accelerator
+    out = kernels.batch({"h": torch.from_numpy(values.copy())})
     assert "stats:h:dense" not in out
     assert 0 < out["stats:h:values"].numel() < values.size // 4 and int(out["stats:h:rows"].min()) >= 0
     host.add(0, 0, {"h": values})
