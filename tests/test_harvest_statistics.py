@@ -439,20 +439,8 @@ def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
     statistics read sizes from the device twice, not once per hook (counted here through torch's
     function mode, which sees every such call on any device; ``any``/``all`` count when their result is read)."""
     import torch
-    from torch.overrides import TorchFunctionMode
 
     from harvest.running import DeviceStatistics
-
-    class Syncs(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.calls: list[str] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in SYNCS - {"any", "all"}:
-                self.calls.append(name)
-            return func(*args, **(kwargs or {}))
 
     counted = {}
     for n_hooks in (2, 9):
@@ -466,7 +454,7 @@ def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
         per_batch = []
         for b in range(4):  # dense, then candidates
             rows = {h: torch.from_numpy((rng.standard_normal((100, 32)) * 3).astype(np.float32)) for h in hooks}
-            with Syncs() as syncs:
+            with _Syncs() as syncs:
                 out = kernels.batch(rows)
             per_batch.append(syncs.calls)
             acc.add(b, 2 * b, {k: v.numpy() for k, v in out.items()})
