@@ -14,7 +14,7 @@ One process, interleaved per batch so that the load of a shared machine hits eve
   LayerNorm outputs (``harvest.hits``); its excess over ``capture`` is the device part's cost;
 - ``host``: ``StatisticsAccumulator.add`` + ``fold`` of the batch's small results (the writer
   thread), and (every ``--snapshot-every`` batches, as often as a shard of these arrays fills)
-  ``pack`` + ``write_statistics`` of the unit's snapshot, and the compaction's read of it and write of
+  ``pack`` + ``write_snapshot`` of the unit's snapshot, and the compaction's read of it and write of
   the prefix (the merge itself is not timed: at R = 1 it folds one unit onto the prefix).
 
 The ratio reported is the statistics' CPU time (device part + host part) over the bare forward's,
@@ -62,8 +62,8 @@ def main() -> None:
     from harvest.spec import parse_spec
     from harvest.stage import Stage
     from harvest.statistics import StatisticsAccumulator, pack
-    from harvest.store import (STATISTICS_COLUMNS, prefix_snapshot_name, read_snapshot, unit_snapshot_name,
-                               write_snapshot, write_statistics)
+    from harvest.store import STATISTICS_COLUMNS, prefix_snapshot_name, read_snapshot, unit_snapshot_name, write_snapshot
+    from harvest.writer import unit_attrs
 
     torch.set_num_threads(args.threads)
     corpus, ckpt = common.stdlib_corpus(), common.pythia160m_checkpoint()
@@ -133,7 +133,8 @@ def main() -> None:
         snap = 0.0
         if (k + 1) % args.snapshot_every == 0:
             packed = pack(acc)
-            write_statistics(group, 0, k + 1, *packed)  # the unit's snapshot (the writer, at each durable batch)
+            # the unit's snapshot, as the writer writes it at each durable batch (the unit [0, k + 1) here)
+            write_snapshot(group, unit_snapshot_name(0, 0, k + 1), *unit_attrs(packed, 0, k + 1, k + 1))
             # the compaction at the unit's end: read the unit back, write the prefix (chunked by columns)
             read_snapshot(group, unit_snapshot_name(0, 0, k + 1))
             write_snapshot(group, prefix_snapshot_name(k + 1), *packed, columns=STATISTICS_COLUMNS)

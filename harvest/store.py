@@ -277,14 +277,6 @@ STATISTICS_COLUMNS = 512
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
 
 
-def write_statistics(group: zarr.Group, stage: int, through: int, arrays: dict[str, np.ndarray],
-                     attrs: dict[str, Any]) -> None:
-    """Stage ``stage``'s snapshot of batches [0, through) as one unit (what ``bench/statistics_overhead.py``
-    times: the writer writes ``unit_snapshot_name`` snapshots of its units the same way)."""
-    write_snapshot(group, unit_snapshot_name(stage, 0, through), arrays,
-                   {**attrs, "start": 0, "through": through, "end": through})
-
-
 def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
     """A snapshot's attributes; None when it is torn (its attributes never landed)."""
     try:
