@@ -46,7 +46,8 @@ from .statistics import THRESHOLD, TOP_K, HitPlan, StatisticsPlan, dettmers_sour
 from .store import (FORMAT_VERSION, MetaArray, RowMaps, batches_done, consolidate, create_manifest, dumps,
                     first_incomplete, mark_written)
 from .store import create_store as create_store_layout
-from .store import STATISTICS_GROUP, is_store, statistics_stages, location_exists, open_group, read_provenance, remove_store, write_provenance
+from .store import (STATISTICS_GROUP, is_store, location_exists, open_group, read_provenance, remove_store, statistics_stages,
+                    undone_units, write_provenance)
 from .worker import StageOptions, StageWorker
 from .writer import StageStoreInfo
 
@@ -416,6 +417,9 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") 
 
 @dataclass
 class RunResult:
+    """What one run did: ``batches`` and ``tokens`` count what it harvested, not the job's size (a
+    resume counts only what was left)."""
+
     path: Path | str
     batches: int
     tokens: int
@@ -442,6 +446,7 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     start = claim_store(job, resume=resume, overwrite=overwrite)
     if redo_rows:
         redo(job, redo_rows, progress)
+    todo = batches_to_harvest(job, start)
     t0 = time.perf_counter()
     try:
         if len(job.stages) == 1 and job.spec.run.replicas == 1:
@@ -466,7 +471,8 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
         record_stop(job.path, "failed", describe_failure(exc))
         raise
     seconds = time.perf_counter() - t0
-    tokens = job.layout.tokens_before(job.layout.n_batches) - job.layout.tokens_before(start)
+    batches = sum(b - a for a, b in todo)
+    tokens = sum(job.layout.tokens_before(b) - job.layout.tokens_before(a) for a, b in todo)
     group = open_group(job.path, mode="r+")
     if job.spec.capture.statistics:
         from .statistics import compact_statistics
@@ -475,11 +481,20 @@ def run(spec: JobSpec, *, resume: bool = False, overwrite: bool = False, progres
     info = read_provenance(group)
     info.pop("stopped", None)
     info.update(status="complete", completed=_now(),
-                last_run={"batches": job.layout.n_batches - start, "tokens": tokens, "seconds": round(seconds, 3)},
+                last_run={"batches": batches, "tokens": tokens, "seconds": round(seconds, 3)},
                 nonfinite=nonfinite)
     write_provenance(group, info)
     consolidate(job.path)
-    return RunResult(job.path, job.layout.n_batches - start, tokens, seconds, nonfinite)
+    return RunResult(job.path, batches, tokens, seconds, nonfinite)
+
+
+def batches_to_harvest(job: Job, start: int) -> list[tuple[int, int]]:
+    """The batch ranges this run computes: one pipeline runs on from ``start``; replicas take every unit
+    not yet whole, wherever it lies, so a resume of theirs can have holes before ``start`` to fill and
+    finished units after it to skip."""
+    if job.spec.run.replicas == 1:
+        return [(start, job.layout.n_batches)] if start < job.layout.n_batches else []
+    return undone_units(open_group(job.path), job_units(job.layout, job.arrays))
 
 
 def _now() -> str:

@@ -221,6 +221,13 @@ def first_incomplete(group: zarr.Group) -> int:
     return int(missing[0]) if missing.size else len(done)
 
 
+def undone_units(group: zarr.Group, units: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The units (batch ranges) not yet marked durable by every stage; a partly done unit counts whole,
+    since a run redoes it from its start."""
+    done = batches_done(group)
+    return [(a, b) for a, b in units if not done[a:b].all()]
+
+
 # --- harvest-time statistics: snapshots beside the manifest -----------------------------------------
 #
 # Each unit of work (``harvest.shape.unit_bounds``) has its statistics accumulated from nothing, by each

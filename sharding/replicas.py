@@ -52,7 +52,7 @@ from harvest.errors import ReplicaLost, StageError
 from harvest.statistics import compact_statistics
 from harvest.shape import (Resources, cluster_capacity, job_units, local_ray_cpus, missing_resources,
                            stage_resources)
-from harvest.store import batches_done, mark_written, open_for_writing, open_group
+from harvest.store import mark_written, open_for_writing, open_group, undone_units
 from harvest.writer import remove_unfinished_writes
 
 from .pipeline import _LOST, _OOM, START_TIMEOUT_S, PipelineStage, RaySession, _first_line, _permanent, alive_nodes
@@ -390,12 +390,6 @@ def replica_bundle(resources: Resources) -> dict[str, float]:
             **({"GPU": float(n * resources.gpus_per_stage)} if resources.gpus_per_stage else {})}
 
 
-def todo_units(job) -> list[tuple[int, int]]:
-    """The job's units not yet fully marked durable by every stage (a partly done unit is redone whole)."""
-    done = batches_done(open_group(job.path))
-    return [(a, b) for a, b in job_units(job.layout, job.arrays) if not done[a:b].all()]
-
-
 def run_replicas(job, progress: bool, *, on_batch=None, started: Callable[[ReplicaDriver], None] | None = None
                  ) -> dict[str, int]:
     """Run ``job``'s undone units on ``run.replicas`` copies of its pipeline; returns non-finite counts.
@@ -404,7 +398,7 @@ def run_replicas(job, progress: bool, *, on_batch=None, started: Callable[[Repli
     to kill actors mid-run).
     """
     spec = job.spec
-    units = todo_units(job)
+    units = undone_units(open_group(job.path), job_units(job.layout, job.arrays))
     replicas = spec.run.replicas if isinstance(spec.run.replicas, int) else 1
     local_cpus = local_ray_cpus(spec, len(job.stages), replicas)
     driver = ReplicaDriver(job, on_batch)

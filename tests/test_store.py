@@ -132,3 +132,22 @@ def test_cli_run_and_inspect(neox_ckpt, make_spec, tmp_path):
     assert json.loads(shown.stdout)["status"] == "complete"
     helped = subprocess.run(cli + ["run", "--help"], capture_output=True, text=True, check=True)
     assert "--resume" in helped.stdout and "Examples" in helped.stdout
+
+
+def test_undone_units_are_every_unit_some_stage_has_not_finished(tmp_path):
+    """Replicas finish units out of order: a resume redoes the holes before the first finished unit and
+    skips the units done after it (the run then counts only those as harvested)."""
+    from harvest.store import create_manifest, first_incomplete, mark_written, undone_units
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    create_manifest(group, 2, 10)
+    units = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    for stage in (0, 1):
+        mark_written(group, stage, 4, start=2)   # unit 1 whole
+    mark_written(group, 0, 8, start=6)           # unit 3 only on stage 0
+    mark_written(group, 1, 7, start=6)
+    mark_written(group, 1, 8, start=7)
+    mark_written(group, 0, 9, start=8)           # unit 4 half done
+    mark_written(group, 1, 9, start=8)
+    assert first_incomplete(group) == 0
+    assert undone_units(group, units) == [(0, 2), (4, 6), (8, 10)]
