@@ -13,9 +13,12 @@ One process, interleaved per batch so that the load of a shared machine hits eve
   (``harvest.running``: float64 sums, max, counts, top-k candidates) and Dettmers' hits on the 24
   LayerNorm outputs (``harvest.hits``); its excess over ``capture`` is the device part's cost;
 - ``host``: ``StatisticsAccumulator.add`` + ``fold`` of the batch's small results (the writer
-  thread), and (every ``--snapshot-every`` batches, as often as a shard of these arrays fills)
-  ``pack`` + ``write_snapshot`` of the unit's snapshot, and the compaction's read of it and write of
-  the prefix (the merge itself is not timed: at R = 1 it folds one unit onto the prefix).
+  thread);
+- ``snapshot``: what the writer does at each unit's end (units follow the job's shards:
+  ``StatisticsPlan.unit_bounds``): ``pack`` + ``write_snapshot`` of the unit's snapshot, the manifest
+  mark, and ``compact_statistics(at_least=None)``, which every ``COMPACT_UNITS`` units reads them
+  back, folds them onto the prefix and rewrites it; the run's last compaction (the runner's, at its
+  end) included. Summed and spread over the timed batches.
 
 The ratio reported is the statistics' CPU time (device part + host part) over the bare forward's,
 the cost when nothing hides it (2 busy cores). Medians over the timed batches; batch 0 warms up.
@@ -50,8 +53,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--end-to-end", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--snapshot-every", type=int, default=3,
-                    help="batches per statistics snapshot (a 16 MiB shard of a 768-wide fp32 array: ~2.7 batches)")
     args = ap.parse_args()
     n = 4 if args.quick else args.batches
 
@@ -61,8 +62,8 @@ def main() -> None:
     from harvest.runner import prepare
     from harvest.spec import parse_spec
     from harvest.stage import Stage
-    from harvest.statistics import StatisticsAccumulator, pack
-    from harvest.store import STATISTICS_COLUMNS, prefix_snapshot_name, read_snapshot, unit_snapshot_name, write_snapshot
+    from harvest.statistics import COMPACT_UNITS, StatisticsAccumulator, compact_statistics, pack
+    from harvest.store import create_manifest, mark_written, unit_snapshot_name, write_snapshot
     from harvest.writer import unit_attrs
 
     torch.set_num_threads(args.threads)
@@ -83,6 +84,7 @@ def main() -> None:
     stage.follow_floors(acc.floors)
     import zarr
     group = zarr.open_group(str(tmp / "snap.zarr"), mode="w")
+    create_manifest(group, 1, n)
     kernels, hits = stage.statistics, stage.hits
     kernel_time = [0.0]
     kernel_steps = getattr(kernels, "steps", None)
@@ -131,13 +133,12 @@ def main() -> None:
         acc.fold(k + 1)  # the host part: merging the batch's small results in batch order
         t4 = time.process_time()
         snap = 0.0
-        if (k + 1) % args.snapshot_every == 0:
-            packed = pack(acc)
-            # the unit's snapshot, as the writer writes it at each durable batch (the unit [0, k + 1) here)
-            write_snapshot(group, unit_snapshot_name(0, 0, k + 1), *unit_attrs(packed, 0, k + 1, k + 1))
-            # the compaction at the unit's end: read the unit back, write the prefix (chunked by columns)
-            read_snapshot(group, unit_snapshot_name(0, 0, k + 1))
-            write_snapshot(group, prefix_snapshot_name(k + 1), *packed, columns=STATISTICS_COLUMNS)
+        if k + 1 == acc.end or k + 1 == n:  # the unit's end, as the writer's ``_mark`` / ``_snapshot`` meet it
+            last = k + 1 == n
+            write_snapshot(group, unit_snapshot_name(0, acc.start, k + 1), *unit_attrs(pack(acc), acc.start, k + 1, acc.end))
+            mark_written(group, 0, k + 1, start=acc.start)
+            compact_statistics(group, at_least=1 if last else None)  # the runner folds every unit at the run's end
+            acc.next_unit()
             snap = time.process_time() - t4
         if k:  # batch 0 warms up
             for key, v in (("bare", t1 - t0), ("capture", t2 - t1), ("with", t3 - t2), ("kernels", kernel_time[0]),
@@ -145,7 +146,7 @@ def main() -> None:
                 times[key].append(v)
         del captured
     med = {key: float(np.median(v)) for key, v in times.items()}
-    snap_per_batch = float(np.mean(times["snapshot"]))
+    snap_per_batch = float(np.mean(times["snapshot"]))  # every unit's snapshot and compaction, spread over the batches
     device_part = float(np.median(np.subtract(times["with"], times["capture"])))
     total = device_part + med["host"] + snap_per_batch
     ratio = total / med["bare"]
@@ -171,8 +172,8 @@ def main() -> None:
         f"{device_part / med['bare']:.4f} |",
         f"| host part: `add` + `fold` of the small results (writer thread) | {med['host']:.4f} | "
         f"{med['host'] / med['bare']:.4f} |",
-        f"| snapshot (`pack`, the unit's snapshot, its read-back and the prefix's write), "
-        f"every {args.snapshot_every} batches, per batch | "
+        f"| snapshot: each unit's (`pack`, `write_snapshot`, manifest), and the compaction every {COMPACT_UNITS} "
+        f"units and at the end (units of {plan.unit_bounds[1]} batches here), spread over the batches | "
         f"{snap_per_batch:.4f} | {snap_per_batch / med['bare']:.4f} |",
         f"| **statistics in all** | {total:.4f} | **{ratio:.3f}** |",
     ]

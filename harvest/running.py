@@ -13,15 +13,15 @@ better than 1e-9 relative. The rows are copied once into a float64 buffer the st
 allocation per hook) and summed by a matrix-vector product with ones. Batches merge by Chan's
 update on the host, as before.
 
-The top-k needs the running k-th largest |x| per column (the *floor*): only values strictly above it
-can still enter. The host's accumulator publishes its floor as it merges (``floors``); any floor
-it has published is at most the current one (within a unit, floors only rise), so the entries above it are a
-superset of the ones that can enter, and the host's ranking of them (``topk_merge``) is exact
-however stale the floor is. A unit's top-k starts from nothing (``harvest.statistics``: units merge
-in order whatever the replicas), so a unit's first batch has no floor from the host: it takes its
-own, the k-th largest of its per-group column maxima (at least k of its values reach it), and sends
-the values at or above it. On a CPU, and for a batch of fewer than k groups of rows, the batch goes
-to the host whole instead (``dense``), ranked there.
+The top-k needs a *floor* per column: only values strictly above it can still enter. The host's
+accumulator publishes one as it merges (``floors``): the running k-th largest |x|, or at a unit's
+first batch the bound the units before it give (``harvest.statistics.StatisticsAccumulator``). Any
+floor it has published is a lower bound of the current one, so the entries above it are a superset
+of the ones that can enter, and the host's ranking of them (``topk_merge``) is exact however stale
+the floor is. A batch with no floor from the host (the job's first unit, a unit redone or handed out
+of order) takes its own on an accelerator: the k-th largest of its per-group column maxima (at
+least k of its values reach it), sending the values at or above it. On a CPU, and for a batch of
+fewer than k groups of rows, such a batch goes to the host whole instead (``dense``), ranked there.
 
 Where the time goes is comparing values to a threshold (the floor, or |x| >= threshold for the
 count): the rows are cut into groups of ``GROUP`` and each column's max |x| per group taken

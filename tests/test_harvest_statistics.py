@@ -869,5 +869,113 @@ def test_a_units_first_batch_can_come_sparse(rows):
     r, c = np.nonzero(a >= kth[None, :])
     got = topk_merge(None, {"rows": r + 1000, "cols": c, "values": x[r, c], "dims": 24}, k)
     want = topk_chunk(block, k)
-    np.testing.assert_array_equal(got["rows"], want["rows"])
-    np.testing.assert_array_equal(got["values"], want["values"])
+    kk = want["rows"].shape[0]
+    np.testing.assert_array_equal(got["rows"][:kk], want["rows"])
+    np.testing.assert_array_equal(got["values"][:kk], want["values"])
+    assert (got["rows"][kk:] == -1).all() and (got["values"][kk:] == 0).all()  # fewer than k rows: padding
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator", "host"])
+def test_units_keep_only_values_above_the_floor_of_the_units_before_them_and_fold_exactly(path):
+    """A unit's top-k keeps only the values above the floor the units its accumulator saw before it give,
+    padding the columns left short; folded in unit order, the units give the top-k of all the rows exactly
+    (ties to the lower row across units, an all-zero column, NaN/inf, a column whose later units never
+    enter). Two "replicas" take units out of order: a unit handed after a later one gets no floor."""
+    import torch
+
+    from harvest.running import DeviceStatistics
+    from harvest.statistics import Block, JobState, topk_chunk, unit_state
+    from harvest.writer import unit_attrs
+
+    rng = np.random.default_rng(11)
+    k, d, sizes = 4, 12, rng.integers(90, 140, 16)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # batch b: rows [bounds[b], bounds[b + 1])
+    values = (rng.standard_normal((int(bounds[-1]), d)) * 2).astype(np.float16).astype(np.float32)  # many ties
+    values[:, 3] = 0.0
+    values[::11, 5] = 7.0  # ties across units
+    values[:, 6] = np.linspace(50, 1, values.shape[0])  # only the first unit enters
+    values[bounds[9] + 3:, 8] *= 40  # the last units take over
+    values[bounds[10]:bounds[10] + 2 * k:2, 9] = 30.0  # unit 5 holds k of the largest; unit 4 one more, which
+    values[bounds[8] + 1, 9] = 30.0  # ranks first (a lower row): a floor from unit 5 would drop it from unit 4
+    values[bounds[5] + 2, 2] = np.nan
+    values[bounds[12] + 7, 1] = np.inf
+    plan = StatisticsPlan(("h",), k, 6.0, np.arange(values.shape[0] + 1, dtype=np.int64),
+                          unit_bounds=tuple(range(0, 17, 2)))
+    handed = {"a": [0, 2, 3, 6], "b": [5, 1, 4, 7]}
+    units, dense = {}, []
+    for replica, order in handed.items():
+        acc = StatisticsAccumulator(plan)
+        kernels = DeviceStatistics(("h",), k, 6.0)
+        kernels.floors = acc.floors
+        kernels.sparse_first_batch = path == "accelerator"
+        for u in order:
+            first = 2 * u
+            acc.restart(first)  # as a replica's writer begins a unit
+            acc.next_batch = first
+            for b in (first, first + 1):
+                rows = values[bounds[b]:bounds[b + 1]]
+                if path == "host":
+                    acc.add(b, int(bounds[b]), {"h": rows})
+                else:
+                    out = {key: t.numpy() for key, t in kernels.batch({"h": torch.from_numpy(rows.copy())}).items()}
+                    if "stats:h:dense" in out or (path == "accelerator" and not acc.floors()):
+                        dense.append(b)
+                    acc.add(b, int(bounds[b]), out)
+                acc.next_batch = b + 1
+                acc.fold(b + 1)
+            units[u] = unit_state([unit_attrs(pack(acc), first, first + 2, first + 2)])
+            acc.next_unit()
+    if path != "host":
+        # no floor: the job's first unit, b's first (unit 5), then units 1 and 4, handed to b after unit 5
+        # (b's floor holds unit 5's rows from then on)
+        assert dense == [0, 10, 2, 8]
+    padded = [u for u, s in units.items() if (s.hooks["h"]["topk"]["rows"] < 0).any()]
+    assert padded and 0 not in padded  # the units after the first kept fewer than k values in some columns
+    job = JobState({})
+    for u in sorted(units):
+        job.fold(units[u])
+    want = topk_chunk(Block(values, 0), k)
+    np.testing.assert_array_equal(job.hooks["h"]["topk"]["rows"], want["rows"])
+    np.testing.assert_array_equal(job.hooks["h"]["topk"]["values"], want["values"])
+
+
+def test_the_floor_of_a_units_first_batch_comes_from_earlier_rows_only():
+    """``floors`` for the next batch: inside a unit, its running k-th largest; at the next unit's first batch,
+    the units before it; for a unit that comes back (redone) or one earlier than what was seen, nothing
+    from its own or later rows."""
+    rng = np.random.default_rng(3)
+    k, d = 2, 5
+    plan = StatisticsPlan(("h",), k, 6.0, np.arange(41, dtype=np.int64), unit_bounds=(0, 2, 4))
+    values = rng.standard_normal((40, d)).astype(np.float32)
+    acc = StatisticsAccumulator(plan)
+    acc.add(0, 0, {"h": values[:10]})
+    acc.next_batch = 1
+    inside = acc.floors()["h"]
+    np.testing.assert_array_equal(inside, -np.sort(-np.abs(values[:10]), axis=0)[k - 1])
+    acc.add(1, 10, {"h": values[10:20]})
+    acc.next_batch = 2  # the next unit: the rows of unit 0 bound it
+    np.testing.assert_array_equal(acc.floors()["h"], -np.sort(-np.abs(values[:20]), axis=0)[k - 1])
+    acc.add(2, 20, {"h": values[20:30]})
+    acc.next_batch = 2  # unit 1 redone from its start: only unit 0's rows may bound it
+    np.testing.assert_array_equal(acc.floors()["h"], -np.sort(-np.abs(values[:20]), axis=0)[k - 1])
+    acc.next_batch = 0  # unit 0 again: nothing before it
+    assert acc.floors() == {}
+
+
+def test_folding_a_later_top_k_ranks_only_what_enters_and_equals_topk_combine():
+    """``topk_fold`` (the compaction's fold of a unit onto the prefix) gives ``topk_combine``'s rows and
+    values exactly: ties keep the earlier row, padding (row -1) never enters, an old top-k short of k rows
+    takes everything."""
+    from harvest.statistics import Block, empty_top, topk_chunk, topk_combine, topk_fold
+
+    rng = np.random.default_rng(5)
+    k, d = 6, 40
+    x = np.round(rng.standard_normal((300, d)) * 2).astype(np.float32)  # a coarse grid: many ties
+    old = topk_chunk(Block(x[:150], 0), k)
+    new = topk_chunk(Block(x[150:], 150), k)
+    new["rows"][3:, :7], new["values"][3:, :7] = -1, 0  # a unit padded where it kept fewer than k
+    for a, b in ((old, new), (topk_chunk(Block(x[:4], 0), k), new), (old, empty_top(d, k))):
+        got, want = topk_fold(a, b, k), topk_combine([a, b], k)
+        np.testing.assert_array_equal(got["rows"], want["rows"])
+        np.testing.assert_array_equal(got["values"], want["values"])
+    assert (topk_fold(old, new, k)["rows"] >= 0).all()
