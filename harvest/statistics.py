@@ -527,7 +527,8 @@ class StatisticsPlan:
     token_starts: np.ndarray  #: (sequences + 1,) int64
     hits: "HitPlan | None" = None  #: this stage's share of Dettmers' criterion (``harvest.hits``)
     #: first batch of every unit and the job's batch count (``harvest.shape.unit_bounds``): the statistics
-    #: of each unit start from nothing, so a unit's state is the same whoever harvests it (any R, any stages)
+    #: of each unit start from nothing (its top-k from a floor only), so folded in unit order they are the
+    #: same whoever harvests them (any R, any stages)
     unit_bounds: tuple[int, ...] = ()
 
     def unit_of(self, batch: int) -> tuple[int, int]:
@@ -587,6 +588,8 @@ def topk_merge(state: State | None, candidates: State, k: int) -> State:
         state = empty_top(int(candidates["dims"]), k)
     if not candidates["cols"].size:
         return state
+    if state["rows"].shape[0] < k:  # fewer rows so far (a snapshot keeps only the rows in use): pad to k
+        state = {"rows": padded_to(state["rows"], k, -1), "values": padded_to(state["values"], k, 0)}
     return _merge_sparse(state, candidates, k)
 
 
@@ -596,7 +599,7 @@ def empty_top(dims: int, k: int) -> State:
 
 
 def _merge_sparse(state: State, candidates: State, k: int) -> State:
-    """``topk_merge`` of sparse candidates into ``state`` (an empty one: the first k of each column)."""
+    """``topk_merge`` of sparse candidates into ``state`` (k rows, padding where it has fewer)."""
     cols, inv = np.unique(candidates["cols"], return_inverse=True)
     order = np.argsort(inv, kind="stable")
     counts = np.bincount(inv, minlength=cols.size)
@@ -618,8 +621,6 @@ def _merge_sparse(state: State, candidates: State, k: int) -> State:
     key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
     key[np.concatenate([state["rows"][:, cols] < 0, new_abs < 0])] = np.iinfo(np.uint64).max
     pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
-    if not state["rows"].shape[0]:  # empty: every column is among the candidates
-        return {"rows": np.take_along_axis(cand_rows, pick, axis=0), "values": np.take_along_axis(cand_values, pick, axis=0)}
     rows, values = state["rows"].copy(), state["values"].copy()
     rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
     values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
@@ -972,7 +973,8 @@ def index_fold(old: State | None, new: State, k: int) -> State:
 class JobState:
     """The job's statistics over some units: every hook's state (whatever stage computed it) and the
     Dettmers state of every source (stages merged, ``dettmers_merge_stages``). The same for any
-    ``run.stages`` and ``run.replicas``: units are folded in unit order, each from nothing."""
+    ``run.stages`` and ``run.replicas``: units are folded in unit order, each from nothing (its top-k
+    above a floor from the units before it: ``StatisticsAccumulator``)."""
 
     hooks: dict[str, State]
     top_k: int = TOP_K

@@ -230,7 +230,8 @@ def undone_units(group: zarr.Group, units: list[tuple[int, int]]) -> list[tuple[
 
 # --- harvest-time statistics: snapshots beside the manifest -----------------------------------------
 #
-# Each unit of work (``harvest.shape.unit_bounds``) has its statistics accumulated from nothing, by each
+# Each unit of work (``harvest.shape.unit_bounds``) has its statistics accumulated from nothing (its
+# top-k only above a floor from the units before it, so it folds exactly onto all of them), by each
 # stage over its own hooks: ``stage_{i}/unit_{a}_{b}`` holds stage i's state over batches [a, b) of the
 # unit starting at a (b short of the unit's end while a one-replica run is inside it). The units that
 # every stage has whole and the manifest marks are folded, in unit order, into one ``prefix`` snapshot of

@@ -979,3 +979,21 @@ def test_folding_a_later_top_k_ranks_only_what_enters_and_equals_topk_combine():
         np.testing.assert_array_equal(got["rows"], want["rows"])
         np.testing.assert_array_equal(got["values"], want["values"])
     assert (topk_fold(old, new, k)["rows"] >= 0).all()
+
+
+def test_a_top_k_of_fewer_rows_takes_sparse_candidates():
+    """A resumed unit's top-k can hold fewer than k rows (a snapshot keeps only the rows in use, or the
+    unit had fewer): sparse candidates merge into it as into a padded one, equal to ranking everything."""
+    from harvest.statistics import Block, topk_chunk, topk_combine, topk_merge
+
+    rng = np.random.default_rng(9)
+    k, d = 5, 16
+    x = np.round(rng.standard_normal((60, d)) * 2).astype(np.float32)
+    for kept in (0, 3):
+        old = {key: v[:kept] for key, v in topk_chunk(Block(x[:30], 0), k).items()}
+        a = np.abs(x[30:])
+        r, c = np.nonzero(a >= np.sort(a, axis=0)[-k][None, :])  # the batch's own floor, ties included
+        got = topk_merge(old, {"rows": r + 30, "cols": c, "values": x[30:][r, c], "dims": d}, k)
+        want = topk_combine([old, topk_chunk(Block(x[30:], 30), k)], k) if kept else topk_chunk(Block(x[30:], 30), k)
+        np.testing.assert_array_equal(got["rows"], want["rows"])
+        np.testing.assert_array_equal(got["values"], want["values"])
