@@ -699,8 +699,9 @@ class StatisticsAccumulator:
         unit = self.plan.unit_of(batch)[0]
         was, last, top, floor = self._tops
         if unit != was or batch <= last:  # a unit's top-k starts from nothing (also when redone)
-            below = self._unit_floor(unit, was, last, top)
-            self._bound = self._merged(last, top)
+            merged = self._merged(last, top)  # once: the new unit's floor and the bound kept
+            below = self._unit_floor(unit, merged if was < unit else self._bound)
+            self._bound = merged
             self._tops = (unit, batch, {}, below)
         else:
             self._tops = (unit, batch, top, floor)
@@ -739,12 +740,14 @@ class StatisticsAccumulator:
         after = self.plan.unit_of(nxt)[0]
         if nxt > last and after == unit:
             return self._floors_of(top, floor)
-        return self._unit_floor(after, unit, last, top)
+        return self._unit_floor(after, self._merged(last, top) if unit < after else self._bound)
 
-    def _unit_floor(self, unit: int, was: int, last: int, top: dict[str, State]) -> dict[str, np.ndarray]:
-        """The floor of the unit starting at ``unit`` from the rows before it: those of the units seen
-        earlier, and the running unit's (starting at ``was``, through ``last``) when it comes before."""
-        end, _, floors = self._merged(last, top) if was < unit else self._bound
+    @staticmethod
+    def _unit_floor(unit: int, bound: tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]
+                    ) -> dict[str, np.ndarray]:
+        """The floor of the unit starting at ``unit`` from ``bound`` (``_bound``, with the running unit
+        merged in when it comes before): none when rows at or after the unit's start went into it."""
+        end, _, floors = bound
         return floors if end <= unit else {}
 
     def _floor_of(self, top: State, floor: np.ndarray | None) -> np.ndarray | None:
