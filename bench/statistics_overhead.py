@@ -11,8 +11,8 @@ One process, interleaved per batch so that the load of a shared machine hits eve
 - ``capture``: the harvest's stage forward with its capture hooks, statistics off (``Stage.run``);
 - ``with``: the same stage forward with the statistics' device part: the per-batch kernels
   (``harvest.running``: float64 sums, max, counts, top-k candidates) and Dettmers' hits on the 24
-  LayerNorm outputs (``harvest.hits``), each timed where it runs (the kernels' steps; the hits'
-  hooks and steps); the excess of ``with`` over ``capture`` is printed as a cross-check only: it is
+  LayerNorm outputs (``harvest.hits``), each timed where it runs (the kernels' pass in each capture
+  hook, ``early``, and their steps; the hits' hooks and steps); the excess of ``with`` over ``capture`` is printed as a cross-check only: it is
   the difference of two ~4 s forwards, and the load of a shared machine moves it by 2% of one;
 - ``host``: ``StatisticsAccumulator.add`` + ``fold`` of the batch's small results (the writer
   thread);
@@ -104,6 +104,17 @@ def main() -> None:
             sent = yield sizes
 
     kernels.steps = lambda rows, out: timed(kernel_steps(rows, out), kernel_time)
+    kernel_early = getattr(kernels, "early", None)
+    if kernel_early is not None:  # each hook's pass over its rows, run in its capture hook
+
+        def timed_early(hook, raw):
+            t = time.process_time()
+            try:
+                return kernel_early(hook, raw)
+            finally:
+                kernel_time[0] += time.process_time() - t
+
+        kernels.early = timed_early
     # Dettmers' hits: the part in each LayerNorm's hook, and the steps after the forward
     from harvest.hits import HitBatch
 

@@ -7,7 +7,7 @@ spec asks for are ever copied off it. Hooks are attached for one batch and remov
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +40,15 @@ class BatchIndex:
     all_rows: torch.Tensor | None = None
 
 
+def _then_rows(hook: Callable, name: str, captured: dict, on_rows: Callable[[str, torch.Tensor], None]) -> Callable:
+    """``hook``, then ``on_rows`` with the rows the statistics read: every real position (``ALL_ROWS``),
+    or the stored rows when they are every position."""
+    def then(*args):
+        hook(*args)
+        on_rows(name, captured[ALL_ROWS + name] if ALL_ROWS + name in captured else captured[name])
+    return then
+
+
 class Capture:
     """The hook functions of one stage, bound to its modules."""
 
@@ -59,8 +68,11 @@ class Capture:
         self._touched = list({id(m): m for m in modules.values()}.values())
 
     @contextmanager
-    def attached(self, index: BatchIndex) -> Iterator[dict[str, torch.Tensor]]:
-        """Attach every hook for one batch; yields the dict the hooks fill."""
+    def attached(self, index: BatchIndex, on_rows: Callable[[str, torch.Tensor], None] | None = None
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+        """Attach every hook for one batch; yields the dict the hooks fill. ``on_rows(name, rows)``: called
+        in the hook of each point with statistics, with every real position's rows, while they are in
+        the cache (``harvest.running.DeviceStatistics.early``)."""
         captured: dict[str, torch.Tensor] = {}
         handles = []
         try:
@@ -71,6 +83,8 @@ class Capture:
                     fn = self._statistics_hook(point, what, index, captured)
                 else:
                     fn = self._make_hook(point, what, index, captured, module)
+                if on_rows is not None and (point in self.statistics_only or point.name in self.statistics):
+                    fn = _then_rows(fn, point.name, captured, on_rows)
                 if what == "input":
                     handles.append(module.register_forward_pre_hook(fn))
                 else:

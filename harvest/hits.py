@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .running import Steps, group_max, pair_values
+from .running import GROUP, MASKED_GROUP_MAX, Steps, group_max, pair_values
 from .statistics import HITS_POSITIONS as POSITIONS
 from .statistics import HITS_PREFIX as PREFIX
 from .statistics import HitPlan
@@ -55,6 +55,11 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         n *= s
     bits = (packed[:, None] & _SHIFTS.to(packed.device)[None, :]) != 0
     return bits.reshape(-1)[:n].reshape(shape)
+
+
+def _all_real(flat: torch.Tensor) -> torch.Tensor:
+    """(tokens, 1) True: no padding (a broadcast view, no memory)."""
+    return torch.ones((), dtype=torch.bool, device=flat.device).expand(flat.shape[0], 1)
 
 
 class Hits:
@@ -94,10 +99,15 @@ class Hits:
         positions, and the sizes :meth:`_finish` reads (finite?, pairs reaching the magnitude)."""
         x = y.to(self.store_dtype)
         d = x.shape[-1]
-        a = x.reshape(-1, d).abs()
-        if real is not None:  # padding is never a hit, nor a max
-            a = torch.where(real.reshape(-1, 1), a, torch.zeros((), dtype=a.dtype, device=a.device))
-        gmax = group_max(a).float()
+        flat = x.reshape(-1, d)
+        gmax = None
+        if flat.shape[0] % GROUP == 0 and flat.shape[0]:  # one compiled pass (None: not compiled here)
+            gmax = MASKED_GROUP_MAX(flat, real.reshape(-1, 1) if real is not None else _all_real(flat))
+        if gmax is None:
+            a = flat.abs()
+            if real is not None:  # padding is never a hit, nor a max
+                a = torch.where(real.reshape(-1, 1), a, torch.zeros((), dtype=a.dtype, device=a.device))
+            gmax = group_max(a).float()
         ge = gmax >= self.plan.magnitude
         sizes = torch.stack([torch.isfinite(gmax).all().long(), ge.sum()])  # a NaN/inf gives a NaN/inf max
         return x, gmax, ge, sizes

@@ -9,9 +9,15 @@ few entries that can still enter the running top-k. Only those cross to the host
 The exact scheme: a float32 value squared is exact in float64 (24-bit mantissas), so the batch's
 sum and sum of squares carry only float64 rounding of 2048-odd terms; M2 = Σx² - (Σx)²/n then
 loses about log2(mean²/var) bits to cancellation, which for activations (|mean| < 10³ σ) leaves
-better than 1e-9 relative. The rows are copied once into a float64 buffer the stage keeps (no new
-allocation per hook) and summed by a matrix-vector product with ones. Batches merge by Chan's
-update on the host, as before.
+better than 1e-9 relative. The sums, the per-group maxima below and the count of |x| >= threshold
+are one pass over the rows, compiled by ``torch.compile`` (:class:`CompiledKernel`); where it cannot
+compile, the eager ops copy the rows into a float64 buffer the stage keeps and sum them by a
+matrix-vector product with ones (the same statistics, summed in another order). Batches merge by
+Chan's update on the host, as before.
+
+Where it runs: in each hook's capture hook (:meth:`DeviceStatistics.early`), while the forward has
+just written the rows and they are still in the cache; on a CPU the pass over them cost ~3x more
+once the forward had moved on. On a CPU phase 2 below runs there too (its sizes cost no sync).
 
 The top-k needs a *floor* per column: only values strictly above it can still enter. The host's
 accumulator publishes one as it merges (``floors``): the running k-th largest |x|, or at a unit's
@@ -40,12 +46,17 @@ slow path of its own (exceptional: it syncs). On a CPU a sync costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import logging
+import os
+import threading
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 
 from .statistics import DEVICE_PREFIX
+
+log = logging.getLogger(__name__)
 
 #: rows per group of the per-group column maxima
 GROUP = 16
@@ -92,7 +103,8 @@ class _Pending:
     out: dict[str, torch.Tensor] = field(default_factory=dict)
     sizes: torch.Tensor | None = None  #: phase 1: (finite, pairs >= threshold, pairs > floor)
     ge_pairs: torch.Tensor | None = None
-    cand: tuple | None = None  #: phase 2: (rows, cols, mask of the candidates among them)
+    cand: tuple | None = None  #: phase 2: (rows, cols, values, mask of the candidates among them)
+    compared: bool = False  #: phase 2 ran (early, on a CPU: ``DeviceStatistics.early``)
 
 
 def group_max(a: torch.Tensor) -> torch.Tensor:
@@ -107,6 +119,104 @@ def group_max(a: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else a.new_zeros((0, d))
 
 
+def _fused_moments(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+    """(tokens, d) float32, tokens a multiple of ``GROUP``: Σx and Σx² in float64, max |x| per group of
+    ``GROUP`` rows, and the count of |x| >= ``threshold`` per column. Written for ``torch.compile``, which
+    makes it one pass over the rows (eager torch would take five, and a float64 copy). Every reduction
+    is over each group's ``GROUP`` rows first, so that pass goes row by row through memory; the groups'
+    partial sums (a few hundred rows of float64) are then summed."""
+    d = x.shape[1]
+    xd = x.double().view(-1, GROUP, d)
+    a = x.abs().view(-1, GROUP, d)
+    return xd.sum(1).sum(0), (xd * xd).sum(1).sum(0), a.amax(1), (a >= threshold).sum(1).sum(0)
+
+
+def _masked_group_max(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(tokens, d), tokens a multiple of ``GROUP``; ``real`` (tokens, 1) bool: max |x| over the real rows of
+    each group of ``GROUP`` (0 where none), as float32. Dettmers' hits' one pass (``harvest.hits``)."""
+    a = torch.where(real, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+    return a.view(-1, GROUP, x.shape[1]).amax(1).float()
+
+
+#: set to 0 to keep the statistics' kernels eager (no ``torch.compile``)
+COMPILE_ENV = "HARVEST_COMPILE"
+
+
+class CompiledKernel:
+    """A function compiled by ``torch.compile`` (shapes dynamic) at its first use, once per process.
+
+    The statistics read every activation they see once more; in eager torch that read is several passes
+    (and a float64 copy), ~2.5% of a CPU forward (``bench/statistics_overhead.py``); compiled, it is one
+    pass. Where compiling fails (no C++ compiler for inductor's CPU code, no Triton on a GPU) or
+    ``HARVEST_COMPILE=0``, calling it returns None and the caller takes the eager ops: the same
+    statistics, float64 sums in another order (rounding apart). The failure is logged once."""
+
+    _lock = threading.Lock()  # dynamo's first compile is not safe to race from several threads
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.kernel: Callable | None = None
+        self.failed: str | None = None  #: why the eager ops are used
+        self.warm = False  #: the first call (the compile) is done
+
+    def get(self) -> Callable | None:
+        if self.kernel is None and self.failed is None:
+            with self._lock:
+                if self.kernel is None and self.failed is None:
+                    if os.environ.get(COMPILE_ENV, "1") == "0":
+                        self.failed = f"{COMPILE_ENV}=0"
+                    else:
+                        self.kernel = torch.compile(self.fn, dynamic=True)
+        return self.kernel
+
+    def __call__(self, *args) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
+        """The compiled function's result, or None (compiling failed now or before: take the eager ops)."""
+        kernel = self.get()
+        if kernel is None:
+            return None
+        try:
+            if self.warm:
+                return kernel(*args)
+            with self._lock:  # the first call compiles
+                out = kernel(*args)
+                self.warm = True
+                return out
+        except Exception as exc:  # noqa: BLE001 - inductor's failures are many; the eager ops always work
+            self.kernel, self.failed = None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log.warning("harvest-time statistics: torch.compile of %s failed (%s); using eager torch ops, "
+                        "same statistics, slower (set %s=0 to skip the attempt)", self.fn.__name__, self.failed,
+                        COMPILE_ENV)
+            return None
+
+
+#: the statistics' pass over each hook's rows, and Dettmers' hits' over each LayerNorm output
+FUSED_MOMENTS = CompiledKernel(_fused_moments)
+MASKED_GROUP_MAX = CompiledKernel(_masked_group_max)
+
+
+def moments(x: torch.Tensor, threshold: float, buffer: Callable[[torch.Tensor], torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, d) float32 rows: Σx, Σx² (float64), max |x| per group of ``GROUP`` rows and, from the
+    compiled kernel only, the count of |x| >= ``threshold`` per column (None: count it from the groups).
+    ``buffer(x)``: ``x`` copied into a reusable float64 tensor (the eager ops)."""
+    tokens, d = x.shape
+    full = tokens - tokens % GROUP
+    fused = FUSED_MOMENTS(x[:full], threshold) if full else None
+    if fused is None:
+        xd = buffer(x)
+        ones = torch.ones(tokens, dtype=torch.float64, device=x.device)
+        s = torch.mv(xd.t(), ones)
+        sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
+        return s, sq, group_max(x.abs()), None
+    s, sq, gmax, count = fused
+    if full < tokens:  # the last rows, fewer than a group
+        rest = x[full:].double()
+        s, sq = s + rest.sum(0), sq + (rest * rest).sum(0)
+        a = x[full:].abs()
+        gmax, count = torch.cat([gmax, a.amax(0, keepdim=True)]), count + (a >= threshold).sum(0)
+    return s, sq, gmax, count
+
+
 def pair_values(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The values of (group, column) ``pairs`` (n, 2): rows (n, GROUP), columns (n,), values (n, GROUP).
 
@@ -115,6 +225,8 @@ def pair_values(x: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, tor
     tokens, d = x.shape
     g, c = pairs[:, 0], pairs[:, 1]
     rows = g[:, None] * GROUP + torch.arange(GROUP, device=x.device)[None, :]
+    if tokens % GROUP == 0:  # every group whole: one indexing of the (groups, GROUP, d) view
+        return rows, c, x.reshape(-1, GROUP, d)[g, :, c]
     valid = rows < tokens
     flat = torch.where(valid, rows * d + c[:, None], torch.zeros((), dtype=rows.dtype, device=x.device))
     values = x.reshape(-1)[flat.reshape(-1)].reshape(rows.shape)
@@ -136,6 +248,8 @@ class DeviceStatistics:
         #: CPU the "device" is the host: handing it the rows costs no copy, and ranking them there is
         #: cheaper than the floor's topk and compares (``bench/statistics_overhead.py``)
         self.sparse_first_batch: bool | None = None
+        self._floors: dict | None = None  #: this batch's floors, from :meth:`begin` to :meth:`steps`
+        self._early: dict[str, _Pending] = {}  #: hooks reduced in their capture hook (:meth:`early`)
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
@@ -143,10 +257,31 @@ class DeviceStatistics:
         lockstep([self.steps(rows, out)])
         return out
 
+    def begin(self) -> None:
+        """Before a batch's forward: the host's floors are read once, and capture hooks may hand their rows
+        to :meth:`early`."""
+        self._floors = self.floors() if self.floors is not None else {}
+        self._early = {}
+
+    def early(self, hook: str, raw: torch.Tensor) -> None:
+        """Phase 1 of one hook (no sync), from its capture hook: its one pass over the rows reads them
+        while the forward has just written them, from the cache (~4x cheaper on a CPU than after the
+        forward, ``bench/statistics_overhead.py``)."""
+        if self._floors is not None and hook in self.hooks:
+            p = self._early[hook] = self._reduce(hook, raw, self._floors.get(hook))
+            if raw.device.type == "cpu":  # reading sizes costs no sync here: compare too, while the rows are hot
+                finite, n_ge, n_cand = p.sizes.tolist()
+                if finite:
+                    self._compare(p, n_ge, n_cand)
+
     def steps(self, rows: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> Steps:
         """:meth:`batch` as steps for :func:`lockstep`: yields the sizes it needs read (twice), fills ``out``."""
-        floors = self.floors() if self.floors is not None else {}
-        pending = [self._reduce(hook, rows[hook], floors.get(hook)) for hook in self.hooks]
+        floors, early = self._floors, self._early
+        self._floors, self._early = None, {}
+        if floors is None:  # no :meth:`begin`
+            floors = self.floors() if self.floors is not None else {}
+        pending = [early[hook] if hook in early else self._reduce(hook, rows[hook], floors.get(hook))
+                   for hook in self.hooks]
         if not pending:
             return
         sizes = yield torch.stack([p.sizes for p in pending])  # read 1 of 2
@@ -155,19 +290,19 @@ class DeviceStatistics:
             if not finite:
                 out.update(_slow(p.key, p.raw, self.threshold, None if p.inclusive else p.floor))
                 continue
-            self._compare(p, n_ge, n_cand)
+            if not p.compared:
+                self._compare(p, n_ge, n_cand)
             live.append(p)
         if not live:
             return
-        counts = yield torch.stack([p.cand[2].sum() if p.cand is not None else p.gmax.new_zeros((), dtype=torch.long)
+        counts = yield torch.stack([p.cand[3].sum() if p.cand is not None else p.gmax.new_zeros((), dtype=torch.long)
                                     for p in live])  # read 2 of 2
         for p, n in zip(live, counts):
             if p.cand is not None:
-                r, c, mask = p.cand
+                r, c, v, mask = p.cand
                 at = torch.nonzero_static(mask, size=int(n))
-                rr, cc = r[at[:, 0], at[:, 1]], c[at[:, 0]]
-                p.out[p.key + "rows"], p.out[p.key + "cols"] = rr, cc
-                p.out[p.key + "values"] = p.raw[rr, cc].float()
+                p.out[p.key + "rows"], p.out[p.key + "cols"] = r[at[:, 0], at[:, 1]], c[at[:, 0]]
+                p.out[p.key + "values"] = v[at[:, 0], at[:, 1]].float()  # from the pairs' values, not the rows
             out.update(p.out)
 
     def _rows64(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,13 +316,9 @@ class DeviceStatistics:
         """Phase 1 (no sync): moments, group maxima and the sizes phase 2 needs."""
         key = f"{DEVICE_PREFIX}{hook}:"
         raw = raw.reshape(raw.shape[0], -1)
-        x = raw.float()
+        x = raw.float().contiguous()
         tokens, d = x.shape
-        xd = self._rows64(x)
-        ones = torch.ones(tokens, dtype=torch.float64, device=x.device)
-        s = torch.mv(xd.t(), ones)
-        sq = torch.mv(xd.mul_(xd).t(), ones)  # a float32 value squared is exact in float64
-        gmax = group_max(x.abs())
+        s, sq, gmax, count_ge = moments(x, self.threshold, self._rows64)
         inclusive = (floor is None and 0 < self.k <= gmax.shape[0]
                      and (self.sparse_first_batch if self.sparse_first_batch is not None else x.device.type != "cpu"))
         if inclusive:  # a unit's first batch: the k-th largest group max, below at least k of its values
@@ -199,7 +330,9 @@ class DeviceStatistics:
                  key + "max": gmax.amax(0) if tokens else x.new_zeros(d)}
         if floor is None:  # fewer than k groups of rows: the batch is small, sent whole
             p.out[key + "dense"] = raw
-        ge = gmax >= self.threshold
+        if count_ge is not None:
+            p.out[key + "count_ge"] = count_ge
+        ge = gmax >= self.threshold if count_ge is None else gmax.new_zeros((1, d), dtype=torch.bool)
         n_cand = ((gmax >= floor) if inclusive else (gmax > floor)).sum() if floor is not None \
             else ge.new_zeros((), dtype=torch.long)
         p.sizes = torch.stack([torch.isfinite(s).all().long(), ge.sum(), n_cand])
@@ -208,18 +341,20 @@ class DeviceStatistics:
 
     def _compare(self, p: _Pending, n_ge: int, n_cand: int) -> None:
         """Phase 2 (no sync): count |x| >= threshold and find the candidates in the pairs that reach them."""
+        p.compared = True
         x, d = p.raw, p.raw.shape[1]
-        count = torch.zeros(d, dtype=torch.long, device=x.device)
-        if n_ge:
-            _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))
-            count.index_add_(0, c, (v.float().abs() >= self.threshold).sum(1))
-        p.out[p.key + "count_ge"] = count
+        if p.key + "count_ge" not in p.out:  # counted by the compiled kernel, or here from the groups that reach it
+            count = torch.zeros(d, dtype=torch.long, device=x.device)
+            if n_ge:
+                _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))
+                count.index_add_(0, c, (v.float().abs() >= self.threshold).sum(1))
+            p.out[p.key + "count_ge"] = count
         if p.floor is not None and p.inclusive:  # padding rows (-1, value 0) must not pass a floor of 0
             r, c, v = pair_values(x, torch.nonzero_static(p.gmax >= p.floor, size=n_cand))
-            p.cand = (r, c, (v.float().abs() >= p.floor[c][:, None]) & (r >= 0))
+            p.cand = (r, c, v, (v.float().abs() >= p.floor[c][:, None]) & (r >= 0))
         elif p.floor is not None:
             r, c, v = pair_values(x, torch.nonzero_static(p.gmax > p.floor, size=n_cand))
-            p.cand = (r, c, v.float().abs() > p.floor[c][:, None])
+            p.cand = (r, c, v, v.float().abs() > p.floor[c][:, None])
 
 
 def _slow(key: str, raw: torch.Tensor, threshold: float, floor: torch.Tensor | None) -> dict[str, torch.Tensor]:

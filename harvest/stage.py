@@ -212,7 +212,11 @@ class Stage:
         hits = (nullcontext(None) if self.hits is None else  # inside the capture's: it checks no hook is left
                 self.hits.attached(index.lengths, batch.width, carried, hit_results,
                                    padded=bool((batch.lengths < batch.width).any())))
-        with self.capture.attached(index) as captured, hits as hit_batch:
+        on_rows = None
+        if self.statistics is not None:
+            self.statistics.begin()
+            on_rows = self.statistics.early
+        with self.capture.attached(index, on_rows) as captured, hits as hit_batch:
             out = self.model(input_ids, hidden, index.flat_rows)
         steps, results = [], {}
         if hit_batch is not None:

@@ -598,33 +598,46 @@ def empty_top(dims: int, k: int) -> State:
     return {"rows": np.full((k, dims), -1, np.int64), "values": np.zeros((k, dims), np.float32)}
 
 
-def _merge_sparse(state: State, candidates: State, k: int) -> State:
-    """``topk_merge`` of sparse candidates into ``state`` (k rows, padding where it has fewer)."""
-    cols, inv = np.unique(candidates["cols"], return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    counts = np.bincount(inv, minlength=cols.size)
-    slot = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    where = (slot, inv[order])
-    new_abs = np.full((int(counts.max()), cols.size), -1, np.float32)  # padding: below every real |x|
-    new_rows = np.full(new_abs.shape, -1, np.int64)
-    new_values = np.zeros(new_abs.shape, np.float32)
-    new_abs[where] = np.abs(candidates["values"][order])
-    new_rows[where] = candidates["rows"][order]
-    new_values[where] = candidates["values"][order]
-    cand_rows = np.concatenate([state["rows"][:, cols], new_rows])
-    cand_values = np.concatenate([state["values"][:, cols], new_values])
-    # rank each column by (|x| descending, row ascending) in one sort of a 64-bit key: a float32
-    # |x| >= 0 orders as its bits; rows stay below 2**33; the padding sorts last
-    if cand_rows.max() >= 1 << 33:
+def _rank_key(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A 64-bit key per entry that sorts as the top-k ranks: |x| descending, then row ascending (a float32
+    |x| >= 0 orders as its bits; rows stay below 2**33); padding (row -1) sorts after every entry."""
+    if rows.size and rows.max() >= 1 << 33:
         raise ValueError("harvest-time statistics number at most 2**33 tokens")
-    bits = np.abs(np.concatenate([state["values"][:, cols], new_values])).view(np.uint32).astype(np.uint64)
-    key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | cand_rows.astype(np.uint64)
-    key[np.concatenate([state["rows"][:, cols] < 0, new_abs < 0])] = np.iinfo(np.uint64).max
-    pick = np.argsort(key.T, axis=1, kind="stable")[:, :k].T
-    rows, values = state["rows"].copy(), state["values"].copy()
-    rows[:, cols] = np.take_along_axis(cand_rows, pick, axis=0)
-    values[:, cols] = np.take_along_axis(cand_values, pick, axis=0)
-    return {"rows": rows, "values": values}
+    bits = np.abs(values).view(np.uint32).astype(np.uint64)
+    key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | rows.astype(np.uint64)
+    key[rows < 0] = np.iinfo(np.uint64).max
+    return key
+
+
+def _merge_sparse(state: State, candidates: State, k: int) -> State:
+    """``topk_merge`` of sparse candidates into ``state`` (k rows, padding where it has fewer).
+
+    A merge, not a sort of every touched column: each candidate's place is the number of the column's
+    entries that outrank it (a (k, candidates) comparison) plus that of the candidates that do (one sort
+    of the candidates); the state's entries keep their order in the slots left. The cost follows the
+    candidates, not the widest column's count times the columns touched."""
+    key = _rank_key(candidates["values"], candidates["rows"])
+    order = np.lexsort((key, candidates["cols"]))  # by column, then rank
+    cols, key = candidates["cols"][order], key[order]
+    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+    counts = np.diff(np.r_[starts, cols.size])
+    touched = cols[starts]
+    at = np.repeat(np.arange(touched.size), counts)  # each candidate's column among the touched
+    old_rows, old_values = state["rows"][:, touched], state["values"][:, touched]
+    place = (_rank_key(old_values, old_rows)[:, at] < key[None, :]).sum(0) + np.arange(cols.size) - np.repeat(starts, counts)
+    keep = place < k
+    taken = np.zeros((k, touched.size), bool)
+    taken[place[keep], at[keep]] = True
+    rows, values = np.empty_like(old_rows), np.empty_like(old_values)
+    rows[place[keep], at[keep]] = candidates["rows"][order][keep]
+    values[place[keep], at[keep]] = candidates["values"][order][keep]
+    slot, col = np.nonzero(~taken)
+    source = (np.cumsum(~taken, axis=0) - 1)[slot, col]  # the i-th free slot takes the i-th old entry
+    rows[slot, col] = old_rows[source, col]
+    values[slot, col] = old_values[source, col]
+    out_rows, out_values = state["rows"].copy(), state["values"].copy()
+    out_rows[:, touched], out_values[:, touched] = rows, values
+    return {"rows": out_rows, "values": out_values}
 
 
 class StatisticsAccumulator:

@@ -38,10 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from .errors import StoreError
 from .layout import batch_tokens
 from .objstore import any_object, is_url, normalize, remove_prefix, zarr_store
+from .shards import crc32c
 
 if TYPE_CHECKING:  # the store schema needs no torch; the shape module does
     from .shape import ArrayPlan
@@ -254,33 +257,82 @@ def write_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], 
                    columns: int | None = None) -> None:
     """One statistics snapshot; its attributes go last, so a snapshot without them is torn (never read).
 
-    ``columns``: chunk the per-dimension arrays by that many columns, compressed, so one dimension is a
-    small read (the prefix, which queries read). None: each array one chunk, checksummed only (a unit's
-    snapshot, written at every durable batch and read back whole once by the compaction: a chunk of a
-    few columns costs zarr's pipeline ~0.2 ms, which across a wide model's hooks made it the dearest
-    part of the statistics)."""
+    ``columns`` (the prefix, which queries and xarray read): a group of zarr arrays, the per-dimension
+    ones chunked by that many columns and compressed, so one dimension is a small read. None (a unit's
+    snapshot, written at every durable batch and read back whole once, by the compaction): one array of
+    bytes holding the arrays as a safetensors file, checksummed. Zarr's cost is per array (its metadata,
+    its codec pipeline: 2-7 ms each), and a unit's ~16 arrays made that the dearest part of the
+    statistics; as one blob a unit costs one array's (``bench/statistics_overhead.py``)."""
     if name in group:
         del group[name]
+    if columns is None:
+        write_blob_snapshot(group, name, arrays, attrs)
+        return
     snap = group.require_group(name)
     for key, data in arrays.items():
         dims = tuple(f"axis_{i}" for i in range(data.ndim))
-        if key in PER_DIMENSION and data.ndim and data.shape[-1] > (columns or 0) and data.size:
+        # a vector (one value per dimension) takes VECTOR_CHUNK times the columns of a top-k's chunk (as
+        # many rows): the same bytes a chunk, and a wide model's vectors in a few chunks, not hundreds
+        chunk = columns * (VECTOR_CHUNK if data.ndim == 1 else 1)
+        if key in PER_DIMENSION and data.ndim and data.shape[-1] > chunk and data.size:
             data = np.ascontiguousarray(data)
-            chunk = columns or data.shape[-1]
             shard = (*data.shape[:-1], -(-data.shape[-1] // chunk) * chunk)  # whole chunks; the last one partly used
             arr = snap.create_array(key, shape=data.shape, dtype=data.dtype, shards=shard,
                                     chunks=(*data.shape[:-1], chunk),
-                                    compressors=[ZstdCodec(level=3), Crc32cCodec()] if columns else [Crc32cCodec()],
-                                    fill_value=0, dimension_names=dims)
+                                    compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+                                    dimension_names=dims)
             arr[...] = data
         else:
             write_small(snap, key, data, dims)
     snap.attrs["statistics"] = attrs
 
 
+#: how a unit snapshot's bytes are laid out (its array's ``format`` attribute)
+BLOB_FORMAT = "safetensors"
+
+
+def write_blob_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """A snapshot as one uint8 array: the safetensors file of ``arrays``, one chunk encoded
+    ``[bytes, crc32c]``. The chunk is put in one store request, encoded here (the blob, then its
+    CRC-32C, as ``harvest.shards`` encodes records): zarr's own write of a 10 MB chunk costs 25-120 ms on
+    this machine, the request 3. Its ``statistics`` attribute is written after the bytes: a process
+    killed in between leaves an array without it, which readers take as torn."""
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    parent, _, leaf = name.rpartition("/")
+    arr = group.require_group(parent).create_array(
+        leaf, shape=(len(blob),), dtype="uint8", chunks=(len(blob),), compressors=[Crc32cCodec()], fill_value=0,
+        dimension_names=("byte",), attributes={"format": BLOB_FORMAT})
+    encoded = blob + crc32c.crc32c(blob).to_bytes(4, "little")
+    sync(arr.store.set(_chunk_key(arr), default_buffer_prototype().buffer.from_bytes(encoded)))
+    arr.attrs["statistics"] = attrs
+
+
+def _chunk_key(arr: zarr.Array) -> str:
+    """The store key of a one-chunk array's chunk."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((0,))}"
+
+
+def read_blob(arr: zarr.Array) -> dict[str, np.ndarray]:
+    """:func:`write_blob_snapshot`'s arrays, its checksum checked."""
+    from safetensors.numpy import load
+
+    if arr.attrs.get("format") != BLOB_FORMAT:
+        raise StoreError(f"{arr.path}: a statistics snapshot of unknown format {arr.attrs.get('format')!r}")
+    data = sync(arr.store.get(_chunk_key(arr), prototype=default_buffer_prototype()))
+    data = data.to_bytes() if data is not None else b""
+    if len(data) != arr.shape[0] + 4 or crc32c.crc32c(data[:-4]).to_bytes(4, "little") != data[-4:]:
+        raise StoreError(f"{arr.path}: the statistics snapshot fails its CRC-32C checksum (a torn or damaged "
+                         "write); `harvest verify` says what to do")
+    return load(data[:-4])
+
+
 #: columns per chunk of the prefix snapshot's per-dimension arrays (inside one shard per array): one dimension
 #: reads 512 columns of each (a top-k of 32: 128 KiB before compression), a wide model's prefix a few thousand chunks
 STATISTICS_COLUMNS = 512
+#: a per-dimension vector's chunk spans this many times STATISTICS_COLUMNS (a top-k has 32 rows)
+VECTOR_CHUNK = 32
 #: the snapshot arrays with one column per (hook, dimension): chunked along it, so one dimension is a small read
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
 
@@ -293,14 +345,14 @@ def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
         return None
 
 
-def _group_keys(group: zarr.Group) -> list[str]:
-    """A group's subgroups, quietly: another process writing a snapshot there leaves a temporary
-    ``zarr.json.<token>.partial`` for a moment, which zarr warns about while listing."""
+def _group_keys(group: zarr.Group, arrays: bool = False) -> list[str]:
+    """A group's subgroups (and its arrays: ``arrays``), quietly: another process writing a snapshot there
+    leaves a temporary ``zarr.json.<token>.partial`` for a moment, which zarr warns about while listing."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-        return list(group.group_keys())
+        return list(group.keys() if arrays else group.group_keys())
 
 
 def unit_snapshots(group: zarr.Group, stage: int) -> list[tuple[int, int]]:
@@ -309,7 +361,7 @@ def unit_snapshots(group: zarr.Group, stage: int) -> list[tuple[int, int]]:
     if name not in group:
         return []
     out = []
-    for key in _group_keys(group[name]):
+    for key in _group_keys(group[name], arrays=True):  # one array each (older stores: a group each)
         if key.startswith("unit_"):
             a, b = key.removeprefix("unit_").split("_")
             out.append((int(a), int(b)))
@@ -335,6 +387,11 @@ def read_snapshot(group: zarr.Group, name: str, columns: np.ndarray | None = Non
     """One snapshot's arrays (``keys``; all by default) and attributes; ``columns``: only those
     columns (last axis) of each array, read chunk by chunk."""
     snap = group[name]
+    if isinstance(snap, zarr.Array):  # a unit's snapshot: one blob, read whole
+        arrays = {key: a for key, a in read_blob(snap).items() if keys is None or key in keys}
+        if columns is not None:
+            arrays = {key: a[..., np.asarray(columns)] for key, a in arrays.items()}
+        return arrays, dict(snap.attrs["statistics"])
     arrays = {}
     for key, arr in snap.arrays():
         if keys is not None and key not in keys:

@@ -40,8 +40,11 @@ def harvest(make_spec, ckpt, name, hooks=HOOKS, **capture):
     return run(spec, progress=False).path
 
 
-def test_positions_all_equals_the_offline_scan(neox_ckpt, make_spec):
-    path = harvest(make_spec, neox_ckpt, "all")
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+def test_positions_all_equals_the_offline_scan(neox_ckpt, make_spec, kernel, request):
+    if kernel == "eager":
+        request.getfixturevalue("eager_kernel")
+    path = harvest(make_spec, neox_ckpt, f"all-{kernel}")
     stats = load_statistics(open_group(path))
     assert stats is not None
     assert_same(stats, scan_index(path))
@@ -166,7 +169,7 @@ def test_sigkill_then_resume_gives_identical_statistics(make_checkpoint, make_sp
     assert "statistics_dropped" not in open_group(store).attrs["harvest"]
     # one snapshot is left: the prefix of every unit; no unit's own
     assert sorted(open_group(store)["analysis/statistics/prefix"].group_keys()) == [f"batch_{n_batches:08d}"]
-    assert not list(open_group(store)["analysis/statistics/stage_0"].group_keys())
+    assert not list(open_group(store)["analysis/statistics/stage_0"].keys())
 
 
 def test_query_answers_from_the_statistics_and_says_so(neox_ckpt, make_spec):
@@ -205,6 +208,33 @@ def test_topk_through_candidates_equals_topk_combine():
         want = chunk if want is None else topk_combine([want, chunk], k)
         np.testing.assert_array_equal(state["rows"], want["rows"])
         np.testing.assert_array_equal(state["values"], want["values"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merging_sparse_candidates_equals_ranking_everything(seed):
+    """The merge places each candidate by counting what outranks it; ranking the state and the candidates
+    together (``topk_combine``) must agree: ties on a coarse grid, padded columns (row -1), one column
+    taking many candidates and most none, negative values, zeros."""
+    from harvest.statistics import _merge_sparse, empty_top, topk_combine, topk_merge
+
+    rng = np.random.default_rng(seed)
+    k, dims = 6, 11
+    values = np.round(rng.standard_normal((40, dims)) * 2).astype(np.float32)
+    state = topk_combine([empty_top(dims, k), {"rows": np.arange(3)[:, None].repeat(dims, 1),
+                                               "values": values[:3]}], k)  # three real rows, then padding
+    state = topk_merge(state, {"rows": np.repeat(np.arange(3, 40), dims), "cols": np.tile(np.arange(dims), 37),
+                               "values": values[3:].ravel()}, k)
+    state["rows"][:, 4], state["values"][:, 4] = -1, 0  # a column with nothing yet
+    new = np.round(rng.standard_normal((30, dims)) * 2).astype(np.float32)
+    r, c = np.nonzero((np.abs(new) >= 1) & ((np.arange(dims) % 3 == 0) | (rng.random((30, dims)) < 0.2)))
+    candidates = {"rows": r + 100, "cols": c, "values": new[r, c]}
+    dense = {"rows": np.full((30, dims), -1, np.int64), "values": np.zeros((30, dims), np.float32)}
+    dense["rows"][r, c], dense["values"][r, c] = r + 100, new[r, c]
+    dense = topk_combine([dense], 30)  # the same candidates, each column sorted, padded
+    want = topk_combine([state, dense], k)
+    got = _merge_sparse(state, candidates, k)
+    np.testing.assert_array_equal(got["rows"], want["rows"])
+    np.testing.assert_array_equal(got["values"], want["values"])
 
 
 def test_analyze_outliers_says_both_counts(neox_ckpt, make_spec):
@@ -338,11 +368,15 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
     assert_same_criterion(*criterion_both_ways(paths[2]))
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("lengths", [(3, 9), (10, 40)])  # batches shorter than a group; several groups and a tail
-def test_device_kernels_equal_the_host_kernels(lengths):
+def test_device_kernels_equal_the_host_kernels(lengths, kernel, request):
     """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
     and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
     import torch
+
+    if kernel == "eager":
+        request.getfixturevalue("eager_kernel")
 
     from harvest.running import DeviceStatistics
 
@@ -409,12 +443,15 @@ def test_a_units_first_batch_leaves_the_device_sparse_and_ranks_exactly():
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_device_sums_are_float64_sums_of_the_float32_rows():
-    """The device's exact scheme (float32 rows copied to float64, summed by a product with ones):
-    the sum within float64 rounding of the exact sum (``math.fsum``), the sum of squares too (a float32
-    square is exact in float64)."""
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+def test_device_sums_are_float64_sums_of_the_float32_rows(kernel, request):
+    """The device's exact scheme (float32 rows in float64, summed in one pass by the compiled kernel, or
+    copied and summed by a product with ones): the sum within float64 rounding of the exact sum
+    (``math.fsum``), the sum of squares too (a float32 square is exact in float64)."""
     import math
 
+    if kernel == "eager":
+        request.getfixturevalue("eager_kernel")
     import torch
 
     from harvest.running import DeviceStatistics
@@ -484,11 +521,16 @@ class _Syncs:
         return Mode()
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("padded,nan", [(False, False), (True, False), (True, True)])
-def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded, nan):
-    """``harvest.hits`` through the group maxima (two syncs per batch) gives what the value-by-value
-    path (``Hits._source``, which a hidden state with a NaN/inf takes) gives, and the same bitmask."""
+def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded, nan, kernel, request):
+    """``harvest.hits`` through the group maxima (two syncs per batch; compiled, or the eager ops) gives
+    what the value-by-value path (``Hits._source``, which a hidden state with a NaN/inf takes) gives,
+    and the same bitmask."""
     import torch
+
+    if kernel == "eager":
+        request.getfixturevalue("eager_kernel")
     from torch import nn
 
     from harvest.hits import Hits
@@ -496,7 +538,7 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     from harvest.statistics import HitPlan
 
     rng = np.random.default_rng(5)
-    batch, width, d = 3, 40, 24
+    batch, width, d = 3, 48, 24  # 144 tokens: whole groups of 16, the compiled kernel's
     sources = tuple(f"blocks.{i}.ln1.hook_normalized" for i in range(4))
     ys = [torch.from_numpy((rng.standard_normal((batch, width, d)) * 2.5).astype(np.float32)) for _ in sources]
     ys[1][:, :, 3] = 7.0  # a dimension over the magnitude everywhere, padding included
@@ -541,6 +583,10 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     from harvest.hits import pack_bits
 
     assert torch.equal(handed[0], pack_bits(mask))
+    if kernel == "compiled":
+        from harvest.running import MASKED_GROUP_MAX
+
+        assert MASKED_GROUP_MAX.warm or MASKED_GROUP_MAX.failed, "the compiled pass was not taken"
 
 
 def test_one_dimension_reads_a_few_small_ranges_of_the_snapshot(neox_ckpt, make_spec, monkeypatch):
@@ -736,7 +782,7 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     assert compact_statistics(group) == 12
     assert statistics_cover(group).units == [] and list(group["analysis/statistics/prefix"].group_keys()) == [
         "batch_00000012"]
-    assert not list(group["analysis/statistics/stage_0"].group_keys())
+    assert not list(group["analysis/statistics/stage_0"].keys())
     # appended, not rewritten: the first units' records are where they were; the prefix holds none
     assert group["analysis/statistics/sequences/seq_len"].shape == (24,)
     assert "dettmers_seq_len" not in group["analysis/statistics/prefix/batch_00000012"]
@@ -997,3 +1043,104 @@ def test_a_top_k_of_fewer_rows_takes_sparse_candidates():
         want = topk_combine([old, topk_chunk(Block(x[30:], 30), k)], k) if kept else topk_chunk(Block(x[30:], 30), k)
         np.testing.assert_array_equal(got["rows"], want["rows"])
         np.testing.assert_array_equal(got["values"], want["values"])
+
+
+def test_a_unit_snapshot_is_one_safetensors_blob_read_whole_or_not_at_all(tmp_path):
+    """A unit's snapshot is one uint8 array: a safetensors file any reader opens without our code, with
+    a checksum; without its ``statistics`` attribute (written last) it is torn and never read."""
+    import zarr
+    from safetensors.numpy import load
+
+    from harvest.store import read_snapshot, snapshot_attrs, unit_snapshot_name, unit_snapshots, write_snapshot
+
+    rng = np.random.default_rng(0)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    arrays = {"n": np.arange(6, dtype=np.int64), "top_values": rng.standard_normal((3, 6)).astype(np.float32),
+              "top_rows": rng.integers(-1, 9, (3, 6)), "dettmers_lkeys": np.zeros(0, np.int64), "scalar": np.array(2.5)}
+    name = unit_snapshot_name(0, 4, 6)
+    write_snapshot(group, name, arrays, {"start": 4, "through": 6, "end": 6})
+    arr = group[name]
+    assert isinstance(arr, zarr.Array) and arr.dtype == np.uint8 and arr.attrs["format"] == "safetensors"
+    plain = load(np.asarray(arr[...]).tobytes())  # zarr decodes the chunk (and checks its CRC-32C)
+    assert sorted(plain) == sorted(arrays)
+    for key, want in arrays.items():
+        assert plain[key].dtype == want.dtype
+        np.testing.assert_array_equal(plain[key], want)
+    assert unit_snapshots(group, 0) == [(4, 6)] and snapshot_attrs(group, name)["through"] == 6
+    got, attrs = read_snapshot(group, name, columns=np.array([1, 4]), keys=("n", "top_values"))
+    assert sorted(got) == ["n", "top_values"] and attrs["start"] == 4
+    np.testing.assert_array_equal(got["n"], [1, 4])
+    np.testing.assert_array_equal(got["top_values"], arrays["top_values"][:, [1, 4]])
+
+    torn = unit_snapshot_name(0, 6, 8)  # the bytes landed, the attribute did not
+    group.require_group("analysis/statistics/stage_0").create_array(
+        "unit_00000006_00000008", shape=(4,), dtype="uint8", attributes={"format": "safetensors"})
+    assert snapshot_attrs(group, torn) is None
+
+    chunk = tmp_path / "s.zarr" / name / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="CRC-32C"):
+        read_snapshot(group, name)
+    with pytest.raises(Exception, match="(?i)checksum|crc"):  # zarr's codec finds it too
+        arr[...]
+
+
+@pytest.fixture
+def eager_kernel(monkeypatch):
+    """Run the statistics' kernels as eager torch ops (as where torch.compile is unavailable)."""
+    from harvest.running import FUSED_MOMENTS, MASKED_GROUP_MAX
+
+    for kernel in (FUSED_MOMENTS, MASKED_GROUP_MAX):
+        monkeypatch.setattr(kernel, "kernel", None)
+        monkeypatch.setattr(kernel, "failed", "eager for this test")
+
+
+@pytest.mark.parametrize("tokens", [2048, 37, 16, 9])
+def test_the_compiled_kernel_equals_the_eager_ops(tokens):
+    """The one-pass compiled kernel (the default) and the eager ops give the same maxima and counts, and
+    sums equal to float64 rounding; rows past the last whole group of 16 are added apart."""
+    import torch
+
+    from harvest.running import FUSED_MOMENTS, moments
+
+    if FUSED_MOMENTS.get() is None:
+        pytest.skip(f"torch.compile unavailable here ({FUSED_MOMENTS.failed})")
+    x = torch.randn(tokens, 24, generator=torch.Generator().manual_seed(tokens)) * 4
+    x[3, 5] = 6.0  # exactly at the threshold: counted
+    s, sq, gmax, count = moments(x, 6.0, lambda t: t.double())
+    assert FUSED_MOMENTS.failed is None
+    want = x.double()
+    torch.testing.assert_close(s, want.sum(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(sq, (want * want).sum(0), rtol=1e-12, atol=1e-9)
+    groups = [x[i:i + 16].abs().amax(0) for i in range(0, tokens, 16)]
+    assert torch.equal(gmax, torch.stack(groups))
+    if tokens >= 16:
+        assert torch.equal(count, (x.abs() >= 6.0).sum(0))
+    else:  # no whole group: the eager ops, and the count from the groups (``DeviceStatistics._compare``)
+        assert count is None
+
+
+def test_a_failed_compile_falls_back_to_the_eager_ops_with_a_warning(monkeypatch, caplog):
+    import torch
+
+    from harvest import running
+
+    def broken(fn, **_):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return compiled
+
+    monkeypatch.setattr(running, "FUSED_MOMENTS", running.CompiledKernel(running._fused_moments))
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.randn(64, 8)
+    with caplog.at_level("WARNING", logger="harvest.running"):
+        s, sq, gmax, count = running.moments(x, 6.0, lambda t: t.double())
+    assert count is None and torch.equal(gmax, running.group_max(x.abs()))
+    torch.testing.assert_close(s, x.double().sum(0))
+    assert "torch.compile of _fused_moments failed (RuntimeError: no C++ compiler found)" in caplog.text
+    assert running.FUSED_MOMENTS.get() is None  # not tried again in this process
+    monkeypatch.setenv(running.COMPILE_ENV, "0")
+    off = running.CompiledKernel(running._fused_moments)
+    assert off(x, 6.0) is None and off.failed == "HARVEST_COMPILE=0"
