@@ -309,10 +309,11 @@ def topk_fold(old: State, new: State, k: int) -> State:
         return old
     if old["rows"].shape[0] < k or (old["rows"][k - 1] < 0).any():  # fewer than k so far: rank them all
         return topk_combine([old, new], k)
-    r, c = np.nonzero((np.abs(new["values"]) > np.abs(old["values"][k - 1])[None, :]) & (new["rows"] >= 0))
+    # by column, then rank: each column of ``new`` is sorted, and what enters is its first rows
+    c, r = np.nonzero((np.abs(new["values"]) > np.abs(old["values"][k - 1])[None, :]).T & (new["rows"] >= 0).T)
     if not r.size:
         return old
-    return _merge_sparse(old, {"rows": new["rows"][r, c], "cols": c, "values": new["values"][r, c]}, k)
+    return _merge_sparse(old, {"rows": new["rows"][r, c], "cols": c, "values": new["values"][r, c]}, k, ranked=True)
 
 
 def topk_aggregate(state: State) -> dict[str, np.ndarray]:
@@ -609,15 +610,16 @@ def _rank_key(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return key
 
 
-def _merge_sparse(state: State, candidates: State, k: int) -> State:
+def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False) -> State:
     """``topk_merge`` of sparse candidates into ``state`` (k rows, padding where it has fewer).
 
     A merge, not a sort of every touched column: each candidate's place is the number of the column's
     entries that outrank it (a (k, candidates) comparison) plus that of the candidates that do (one sort
-    of the candidates); the state's entries keep their order in the slots left. The cost follows the
-    candidates, not the widest column's count times the columns touched."""
+    of the candidates; none when ``ranked``: they come by column, then rank); the state's entries keep
+    their order in the slots left. The cost follows the candidates, not the widest column's count times
+    the columns touched (an outlier dimension takes many)."""
     key = _rank_key(candidates["values"], candidates["rows"])
-    order = np.lexsort((key, candidates["cols"]))  # by column, then rank
+    order = np.arange(key.size) if ranked else np.lexsort((key, candidates["cols"]))  # by column, then rank
     cols, key = candidates["cols"][order], key[order]
     starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
     counts = np.diff(np.r_[starts, cols.size])

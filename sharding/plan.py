@@ -17,7 +17,8 @@ A stage's memory, in bytes (``e`` = bytes per element of the compute dtype)::
                  with zarr's pipeline (compression, or ``store.writer: zarr``) also one shard buffer
                  per array and one shard's encoding copy per write thread; with O_DIRECT one chunk of
                  staging per array (``harvest.shards`` otherwise writes from the captured batch itself)
-    process      a process after importing torch, transformers and zarr (and Ray in an actor)
+    process      a process after importing torch, transformers and zarr (and Ray in an actor), and
+                 with harvest-time statistics torch.compile's share (their kernels are compiled)
     loading      while loading: the stage's tensors as mapped from the files, plus converted or
                  quantised copies when the file dtype differs or the weights are quantised
 
@@ -48,6 +49,7 @@ from harvest.errors import CheckpointNotFoundError, ModelError, PlanDoesNotFitEr
 from harvest.hookpoints import HookPoint
 from harvest.layout import Layout
 from harvest.prompts import build_source
+from harvest.running import COMPILE_ENV
 from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
                            layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
 from harvest.shape import Resources, batch_rows, local_ray_cpus, missing_resources, stage_resources, unit_bounds
@@ -64,6 +66,10 @@ MIB, GIB = 2**20, 2**30
 #: ~60 MiB more once batches flow: thread pools, allocator arenas. With zarr's write pipeline it was
 #: ~130 MiB more: its per-shard copies kept arenas grown; the hand-encoded shards make none)
 PROCESS_BYTES = 400 * MIB
+#: what torch.compile adds to a process that compiles the statistics' kernels (``harvest.running``):
+#: dynamo and inductor imported, two kernels built (measured: ~105 MiB in a plain process, ~150 MiB more
+#: in a Ray stage actor); none with ``capture.statistics: false`` or ``HARVEST_COMPILE=0``
+COMPILE_BYTES = 128 * MIB
 #: CPU only: what glibc's allocator keeps per token of a micro-batch beyond the live tensors (fitted
 #: on GPT-NeoX shapes with d_model 512..2048, 512..4096 tokens per micro-batch)
 CPU_BYTES_PER_TOKEN = 48 * 1024
@@ -221,6 +227,11 @@ class _Costs:
     stored_per_token: np.ndarray  #: per unit: stored bytes per token (capture work)
     eager: np.ndarray  #: per unit: captures attention patterns
 
+    @property
+    def compiles(self) -> bool:
+        """The stages build the statistics' compiled kernels (``harvest.running.CompiledKernel``)."""
+        return bool(self.spec.capture.statistics) and os.environ.get(COMPILE_ENV, "1") != "0"
+
     def stage(self, index: int, n_stages: int, start: int, stop: int, final_norm: bool, unembed: bool,
               hooks: tuple[HookPoint, ...], budget: int | None = None) -> StageEstimate:
         s, w = self.shape, self.work
@@ -253,7 +264,7 @@ class _Costs:
             capture = queued + staging
         if self.device == "cuda":
             activations += per_batch  # captures are selected on the device before the copy to host
-        process = PROCESS_BYTES
+        process = PROCESS_BYTES + (COMPILE_BYTES if self.compiles else 0)
         flops = n * self.block_flops + (2 * s.d_model if embed else 0) + (10 * s.d_model if final_norm else 0)
         flops += float(self.stored_per_token[units].sum()) * CAPTURE_FLOPS_PER_BYTE
         if unembed:
