@@ -103,43 +103,26 @@ def main() -> None:
                 cell[0] += time.process_time() - t
             sent = yield sizes
 
-    kernels.steps = lambda rows, out: timed(kernel_steps(rows, out), kernel_time)
-    kernel_early = getattr(kernels, "early", None)
-    if kernel_early is not None:  # each hook's pass over its rows, run in its capture hook
-
-        def timed_early(hook, raw):
+    def timed_call(fn, cell):  # ``fn``, each call timed into ``cell``
+        def call(*args):
             t = time.process_time()
             try:
-                return kernel_early(hook, raw)
+                return fn(*args)
             finally:
-                kernel_time[0] += time.process_time() - t
+                cell[0] += time.process_time() - t
+        return call
 
-        kernels.early = timed_early
+    kernels.steps = lambda rows, out: timed(kernel_steps(rows, out), kernel_time)
+    if hasattr(kernels, "early"):  # each hook's pass over its rows, run in its capture hook
+        kernels.early = timed_call(kernels.early, kernel_time)
     # Dettmers' hits: the part in each LayerNorm's hook, and the steps after the forward
     from harvest.hits import HitBatch
 
-    hit_reduce, hit_steps = hits._reduce, HitBatch.steps
-
-    def timed_reduce(y, real):
-        t = time.process_time()
-        try:
-            return hit_reduce(y, real)
-        finally:
-            hits_time[0] += time.process_time() - t
-
-    hits._reduce = timed_reduce
+    hit_steps = HitBatch.steps
+    hits._reduce = timed_call(hits._reduce, hits_time)
     HitBatch.steps = lambda self: timed(hit_steps(self), hits_time)
     if not hasattr(type(kernels), "steps"):  # an older harvest.running (before/after runs): time ``batch``
-        batch_kernels = kernels.batch
-
-        def timed_kernels(rows):
-            t = time.process_time()
-            try:
-                return batch_kernels(rows)
-            finally:
-                kernel_time[0] += time.process_time() - t
-
-        kernels.batch = timed_kernels
+        kernels.batch = timed_call(kernels.batch, kernel_time)
 
     times: dict[str, list[float]] = {k: [] for k in ("bare", "capture", "with", "kernels", "hits", "host", "snapshot")}
     for k in range(n):
