@@ -1105,12 +1105,11 @@ def test_the_compiled_kernel_equals_the_eager_ops(tokens):
 
     from harvest.running import FUSED_MOMENTS, moments
 
-    if FUSED_MOMENTS.get() is None:
-        pytest.skip(f"torch.compile unavailable here ({FUSED_MOMENTS.failed})")
     x = torch.randn(tokens, 24, generator=torch.Generator().manual_seed(tokens)) * 4
     x[3, 5] = 6.0  # exactly at the threshold: counted
     s, sq, gmax, count = moments(x, 6.0, lambda t: t.double())
-    assert FUSED_MOMENTS.failed is None
+    if FUSED_MOMENTS.failed is not None:  # no C++ compiler here, say: the eager ops ran (their own tests)
+        pytest.skip(f"torch.compile unavailable here ({FUSED_MOMENTS.failed})")
     want = x.double()
     torch.testing.assert_close(s, want.sum(0), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(sq, (want * want).sum(0), rtol=1e-12, atol=1e-9)
@@ -1132,6 +1131,7 @@ def test_a_failed_compile_falls_back_to_the_eager_ops_with_a_warning(monkeypatch
             raise RuntimeError("no C++ compiler found\nmore detail")
         return compiled
 
+    monkeypatch.delenv(running.COMPILE_ENV, raising=False)
     monkeypatch.setattr(running, "FUSED_MOMENTS", running.CompiledKernel(running._fused_moments))
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(64, 8)
