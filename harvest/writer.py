@@ -542,7 +542,7 @@ def remove_stale_snapshots(path: str, stage: int, marks: np.ndarray, keep: tuple
 
     Those are: a snapshot of batches the stage's manifest (``marks``) does not count (a killed run's
     unfinished work), an older snapshot of the unit being resumed (``keep`` is its newest), and files of
-    a snapshot without its group metadata, which a process killed while deleting or writing a snapshot
+    a snapshot without its ``zarr.json``, which a process killed while deleting or writing a snapshot
     can leave and zarr no longer lists. Local stores only (on object storage deletes are single requests).
     """
     import shutil
