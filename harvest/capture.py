@@ -40,12 +40,19 @@ class BatchIndex:
     all_rows: torch.Tensor | None = None
 
 
+def statistics_rows(captured: dict[str, torch.Tensor], name: str, pop: bool = False) -> torch.Tensor:
+    """The rows the statistics of ``name`` read: every real position (``ALL_ROWS``, taken out of
+    ``captured`` with ``pop``: they are not stored), or the stored rows when they are every position."""
+    if ALL_ROWS + name in captured:
+        return captured.pop(ALL_ROWS + name) if pop else captured[ALL_ROWS + name]
+    return captured[name]
+
+
 def _then_rows(hook: Callable, name: str, captured: dict, on_rows: Callable[[str, torch.Tensor], None]) -> Callable:
-    """``hook``, then ``on_rows`` with the rows the statistics read: every real position (``ALL_ROWS``),
-    or the stored rows when they are every position."""
+    """``hook``, then ``on_rows`` with the rows the statistics read (:func:`statistics_rows`)."""
     def then(*args):
         hook(*args)
-        on_rows(name, captured[ALL_ROWS + name] if ALL_ROWS + name in captured else captured[name])
+        on_rows(name, statistics_rows(captured, name))
     return then
 
 

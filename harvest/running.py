@@ -330,20 +330,21 @@ class DeviceStatistics:
                  key + "max": gmax.amax(0) if tokens else x.new_zeros(d)}
         if floor is None:  # fewer than k groups of rows: the batch is small, sent whole
             p.out[key + "dense"] = raw
-        if count_ge is not None:
+        zero = gmax.new_zeros((), dtype=torch.long)
+        if count_ge is not None:  # counted by the compiled kernel: no pairs to compare for it
             p.out[key + "count_ge"] = count_ge
-        ge = gmax >= self.threshold if count_ge is None else gmax.new_zeros((1, d), dtype=torch.bool)
-        n_cand = ((gmax >= floor) if inclusive else (gmax > floor)).sum() if floor is not None \
-            else ge.new_zeros((), dtype=torch.long)
-        p.sizes = torch.stack([torch.isfinite(s).all().long(), ge.sum(), n_cand])
-        p.ge_pairs = ge
+        else:
+            p.ge_pairs = gmax >= self.threshold
+        n_cand = ((gmax >= floor) if inclusive else (gmax > floor)).sum() if floor is not None else zero
+        p.sizes = torch.stack([torch.isfinite(s).all().long(),
+                               p.ge_pairs.sum() if p.ge_pairs is not None else zero, n_cand])
         return p
 
     def _compare(self, p: _Pending, n_ge: int, n_cand: int) -> None:
         """Phase 2 (no sync): count |x| >= threshold and find the candidates in the pairs that reach them."""
         p.compared = True
         x, d = p.raw, p.raw.shape[1]
-        if p.key + "count_ge" not in p.out:  # counted by the compiled kernel, or here from the groups that reach it
+        if p.ge_pairs is not None:  # not counted by the compiled kernel: count from the groups that reach it
             count = torch.zeros(d, dtype=torch.long, device=x.device)
             if n_ge:
                 _, c, v = pair_values(x, torch.nonzero_static(p.ge_pairs, size=n_ge))

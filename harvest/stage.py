@@ -20,7 +20,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from .capture import BatchIndex, Capture, Selection
+from .capture import BatchIndex, Capture, Selection, statistics_rows
 from .checkpoint import TORCH_DTYPES, Checkpoint
 from .errors import ModelError
 from .hits import Hits
@@ -29,7 +29,7 @@ from .layout import Batch
 from .quantize import quantize_stage
 from .shape import StagePlan
 from .running import DeviceStatistics, lockstep
-from .statistics import ALL_ROWS, THRESHOLD, TOP_K, HitPlan
+from .statistics import THRESHOLD, TOP_K, HitPlan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -222,8 +222,7 @@ class Stage:
         if hit_batch is not None:
             steps.append(hit_batch.steps())
         if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
-            rows = {h: captured.pop(ALL_ROWS + h) if ALL_ROWS + h in captured else captured[h]
-                    for h in self.statistics.hooks}
+            rows = {h: statistics_rows(captured, h, pop=True) for h in self.statistics.hooks}
             steps.append(self.statistics.steps(rows, results))
         lockstep(steps)  # the hits' and the statistics' sizes read together: two host syncs per batch
         captured.update(hit_results)

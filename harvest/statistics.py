@@ -601,9 +601,8 @@ def empty_top(dims: int, k: int) -> State:
 
 def _rank_key(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A 64-bit key per entry that sorts as the top-k ranks: |x| descending, then row ascending (a float32
-    |x| >= 0 orders as its bits; rows stay below 2**33); padding (row -1) sorts after every entry."""
-    if rows.size and rows.max() >= 1 << 33:
-        raise ValueError("harvest-time statistics number at most 2**33 tokens")
+    |x| >= 0 orders as its bits; rows stay below 2**33, checked as candidates enter: ``_merge_sparse``);
+    padding (row -1) sorts after every entry."""
     bits = np.abs(values).view(np.uint32).astype(np.uint64)
     key = ((np.uint64(0x7FFFFFFF) - bits) << np.uint64(33)) | rows.astype(np.uint64)
     key[rows < 0] = np.iinfo(np.uint64).max
@@ -618,6 +617,8 @@ def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False)
     of the candidates; none when ``ranked``: they come by column, then rank); the state's entries keep
     their order in the slots left. The cost follows the candidates, not the widest column's count times
     the columns touched (an outlier dimension takes many)."""
+    if candidates["rows"].max() >= 1 << 33:
+        raise ValueError("harvest-time statistics number at most 2**33 tokens")
     key = _rank_key(candidates["values"], candidates["rows"])
     order = np.arange(key.size) if ranked else np.lexsort((key, candidates["cols"]))  # by column, then rank
     cols, key = candidates["cols"][order], key[order]
