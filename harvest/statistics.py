@@ -17,7 +17,7 @@ core may not import the analyses; ``analysis.stats`` runs them over Dask arrays 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -301,19 +301,27 @@ def topk_combine(states: Sequence[State], k: int) -> State:
     return select_top(absv, rows, values, k)
 
 
-def topk_fold(old: State, new: State, k: int) -> State:
-    """``topk_combine([old, new], k)`` where every row of ``new`` comes after ``old``'s (the next units of a
-    fold): a value of ``new`` enters only above ``old``'s k-th largest |x| (a tie keeps the lower row),
-    so only those few are ranked, not the 2k rows of every column (the compaction's dearest step)."""
-    if not new["rows"].shape[0]:
+def topk_fold(old: State, new: State | Sequence[State], k: int) -> State:
+    """``topk_combine([old, *new], k)`` where every row of ``new`` (a top-k, or several in row order) comes
+    after ``old``'s (the next units of a fold): a value enters only above ``old``'s k-th largest |x| (a tie
+    keeps the lower row), so only those few are ranked, in one merge, not the 2k rows of every column
+    (the compaction's dearest step)."""
+    news = [t for t in ([new] if isinstance(new, dict) else new) if t["rows"].shape[0]]
+    if not news:
         return old
     if old["rows"].shape[0] < k or (old["rows"][k - 1] < 0).any():  # fewer than k so far: rank them all
-        return topk_combine([old, new], k)
-    # by column, then rank: each column of ``new`` is sorted, and what enters is its first rows
-    c, r = np.nonzero((np.abs(new["values"]) > np.abs(old["values"][k - 1])[None, :]).T & (new["rows"] >= 0).T)
-    if not r.size:
+        return topk_combine([old, *news], k)
+    kth = np.abs(old["values"][k - 1])[None, :]
+    rows, cols, values = [], [], []
+    for t in news:  # by column, then rank: each column of ``t`` is sorted, and what enters is its first rows
+        c, r = np.nonzero((np.abs(t["values"]) > kth).T & (t["rows"] >= 0).T)
+        rows.append(t["rows"][r, c])
+        cols.append(c)
+        values.append(t["values"][r, c])
+    if not sum(c.size for c in cols):
         return old
-    return _merge_sparse(old, {"rows": new["rows"][r, c], "cols": c, "values": new["values"][r, c]}, k, ranked=True)
+    return _merge_sparse(old, {"rows": np.concatenate(rows), "cols": np.concatenate(cols),
+                               "values": np.concatenate(values)}, k, ranked=len(news) == 1)
 
 
 def topk_aggregate(state: State) -> dict[str, np.ndarray]:
@@ -912,17 +920,23 @@ ALL_ROWS = "statistics:"
 
 
 def pack(acc: StatisticsAccumulator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The running state as a few arrays (hooks side by side along the last axis) and attributes."""
+    """The running state of a unit as a few arrays (hooks side by side along the last axis) and
+    attributes; its top-k as the entries in use only (:func:`top_entries`)."""
     hits = acc.plan.hits
     return pack_states({h: acc.state[h] for h in acc.plan.hooks if h in acc.state}, acc.plan.top_k, acc.plan.threshold,
                        acc.dettmers, hits.sources if hits else None, hits.magnitude if hits else None,
-                       bool(hits and hits.last))
+                       bool(hits and hits.last), sparse=True)
 
 
 def pack_states(states: dict[str, State], top_k: int, threshold: float, dettmers: State | None = None,
-                sources: Sequence[str] | None = None, magnitude: float | None = None, last: bool = False
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Index states (hook -> state, in order) and a Dettmers state as snapshot arrays and attributes."""
+                sources: Sequence[str] | None = None, magnitude: float | None = None, last: bool = False,
+                sparse: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Index states (hook -> state, in order) and a Dettmers state as snapshot arrays and attributes.
+
+    ``sparse``: the top-k as its entries in use (``entry_*``, :func:`top_entries`), for a unit's snapshot:
+    past a job's first units a unit's top-k holds only the values above the floor the units before it
+    give, a few per column, so its dense (k, columns) form is mostly padding. Else ``top_rows`` and
+    ``top_values``, (k, columns), as the prefix keeps them for xarray and per-dimension reads."""
     hooks = list(states)
     states = list(states.values())
 
@@ -933,17 +947,45 @@ def pack_states(states: dict[str, State], top_k: int, threshold: float, dettmers
     if not states:
         return extra, {"hooks": [], "widths": [], "top_k": top_k, "threshold": threshold,
                        "nonfinite_rows": {}, **extra_attrs}
-    top = max(real_rows(s["topk"]) for s in states)  # a unit's top-k past its first is mostly padding
     arrays = {**extra, "n": cat(lambda s: s["moments"]["n"]), "mean": cat(lambda s: s["moments"]["mean"]),
               "m2": cat(lambda s: s["moments"]["m2"]), "max": cat(lambda s: s["max_abs"]["max"]),
-              "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"]),
-              "top_rows": cat(lambda s: padded_to(s["topk"]["rows"], top, -1), 1),
-              "top_values": cat(lambda s: padded_to(s["topk"]["values"], top, 0), 1)}
+              "count_ge": cat(lambda s: s["count_ge"]["n"]), "nonfinite": cat(lambda s: s["nonfinite"]["count"])}
+    if sparse:
+        arrays.update(top_entries([s["topk"] for s in states]))
+    else:
+        top = max(real_rows(s["topk"]) for s in states)  # a unit's top-k past its first is mostly padding
+        arrays.update(top_rows=cat(lambda s: padded_to(s["topk"]["rows"], top, -1), 1),
+                      top_values=cat(lambda s: padded_to(s["topk"]["values"], top, 0), 1))
     attrs = {"hooks": hooks, "widths": [int(s["moments"]["n"].size) for s in states], "top_k": top_k,
              "threshold": threshold,
              "nonfinite_rows": {h: [int(s["nonfinite"][k]) for k in ("rows", "first_row", "n_rows")]
                                 for h, s in zip(hooks, states)}, **extra_attrs}
     return arrays, attrs
+
+
+def top_entries(tops: Sequence[State]) -> dict[str, np.ndarray]:
+    """Side-by-side top-k's (each (k', w), padding: row -1) as their entries in use, by column then rank:
+    ``entry_cols`` (column among all), ``entry_rows``, ``entry_values``."""
+    cols, rows, values, at = [], [], [], 0
+    for top in tops:
+        c, slot = np.nonzero(top["rows"].T >= 0)  # column-major: by column, then slot (= rank)
+        cols.append(c + at)
+        rows.append(top["rows"][slot, c])
+        values.append(top["values"][slot, c])
+        at += top["rows"].shape[1]
+    return {"entry_cols": np.concatenate(cols).astype(np.int64), "entry_rows": np.concatenate(rows).astype(np.int64),
+            "entry_values": np.concatenate(values).astype(np.float32)}
+
+
+def dense_top(cols: np.ndarray, rows: np.ndarray, values: np.ndarray, width: int) -> State:
+    """:func:`top_entries`' inverse over ``width`` columns: (k', width), k' the most entries of a column,
+    padded with row -1 and value 0."""
+    counts = np.bincount(cols, minlength=width)
+    depth = int(counts.max()) if counts.size else 0
+    slot = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    out_rows, out_values = np.full((depth, width), -1, np.int64), np.zeros((depth, width), np.float32)
+    out_rows[slot, cols], out_values[slot, cols] = rows, values
+    return {"rows": out_rows, "values": out_values}
 
 
 def real_rows(top: State) -> int:
@@ -962,6 +1004,11 @@ def padded_to(a: np.ndarray, rows: int, fill) -> np.ndarray:
 def unpack(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, State]:
     """:func:`pack`'s inverse: hook -> the accumulator's state."""
     out: dict[str, State] = {}
+    if "entry_cols" in arrays:  # a unit's sparse top-k
+        top = dense_top(arrays["entry_cols"], arrays["entry_rows"], arrays["entry_values"], int(sum(attrs["widths"])))
+        top_rows, top_values = top["rows"], top["values"]
+    else:
+        top_rows, top_values = arrays["top_rows"], arrays["top_values"]
     lo = 0
     for hook, width in zip(attrs["hooks"], attrs["widths"]):
         cut = slice(lo, lo + width)
@@ -971,21 +1018,29 @@ def unpack(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, St
         out[hook] = {"moments": {"n": n, "mean": arrays["mean"][cut], "m2": arrays["m2"][cut]},
                      "max_abs": {"max": arrays["max"][cut], "n": n.copy()},
                      "count_ge": {"n": arrays["count_ge"][cut]},
-                     "topk": {"rows": arrays["top_rows"][:, cut], "values": arrays["top_values"][:, cut]},
+                     "topk": {"rows": top_rows[:, cut], "values": top_values[:, cut]},
                      "nonfinite": {"count": arrays["nonfinite"][cut], "rows": rows, "first_row": first,
                                    "n_rows": n_rows}}
     return out
 
 
-def index_fold(old: State | None, new: State, k: int) -> State:
-    """One hook's state over ``old``'s batches then ``new``'s (a unit's): the left fold of units."""
+def index_fold(old: State | None, new: State | Sequence[State], k: int) -> State:
+    """One hook's state over ``old``'s batches then ``new``'s (a unit's, or the next units' in unit order):
+    the left fold of units, every statistic but the top-k merged one unit at a time (the same
+    floating-point operations however many are folded at once), the top-k in one merge."""
+    news = [new] if isinstance(new, dict) else list(new)
     if old is None:
-        return new
-    return {"moments": moments_combine([old["moments"], new["moments"]]),
-            "max_abs": max_abs_combine([old["max_abs"], new["max_abs"]]),
-            "count_ge": count_ge_combine([old["count_ge"], new["count_ge"]]),
-            "topk": topk_fold(old["topk"], new["topk"], k),
-            "nonfinite": nonfinite_combine([old["nonfinite"], new["nonfinite"]])}
+        old, news = news[0], news[1:]
+    if not news:
+        return old
+    out = dict(old)
+    for t in news:
+        out = {"moments": moments_combine([out["moments"], t["moments"]]),
+               "max_abs": max_abs_combine([out["max_abs"], t["max_abs"]]),
+               "count_ge": count_ge_combine([out["count_ge"], t["count_ge"]]),
+               "nonfinite": nonfinite_combine([out["nonfinite"], t["nonfinite"]])}
+    out["topk"] = topk_fold(old["topk"], [t["topk"] for t in news], k)
+    return out
 
 
 @dataclass
@@ -1005,16 +1060,19 @@ class JobState:
     through: int = 0  #: batches [0, through) covered without a gap (what a prefix snapshot may hold)
     widths: dict[str, int] = field(default_factory=dict)  #: hook -> its dimensions (also when read for one)
 
-    def fold(self, other: "JobState") -> None:
-        """Append ``other`` (the next units, in order)."""
-        for hook, state in other.hooks.items():
-            self.hooks[hook] = index_fold(self.hooks.get(hook), state, self.top_k)
-        if other.dettmers is not None:
-            self.dettmers = other.dettmers if self.dettmers is None else dettmers_combine([self.dettmers, other.dettmers])
-            self.sources, self.magnitude = other.sources, other.magnitude
-        self.top_k, self.threshold = other.top_k, other.threshold
-        self.batches += other.batches
-        self.widths.update(other.widths)
+    def fold(self, other: "JobState | Sequence[JobState]") -> None:
+        """Append ``other`` (the next units, in order: one, or several folded at once)."""
+        others = [other] if isinstance(other, JobState) else list(other)
+        for hook in dict.fromkeys(h for o in others for h in o.hooks):
+            self.hooks[hook] = index_fold(self.hooks.get(hook), [o.hooks[hook] for o in others if hook in o.hooks],
+                                          others[-1].top_k)
+        for o in others:
+            if o.dettmers is not None:
+                self.dettmers = o.dettmers if self.dettmers is None else dettmers_combine([self.dettmers, o.dettmers])
+                self.sources, self.magnitude = o.sources, o.magnitude
+            self.top_k, self.threshold = o.top_k, o.threshold
+            self.batches += o.batches
+            self.widths.update(o.widths)
 
     def pack(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return pack_states(self.hooks, self.top_k, self.threshold, self.dettmers, self.sources, self.magnitude, True)
@@ -1067,21 +1125,34 @@ class HarvestStatistics:
 SEQUENCE_KEYS = ("seq_len", "seq_hits", "lkeys", "lcount", "pkeys", "pcount")
 
 
-def load_job_state(group, dim: int | None = None, sequences: bool = True) -> JobState | None:
+@dataclass
+class KeptPrefix:
+    """The prefix snapshot a compactor wrote last, kept in memory: its next compaction folds the new units
+    onto it rather than reading it back (a wide model's prefix is tens of MB, read and unpacked at every
+    compaction otherwise). Its per-sequence Dettmers records are left out: a compaction appends only the
+    units' own (``compact_statistics``)."""
+
+    name: str | None = None  #: the prefix snapshot it holds
+    job: "JobState | None" = None
+
+
+def load_job_state(group, dim: int | None = None, sequences: bool = True,
+                   kept: KeptPrefix | None = None) -> JobState | None:
     """The job's statistics: the newest prefix snapshot, then the units after it that each stage has a
     whole snapshot of and the manifest marks, in unit order, up to the first gap (a unit's top-k holds
     only the values above a floor from the units before it: it folds exactly onto all of them, so the
     units after a missing one wait for it); None when the store has no statistics. ``dim``: that
     dimension's column of each hook only.
     ``sequences=False``: the prefix's per-sequence Dettmers records are left out (empty), for a compaction
-    that appends the units' own."""
-    from .store import PER_DIMENSION, read_sequences, read_snapshot, snapshot_attrs, statistics_cover
+    that appends the units' own; ``kept``: the prefix as that compaction wrote it, taken from memory when
+    it is still the store's."""
+    from .store import ENTRIES, PER_DIMENSION, read_sequences, read_snapshot, snapshot_attrs, statistics_cover
 
     cover = statistics_cover(group)
     if cover is None:
         return None
     prefix, units = cover.prefix_name, cover.units
-    keys = PER_DIMENSION if dim is not None else None
+    keys = PER_DIMENSION + ENTRIES if dim is not None else None
 
     def read(name: str):
         if dim is None:
@@ -1098,27 +1169,36 @@ def load_job_state(group, dim: int | None = None, sequences: bool = True) -> Job
         return arrays, {**attrs, "hooks": [attrs["hooks"][i] for i in keep], "widths": [1] * len(keep),
                         "full_widths": [attrs["widths"][i] for i in keep]}
 
-    job = unit_state([read(prefix)]) if prefix is not None else JobState({})
-    job.batches = job.through
+    if kept is not None and kept.job is not None and prefix is not None and kept.name == prefix and not sequences:
+        job = replace(kept.job, hooks=dict(kept.job.hooks), widths=dict(kept.job.widths))
+    else:
+        job = unit_state([read(prefix)]) if prefix is not None else JobState({})
+        job.batches = job.through
+    following = []  # the units after the prefix without a gap, folded at once (one top-k merge per hook)
     for start, end, names in units:
         if start != job.through:
             break
-        job.fold(unit_state([read(n) for n in names]))
+        following.append(unit_state([read(n) for n in names]))
         job.through = end
+    if following:
+        job.fold(following)
     return job
 
 
 #: whole units a running job's compactor waits for before it rewrites the prefix: a wide model's prefix is
 #: tens of MB (a top-k of 32 rows per dimension), so rewriting it after every unit would cost the writer
-#: more than the unit's statistics; the store holds at most this many unit snapshots beyond it
-COMPACT_UNITS = 8
+#: more than the unit's statistics; the store holds at most this many unit snapshots beyond it, each
+#: small past a job's first units (its top-k's entries above the floor only: ``pack``), which a reader
+#: folds onto the prefix in one merge per hook (``load_job_state``)
+COMPACT_UNITS = 16
 
 
-def compact_statistics(group, at_least: int | None = 1) -> int:
+def compact_statistics(group, at_least: int | None = 1, kept: KeptPrefix | None = None) -> int:
     """Fold the whole units that follow the prefix without a gap into a new prefix snapshot, then delete
     the old prefix and every unit snapshot before the new one's end; returns batches in the prefix.
     ``at_least``: only when that many units follow without a gap (None: :data:`COMPACT_UNITS`, what a
     running job's writer or replica driver asks; the runner folds every unit at a run's end and start).
+    ``kept``: the compactor's prefix in memory (:class:`KeptPrefix`), used and updated.
 
     The new prefix is the old one with the units left-folded onto it in unit order, which is what a
     reader folds from the snapshots it replaces, so compacting never changes a result. It is written
@@ -1142,7 +1222,9 @@ def compact_statistics(group, at_least: int | None = 1) -> int:
         return through
     if cover.units and cover.units[0][0] == through:
         # the prefix's per-sequence records stay where they are: only the units' are appended
-        job = load_job_state(group, sequences=False)
+        job = load_job_state(group, sequences=False, kept=kept)
+        if kept is not None:
+            kept.name = kept.job = None  # until the new prefix is whole
         if job.through > through:
             arrays, attrs = job.pack()
             extra = {}
@@ -1150,9 +1232,12 @@ def compact_statistics(group, at_least: int | None = 1) -> int:
                 have = (snapshot_attrs(group, cover.prefix_name) or {}).get("sequences", {}) if cover.prefix_name else {}
                 records = {k: arrays.pop(f"dettmers_{k}") for k in SEQUENCE_KEYS}
                 extra["sequences"] = append_sequences(group, records, have)
+                job.dettmers = {**job.dettmers, **{k: records[k][:0] for k in SEQUENCE_KEYS}}  # appended: not kept
             write_snapshot(group, prefix_snapshot_name(job.through), arrays,
                            {**attrs, "start": 0, "through": job.through, **extra}, columns=STATISTICS_COLUMNS)
             through = job.through
+            if kept is not None:
+                kept.name, kept.job = prefix_snapshot_name(job.through), job
     for b in prefix_snapshots(group):
         if b != through:
             delete_snapshot(group, prefix_snapshot_name(b))
@@ -1161,6 +1246,27 @@ def compact_statistics(group, at_least: int | None = 1) -> int:
             if a < through:
                 delete_snapshot(group, unit_snapshot_name(stage, a, b))
     return through
+
+
+class Compactor:
+    """A running job's compactions of its statistics (one process's: the last stage's writer, or the replica
+    driver): after every :data:`COMPACT_UNITS` units it marks, the units done without a gap are folded
+    into the prefix, onto the one it wrote last, kept in memory (:class:`KeptPrefix`). The units are
+    counted here: listing the store's snapshots after every unit cost ~10 ms a unit."""
+
+    def __init__(self, group):
+        self.group = group
+        self.kept = KeptPrefix()
+        self.waiting = 0  #: units marked since the last compaction that moved the prefix
+        self.through = -1  #: batches in the prefix as of that compaction
+
+    def unit_done(self) -> None:
+        """A unit was marked (every stage's snapshot of it written)."""
+        self.waiting += 1
+        if self.waiting >= COMPACT_UNITS:
+            through = compact_statistics(self.group, at_least=None, kept=self.kept)
+            if through != self.through:  # else a unit before them is not done yet: try again after the next
+                self.through, self.waiting = through, 0
 
 
 def load_statistics(group, dim: int | None = None) -> HarvestStatistics | None:

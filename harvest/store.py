@@ -335,6 +335,8 @@ STATISTICS_COLUMNS = 512
 VECTOR_CHUNK = 32
 #: the snapshot arrays with one column per (hook, dimension): chunked along it, so one dimension is a small read
 PER_DIMENSION = ("n", "mean", "m2", "max", "count_ge", "nonfinite", "top_rows", "top_values")
+#: a unit snapshot's top-k as its entries in use (``harvest.statistics.top_entries``): one element per entry
+ENTRIES = ("entry_cols", "entry_rows", "entry_values")
 
 
 def snapshot_attrs(group: zarr.Group, name: str) -> dict[str, Any] | None:
@@ -390,7 +392,7 @@ def read_snapshot(group: zarr.Group, name: str, columns: np.ndarray | None = Non
     if isinstance(snap, zarr.Array):  # a unit's snapshot: one blob, read whole
         arrays = {key: a for key, a in read_blob(snap).items() if keys is None or key in keys}
         if columns is not None:
-            arrays = {key: a[..., np.asarray(columns)] for key, a in arrays.items()}
+            arrays = _blob_columns(arrays, np.asarray(columns))
         return arrays, dict(snap.attrs["statistics"])
     arrays = {}
     for key, arr in snap.arrays():
@@ -401,6 +403,21 @@ def read_snapshot(group: zarr.Group, name: str, columns: np.ndarray | None = Non
         else:
             arrays[key] = np.asarray(arr.oindex[(slice(None),) * (arr.ndim - 1) + (np.asarray(columns),)])
     return arrays, dict(snap.attrs["statistics"])
+
+
+def _blob_columns(arrays: dict[str, np.ndarray], columns: np.ndarray) -> dict[str, np.ndarray]:
+    """A blob snapshot's arrays at ``columns`` only: the last axis of each, and of a sparse top-k
+    (``ENTRIES``: one element per entry, ``entry_cols`` its column) the entries in those columns,
+    their column renumbered as its place in ``columns``."""
+    out = {key: a[..., columns] for key, a in arrays.items() if key not in ENTRIES}
+    if "entry_cols" in arrays:
+        place = np.full(int(max(arrays["entry_cols"].max(initial=-1), columns.max(initial=-1))) + 1, -1, np.int64)
+        place[columns] = np.arange(columns.size)
+        at = place[arrays["entry_cols"]]
+        keep = at >= 0
+        out.update({key: arrays[key][keep] for key in ENTRIES if key in arrays})
+        out["entry_cols"] = at[keep]
+    return out
 
 
 @dataclass(frozen=True)

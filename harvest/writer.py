@@ -35,8 +35,8 @@ import zarr
 from .errors import NonFiniteActivationError, StoreError
 from .objstore import configure, is_object_store, is_url, put_object
 from .shards import PARTIAL_SUFFIX, ShardFileWriter, ShardObjectWriter, fsync_file, shard_geometry
-from .statistics import (ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, StatisticsAccumulator, StatisticsPlan,
-                         compact_statistics, pack, unpack, unpack_dettmers)
+from .statistics import (ALL_ROWS, DEVICE_PREFIX, HITS_PREFIX, Compactor, StatisticsAccumulator, StatisticsPlan,
+                         pack, unpack, unpack_dettmers)
 from .store import (delete_snapshot, manifest, mark_written, open_for_writing, read_snapshot, snapshot_attrs,
                     unit_snapshot_name, write_rows, write_snapshot)
 from .transfer import HostBatch
@@ -307,6 +307,7 @@ class StageWriter:
         #: (first batch, through) of this stage's snapshot of a unit it is inside (superseded as it advances)
         self._partial: tuple[int, int] | None = None
         self._superseded: tuple[int, int] | None = None  #: a partial snapshot to delete once the manifest moves on
+        self._compactor = Compactor(group)  #: the statistics' compactions (``info.compacts``)
         if self.statistics is not None:
             self.statistics.next_batch = start_batch
             if self.statistics.through > self.statistics.start:
@@ -475,7 +476,7 @@ class StageWriter:
             delete_snapshot(self.group, unit_snapshot_name(self.info.stage, *self._superseded))
             self._superseded = None
         if whole and self.info.compacts and not self.info.shared:
-            compact_statistics(self.group, at_least=None)  # every COMPACT_UNITS units
+            self._compactor.unit_done()  # every COMPACT_UNITS units
 
     def _snapshot(self, frontier: int) -> bool:
         """Fold the statistics up to ``frontier`` unit by unit and write each unit's snapshot (a replica's

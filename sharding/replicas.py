@@ -49,7 +49,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from harvest.errors import ReplicaLost, StageError
-from harvest.statistics import compact_statistics
+from harvest.statistics import Compactor
 from harvest.shape import (Resources, cluster_capacity, job_units, local_ray_cpus, missing_resources,
                            stage_resources)
 from harvest.store import mark_written, open_for_writing, open_group, undone_units
@@ -94,6 +94,7 @@ class ReplicaDriver:
         self.queue: deque[tuple[int, int]] = deque()
         self.lock = threading.Lock()  #: the manifest, the counters
         self.compacting = threading.Lock()  #: one compaction of the statistics at a time
+        self.compactor: Compactor | None = None  #: the statistics' compactions (once the store is open)
         self.changed = threading.Condition()  #: the queue of units, ``busy``
         self.busy = 0  #: replicas working on a unit
         self.stop_event = threading.Event()
@@ -323,7 +324,7 @@ class ReplicaDriver:
             rep.seconds += time.perf_counter() - t0
         if self.job.spec.capture.statistics:
             with self.compacting:  # fold the units done without a gap into the prefix snapshot
-                compact_statistics(self.group, at_least=None)
+                self.compactor.unit_done()
 
     def _release(self, unit: tuple[int, int] | None) -> None:
         """A replica is done with a unit; ``unit``: one to hand to another replica."""
@@ -336,6 +337,7 @@ class ReplicaDriver:
     def run(self, units: list[tuple[int, int]], bar=None) -> dict[str, int]:
         self.queue.extend(units)
         self.group = open_for_writing(self.job.path)
+        self.compactor = Compactor(self.group)
         self.bar_update = 0
         threads = [threading.Thread(target=self._serve, args=(rep,), name=f"replica{rep.index}", daemon=True)
                    for rep in self.replicas]

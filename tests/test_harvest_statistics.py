@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -752,12 +754,11 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     """The prefix snapshot is the left fold of the units in unit order, each counted once, whether it is
     compacted in one step or in several: bit for bit what a reader folds from the unit snapshots."""
     import harvest.statistics as statistics_module
-    import harvest.writer as writer_module
     from harvest.statistics import JobState, compact_statistics, index_aggregate, load_dettmers, unit_state
     from harvest.store import read_snapshot, statistics_cover
 
-    for module in (writer_module, statistics_module):  # keep every unit's own snapshot
-        monkeypatch.setattr(module, "compact_statistics", lambda group, at_least=1: 0)
+    # keep every unit's own snapshot (the writer's ``Compactor`` and the runner call it from there)
+    monkeypatch.setattr(statistics_module, "compact_statistics", lambda group, at_least=1, kept=None: 0)
     path = run(units_spec(make_spec, neox_ckpt, "units.zarr"), progress=False).path
     monkeypatch.undo()
     group = open_group(path, mode="r+")
@@ -799,11 +800,95 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     assert differs  # the fold order shows in the bits: the comparison above would catch another order
 
 
+def test_a_unit_snapshot_keeps_its_top_k_entries_only_and_reads_them_by_column(neox_ckpt, make_spec, monkeypatch):
+    """A unit snapshot's top-k is its entries in use (``entry_*``, by column then rank), not a (k, columns)
+    array mostly padding; it unpacks to the dense top-k, and reading some columns (``harvest query dim``)
+    gives those columns' entries."""
+    import harvest.statistics as statistics_module
+    from harvest.statistics import unpack
+    from harvest.store import read_blob, read_snapshot, statistics_cover
+
+    monkeypatch.setattr(statistics_module, "compact_statistics", lambda group, at_least=1, kept=None: 0)
+    path = run(units_spec(make_spec, neox_ckpt, "sparse.zarr"), progress=False).path
+    group = open_group(path)
+    names = [n for _, _, ns in statistics_cover(group).units for n in ns]
+    sizes = []
+    for name in names:
+        blob = read_blob(group[name])
+        assert {"entry_cols", "entry_rows", "entry_values"} <= set(blob) and "top_rows" not in blob
+        cols = blob["entry_cols"]
+        assert (np.diff(cols) >= 0).all() and (blob["entry_rows"] >= 0).all()
+        sizes.append(cols.size)
+        arrays, attrs = read_snapshot(group, name)
+        whole = unpack(arrays, attrs)
+        width = int(sum(attrs["widths"]))
+        assert cols.size == sum(int((s["topk"]["rows"] >= 0).sum()) for s in whole.values())
+        picked = np.array([0, 5, width // 2, width - 1])
+        some, some_attrs = read_snapshot(group, name, columns=picked)
+        dense = unpack(some, {**some_attrs, "hooks": ["all"], "widths": [picked.size],
+                              "nonfinite_rows": {"all": [0, -1, 0]}})["all"]["topk"]
+        full_rows = np.concatenate([s["topk"]["rows"] for s in whole.values()], axis=1)
+        full_values = np.concatenate([s["topk"]["values"] for s in whole.values()], axis=1)
+        for j, col in enumerate(picked):
+            used = full_rows[:, col] >= 0
+            np.testing.assert_array_equal(dense["rows"][:, j][dense["rows"][:, j] >= 0], full_rows[used, col])
+            np.testing.assert_array_equal(dense["values"][:, j][dense["rows"][:, j] >= 0], full_values[used, col])
+    assert sizes[-1] < sizes[0]  # later units keep fewer entries: only those above the earlier units' floor
+
+
+def test_the_compactor_folds_new_units_onto_the_prefix_it_kept_bit_for_bit(neox_ckpt, make_spec, monkeypatch):
+    """A running job's compactor keeps the prefix it wrote in memory and folds the next units onto it, not
+    reading it back: the prefix it writes is the one a compaction from the store writes, array for array."""
+    import shutil
+
+    import harvest.statistics as statistics_module
+    import harvest.store as store_module
+    from harvest.statistics import Compactor, compact_statistics, load_dettmers
+    from harvest.store import read_snapshot
+
+    monkeypatch.setattr(statistics_module, "compact_statistics", lambda group, at_least=1, kept=None: 0)
+    path = run(units_spec(make_spec, neox_ckpt, "kept.zarr"), progress=False).path
+    monkeypatch.undo()
+    reference = Path(str(path) + ".reference")
+    shutil.copytree(path, reference)
+    read_whole, read_dettmers = load_statistics(open_group(path)), load_dettmers(open_group(path))
+    assert compact_statistics(open_group(reference, mode="r+")) == 12  # all six units at once, from the store
+
+    group = open_group(path, mode="r+")
+    monkeypatch.setattr(statistics_module, "COMPACT_UNITS", 2)
+    compactor = Compactor(group)
+    marks = group["_progress/stage_0"][...]
+    group["_progress/stage_0"][4:] = 0  # units 0 and 1 done
+    compactor.unit_done()
+    assert compactor.waiting == 1 and "analysis/statistics/prefix" not in group  # counted, not listed
+    compactor.unit_done()
+    assert compactor.through == 4 and compactor.kept.name.endswith("batch_00000004")
+    group["_progress/stage_0"][...] = marks
+    reads = []
+    monkeypatch.setattr(store_module, "read_snapshot", lambda g, name, *a, **k: reads.append(name) or
+                        read_snapshot(g, name, *a, **k))
+    compactor.unit_done()
+    compactor.unit_done()
+    assert compactor.through == 12 and not any("prefix" in name for name in reads)  # the kept prefix
+    assert len(reads) == 4  # units 2..5 only
+    monkeypatch.undo()
+    mine = read_snapshot(group, "analysis/statistics/prefix/batch_00000012")
+    theirs = read_snapshot(open_group(reference), "analysis/statistics/prefix/batch_00000012")
+    assert sorted(mine[0]) == sorted(theirs[0])
+    for key, value in mine[0].items():
+        np.testing.assert_array_equal(value, theirs[0][key], err_msg=key)
+        assert value.dtype == theirs[0][key].dtype
+    assert mine[1] == theirs[1]
+    assert_identical(load_statistics(group), read_whole)
+    assert_same_dettmers(load_dettmers(group), read_dettmers)
+    assert group["analysis/statistics/sequences/seq_len"].shape == (24,)  # each unit's records appended once
+
+
 @pytest.mark.parametrize("compact_units", [1, 8])
 def test_a_resume_inside_a_unit_continues_its_statistics_exactly(neox_ckpt, make_spec, monkeypatch, compact_units):
     """Stopped in the middle of a unit (its snapshot so far is kept), resumed: the same bits as a run
     that never stopped, Dettmers' state included; whether the units done were already folded into the
-    prefix (``COMPACT_UNITS`` 1) or still wait beside it (8: the default, more than this job's six)."""
+    prefix (``COMPACT_UNITS`` 1) or still wait beside it (16: the default, more than this job's six)."""
     import harvest.statistics as statistics_module
     from harvest.errors import Interrupted
     from harvest.statistics import load_dettmers
@@ -1025,6 +1110,16 @@ def test_folding_a_later_top_k_ranks_only_what_enters_and_equals_topk_combine():
         np.testing.assert_array_equal(got["rows"], want["rows"])
         np.testing.assert_array_equal(got["values"], want["values"])
     assert (topk_fold(old, new, k)["rows"] >= 0).all()
+    # several later top-k's at once (the next units of a compaction): one merge, the same as one by one
+    units = [topk_chunk(Block(x[a:a + 30], a), k) for a in range(150, 300, 30)]
+    units[1]["rows"][2:, :9], units[1]["values"][2:, :9] = -1, 0
+    one_by_one = old
+    for unit in units:
+        one_by_one = topk_fold(one_by_one, unit, k)
+    at_once = topk_fold(old, units, k)
+    np.testing.assert_array_equal(at_once["rows"], one_by_one["rows"])
+    np.testing.assert_array_equal(at_once["values"], one_by_one["values"])
+    np.testing.assert_array_equal(at_once["rows"], topk_combine([old, *units], k)["rows"])
 
 
 def test_a_top_k_of_fewer_rows_takes_sparse_candidates():
