@@ -1,11 +1,16 @@
 """Harvest-time statistics (issue 15): what they cost next to the bare forward, side by side.
 
-    .venv/bin/python bench/statistics_overhead.py            # 14 batches, RESULTS.md updated
+    .venv/bin/python bench/statistics_overhead.py            # 50 + 14 batches, RESULTS.md updated (~7 min)
     .venv/bin/python bench/statistics_overhead.py --quick    # 4 batches, RESULTS.md untouched
 
 Set-up of ``bench/harvest_overhead.py``: a GPT-NeoX of Pythia-160m's shape (random init, fp32, sdpa),
 batches of 8 x 256 tokens, hooks ``ln1`` + ``ln2`` + ``resid_post`` of every layer (36 hook points).
-One process, interleaved per batch so that the load of a shared machine hits every variant alike:
+
+What the statistics cost depends on how far into a job a batch is: the top-k takes the values above
+the k-th largest |x| so far, about k x (rows per batch) / (rows so far) per column and batch, so a job's
+first batches send many candidates and later ones a few. The run therefore takes ``--warm`` batches
+with the statistics first (untimed: the job so far), then ``--batches`` timed ones, interleaved per batch
+so that the load of a shared machine hits every variant alike:
 
 - ``bare``: the base model's forward (no hooks);
 - ``capture``: the harvest's stage forward with its capture hooks, statistics off (``Stage.run``);
@@ -18,12 +23,14 @@ One process, interleaved per batch so that the load of a shared machine hits eve
   thread);
 - ``snapshot``: what the writer does at each unit's end (units follow the job's shards:
   ``StatisticsPlan.unit_bounds``): ``pack`` + ``write_snapshot`` of the unit's snapshot, the manifest
-  mark, and ``compact_statistics(at_least=None)``, which every ``COMPACT_UNITS`` units reads them
-  back, folds them onto the prefix and rewrites it; the run's last compaction (the runner's, at its
-  end) included. Summed and spread over the timed batches.
+  mark, and the writer's ``Compactor``, which every ``COMPACT_UNITS`` units folds them onto the prefix
+  it kept and rewrites it. The unit snapshots are the timed batches' mean; the compaction is the
+  steady one (the last, onto a kept prefix) spread over the batches it covers. The whole run's
+  figure, the job's first compaction (from the store, its first units dense) and the run's last
+  (the runner's, at its end) included, is printed beside it.
 
 The ratio reported is the statistics' CPU time (kernels + hits + host + snapshot) over the bare forward's,
-the cost when nothing hides it (2 busy cores). Medians over the timed batches; batch 0 warms up.
+the cost when nothing hides it (2 busy cores). Medians over the timed batches.
 
 ``--end-to-end`` then times whole harvests (``harvest.runner.run``, 1 torch thread, positions: all)
 with and without ``capture.statistics``, alternating A/B/A/B in this process: wall-clock tok/s, where
@@ -51,12 +58,14 @@ HOOKS = ["blocks.*.ln1.hook_normalized", "blocks.*.ln2.hook_normalized", "blocks
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batches", type=int, default=14)
+    ap.add_argument("--batches", type=int, default=14, help="timed batches")
+    ap.add_argument("--warm", type=int, default=50, help="batches with statistics before the timed ones")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--end-to-end", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     n = 4 if args.quick else args.batches
+    warm = 0 if args.quick else args.warm
 
     import numpy as np
     import torch
@@ -64,7 +73,7 @@ def main() -> None:
     from harvest.runner import prepare
     from harvest.spec import parse_spec
     from harvest.stage import Stage
-    from harvest.statistics import COMPACT_UNITS, StatisticsAccumulator, compact_statistics, pack
+    from harvest.statistics import COMPACT_UNITS, Compactor, StatisticsAccumulator, compact_statistics, pack
     from harvest.store import create_manifest, mark_written, unit_snapshot_name, write_snapshot
     from harvest.writer import unit_attrs
 
@@ -73,7 +82,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(dir=common.BUILD))
     raw = {"name": "stats", "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
            "prompts": {"source": "text", "paths": [str(corpus)], "seq_len": SEQ, "mode": "packed",
-                       "max_sequences": BATCH * n},
+                       "max_sequences": BATCH * (warm + n)},
            "capture": {"hooks": HOOKS, "positions": "all", "statistics": True},
            "run": {"batch_size": BATCH}, "store": {"root": str(tmp), "path": "s.zarr"}}
     job = prepare(parse_spec(raw, base_dir=common.ROOT))
@@ -86,7 +95,8 @@ def main() -> None:
     stage.follow_floors(acc.floors)
     import zarr
     group = zarr.open_group(str(tmp / "snap.zarr"), mode="w")
-    create_manifest(group, 1, n)
+    create_manifest(group, 1, warm + n)
+    compactor = Compactor(group)
     kernels, hits = stage.statistics, stage.hits
     kernel_time, hits_time = [0.0], [0.0]
     kernel_steps = getattr(kernels, "steps", None)
@@ -125,46 +135,64 @@ def main() -> None:
         kernels.batch = timed_call(kernels.batch, kernel_time)
 
     times: dict[str, list[float]] = {k: [] for k in ("bare", "capture", "with", "kernels", "hits", "host", "snapshot")}
-    for k in range(n):
+    units, compactions, run_snapshot = [], [], 0.0  # unit snapshots of the timed batches; (batch, s) of each compaction
+    total = warm + n
+    for k in range(total):
+        timed_batch = k >= warm + 1 if warm else k >= 1  # the first batch warms up
         batch = job.layout.batch(k)
         ids = torch.from_numpy(batch.input_ids)
-        t0 = time.process_time()
-        with torch.inference_mode():
-            stage.model(ids, None, None)  # no hooks attached: the bare forward of the same blocks
-        t1 = time.process_time()
-        stage.statistics = stage.hits = None
-        stage.run(batch, None)  # the harvest's forward and capture, without statistics
-        stage.statistics, stage.hits = kernels, hits
-        t2 = time.process_time()
+        t0 = t1 = t2 = time.process_time()
+        if k >= warm:
+            with torch.inference_mode():
+                stage.model(ids, None, None)  # no hooks attached: the bare forward of the same blocks
+            t1 = time.process_time()
+            stage.statistics = stage.hits = None
+            stage.run(batch, None)  # the harvest's forward and capture, without statistics
+            stage.statistics, stage.hits = kernels, hits
+            t2 = time.process_time()
         kernel_time[0] = hits_time[0] = 0.0
         _, captured = stage.run(batch, None)  # the same with the statistics' device part (kernels + hits)
         t3 = time.process_time()
         acc.add(k, batch.sequences[0], {key: t.numpy() for key, t in captured.items()}, len(batch.lengths))
         acc.fold(k + 1)  # the host part: merging the batch's small results in batch order
         t4 = time.process_time()
-        snap = 0.0
-        if k + 1 == acc.end or k + 1 == n:  # the unit's end, as the writer's ``_mark`` / ``_snapshot`` meet it
-            last = k + 1 == n
+        if k + 1 == acc.end or k + 1 == total:  # the unit's end, as the writer's ``_mark`` / ``_snapshot`` meet it
             write_snapshot(group, unit_snapshot_name(0, acc.start, k + 1), *unit_attrs(pack(acc), acc.start, k + 1, acc.end))
             mark_written(group, 0, k + 1, start=acc.start)
-            compact_statistics(group, at_least=1 if last else None)  # the runner folds every unit at the run's end
+            t5 = time.process_time()
+            compactor.unit_done()  # every COMPACT_UNITS units: onto the prefix it kept
+            if k + 1 == total:
+                compact_statistics(group, kept=compactor.kept)  # the runner folds every unit at the run's end
+            t6 = time.process_time()
             acc.next_unit()
-            snap = time.process_time() - t4
-        if k:  # batch 0 warms up
+            run_snapshot += t6 - t4
+            if timed_batch:
+                units.append(t5 - t4)
+            if t6 - t5 > 0.05:
+                compactions.append((k + 1, t6 - t5))
+        if timed_batch:
             for key, v in (("bare", t1 - t0), ("capture", t2 - t1), ("with", t3 - t2), ("kernels", kernel_time[0]), ("hits", hits_time[0]),
-                           ("host", t4 - t3), ("snapshot", snap)):
+                           ("host", t4 - t3)):
                 times[key].append(v)
         del captured
+    unit_batches = plan.unit_bounds[1]
+    unit_per_batch = float(np.mean(units)) / unit_batches if units else 0.0
+    steady = compactions[-1][1] if len(compactions) > 1 else (compactions[-1][1] if compactions else 0.0)
+    steady_per_batch = steady / (COMPACT_UNITS * unit_batches)
+    snap_per_batch = unit_per_batch + steady_per_batch
+    times["snapshot"] = [snap_per_batch]
     med = {key: float(np.median(v)) for key, v in times.items()}
-    snap_per_batch = float(np.mean(times["snapshot"]))  # every unit's snapshot and compaction, spread over the batches
     device_part = float(np.median(np.subtract(times["with"], times["capture"])))
     # the parts timed where they run: steadier than ``device_part``, a difference of two ~4 s forwards
-    total = med["kernels"] + med["hits"] + med["host"] + snap_per_batch
-    ratio = total / med["bare"]
+    total_cost = med["kernels"] + med["hits"] + med["host"] + snap_per_batch
+    ratio = total_cost / med["bare"]
     lines = [
         f"Command: `.venv/bin/python bench/statistics_overhead.py{' --quick' if args.quick else ''}"
+        f"{f' --warm {args.warm}' if args.warm != 50 and not args.quick else ''}"
+        f"{f' --batches {args.batches}' if args.batches != 14 and not args.quick else ''}"
         f"{' --end-to-end' if args.end_to_end else ''}` "
-        f"(run {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, {n} batches, "
+        f"(run {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, {warm} batches with statistics, "
+        f"then {n} timed, "
         f"{args.threads} torch thread(s)).",
         f"Machine: {common.machine()['cpu']}, nproc {common.machine()['nproc']}, no GPU; load average "
         f"{_load()} at the start (other sessions share the 2 cores): CPU seconds (`time.process_time`), medians of "
@@ -185,10 +213,19 @@ def main() -> None:
         f"of two forwards) | {device_part:.4f} | {device_part / med['bare']:.4f} |",
         f"| host part: `add` + `fold` of the small results (writer thread) | {med['host']:.4f} | "
         f"{med['host'] / med['bare']:.4f} |",
-        f"| snapshot: each unit's (`pack`, `write_snapshot`, manifest), and the compaction every {COMPACT_UNITS} "
-        f"units and at the end (units of {plan.unit_bounds[1]} batches here), spread over the batches | "
-        f"{snap_per_batch:.4f} | {snap_per_batch / med['bare']:.4f} |",
-        f"| **statistics in all** | {total:.4f} | **{ratio:.3f}** |",
+        f"| snapshot: each unit's (`pack`, `write_snapshot`, manifest; units of {unit_batches} batches here), per batch "
+        f"| {unit_per_batch:.4f} | {unit_per_batch / med['bare']:.4f} |",
+        f"| compaction every {COMPACT_UNITS} units ("
+        + ("the last, onto the prefix kept in memory" if len(compactions) > 1 else "this run's only one, from the store")
+        + f": {steady:.3f} s at batch {compactions[-1][0] if compactions else 0}), spread over the "
+        f"{COMPACT_UNITS * unit_batches} batches a compaction covers "
+        f"| {steady_per_batch:.4f} | {steady_per_batch / med['bare']:.4f} |",
+        f"| **statistics in all** | {total_cost:.4f} | **{ratio:.3f}** |",
+        "",
+        f"The whole run's snapshots and compactions ({total} batches, the job's first compaction from the store "
+        f"with its first units dense, and the runner's at the end): {run_snapshot:.2f} s, {run_snapshot / total:.4f} s "
+        f"a batch ({run_snapshot / total / med['bare']:.4f} of the bare forward); compactions "
+        + ", ".join(f"{s_:.2f} s at batch {b}" for b, s_ in compactions) + ".",
     ]
     if args.end_to_end:
         lines += ["", end_to_end(raw, args.reps, n)]
@@ -215,6 +252,7 @@ def end_to_end(raw: dict, reps: int, n: int) -> str:
     for _ in range(reps):
         for on in (False, True):
             spec = parse_spec({**raw, "capture": {**raw["capture"], "statistics": on},
+                               "prompts": {**raw["prompts"], "max_sequences": BATCH * n},
                                "run": {**raw["run"], "threads": 1}}, base_dir=common.ROOT)
             result = run(spec, overwrite=True, progress=False)
             rates[on].append(result.tokens / result.seconds)  # from the first batch to the last write

@@ -11,6 +11,9 @@ NaN/inf count, from which ``harvest.statistics.dettmers_chunk`` builds the same 
 scan (``analysis.scan.outlier_chunk``).
 
 The hook reads the LayerNorm output cast to the stored dtype, so a hit here is a hit in the store.
+Where the harvest-time statistics read the same rows (the LayerNorm output is one of their hooks and
+the batch has no padding), their pass has just taken the per-group maxima this needs
+(``DeviceStatistics.group_max``), and the hook takes those instead of reading the rows again.
 
 No host sync per hidden state (on a GPU each ``nonzero`` or ``bool(tensor)`` waits for the stream):
 a hook takes only what needs no answer from the device (per-group column maxima, as in
@@ -25,7 +28,7 @@ its own (exceptional: it syncs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import torch
 from torch import nn
@@ -72,18 +75,23 @@ class Hits:
 
     @contextmanager
     def attached(self, lengths: torch.Tensor, width: int, carried: torch.Tensor | None,
-                 out: dict[str, torch.Tensor], padded: bool = True) -> Iterator["HitBatch"]:
+                 out: dict[str, torch.Tensor], padded: bool = True,
+                 known: Callable[[str, int], torch.Tensor | None] | None = None) -> Iterator["HitBatch"]:
         """Hooks for one batch. After the forward, run the yielded batch's :meth:`HitBatch.steps`
         (``harvest.running.lockstep``): ``out`` then has each source's sparse hits and ``handed`` the
         packed bitmask to hand on (or nothing on the last stage, which counts positions).
-        ``padded``: some sequence is shorter than ``width`` (known on the host: no device read)."""
+        ``padded``: some sequence is shorter than ``width`` (known on the host: no device read).
+        ``known(name, tokens)``: the per-group max |x| of a source's ``tokens`` rows in order, when the
+        statistics' kernel took them this batch (``DeviceStatistics.group_max``): with no padding those
+        are the hidden state's every row, so its one pass over them serves both."""
         real = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]) if padded else None
         batch = HitBatch(self, lengths, width, carried, real, out)
         handles = []
 
         def hook_for(name: str):
             def hook(_module, _args, y):
-                batch.stash[name] = self._reduce(y, real)
+                gmax = known(name, y.shape[0] * y.shape[1]) if known is not None and real is None else None
+                batch.stash[name] = self._reduce(y, real, gmax)
             return hook
 
         try:
@@ -94,14 +102,14 @@ class Hits:
             for h in handles:
                 h.remove()
 
-    def _reduce(self, y: torch.Tensor, real: torch.Tensor | None) -> tuple:
+    def _reduce(self, y: torch.Tensor, real: torch.Tensor | None, gmax: torch.Tensor | None = None) -> tuple:
         """In the hook (no sync): the hidden state in the stored dtype, its per-group max |x| at real
-        positions, and the sizes :meth:`_finish` reads (finite?, pairs reaching the magnitude)."""
+        positions (``gmax``: already taken, by the statistics), and the sizes :meth:`_finish` reads
+        (finite?, pairs reaching the magnitude)."""
         x = y.to(self.store_dtype)
         d = x.shape[-1]
         flat = x.reshape(-1, d)
-        gmax = None
-        if flat.shape[0] % GROUP == 0 and flat.shape[0]:  # one compiled pass (None: not compiled here)
+        if gmax is None and flat.shape[0] % GROUP == 0 and flat.shape[0]:  # one compiled pass (None: not compiled)
             gmax = MASKED_GROUP_MAX(flat, real.reshape(-1, 1) if real is not None else _all_real(flat))
         if gmax is None:
             a = flat.abs()

@@ -211,7 +211,8 @@ class Stage:
         hit_results: dict[str, torch.Tensor] = {}
         hits = (nullcontext(None) if self.hits is None else  # inside the capture's: it checks no hook is left
                 self.hits.attached(index.lengths, batch.width, carried, hit_results,
-                                   padded=bool((batch.lengths < batch.width).any())))
+                                   padded=bool((batch.lengths < batch.width).any()),
+                                   known=self.statistics.group_max if self.statistics is not None else None))
         on_rows = None
         if self.statistics is not None:
             self.statistics.begin()

@@ -1004,6 +1004,8 @@ def padded_to(a: np.ndarray, rows: int, fill) -> np.ndarray:
 def unpack(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, State]:
     """:func:`pack`'s inverse: hook -> the accumulator's state."""
     out: dict[str, State] = {}
+    if not attrs["hooks"]:  # a stage with Dettmers' hits only
+        return out
     if "entry_cols" in arrays:  # a unit's sparse top-k
         top = dense_top(arrays["entry_cols"], arrays["entry_rows"], arrays["entry_values"], int(sum(attrs["widths"])))
         top_rows, top_values = top["rows"], top["values"]

@@ -800,13 +800,35 @@ def test_compaction_folds_every_unit_once_in_unit_order(neox_ckpt, make_spec, mo
     assert differs  # the fold order shows in the bits: the comparison above would catch another order
 
 
+def test_hits_take_the_group_maxima_the_statistics_took_of_the_same_rows(neox_ckpt, make_spec, monkeypatch):
+    """With no padding, Dettmers' hits on a LayerNorm output the statistics also read take the per-group
+    maxima of the statistics' pass (one pass over those rows, not two): the same criterion, bit for bit."""
+    import harvest.hits as hits_module
+    from harvest.running import DeviceStatistics
+    from harvest.statistics import load_dettmers
+
+    calls = []
+    masked = hits_module.MASKED_GROUP_MAX
+    monkeypatch.setattr(hits_module, "MASKED_GROUP_MAX", lambda *a: calls.append(1) or masked(*a))
+    shared = run(units_spec(make_spec, neox_ckpt, "shared.zarr"), progress=False).path  # packed: no padding
+    assert not calls
+    monkeypatch.setattr(DeviceStatistics, "group_max", lambda self, hook, tokens: None)
+    own = run(units_spec(make_spec, neox_ckpt, "own.zarr"), progress=False).path
+    assert calls  # each LayerNorm's hits took their own pass
+    a, b = load_dettmers(open_group(shared)), load_dettmers(open_group(own))
+    assert_same_dettmers(a, b)
+    for sa, sb in zip(a.states, b.states):
+        for key in ("hits", "max", "share_hits", "seq_hits", "lkeys", "lcount", "pkeys", "pcount"):
+            np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+
+
 def test_a_unit_snapshot_keeps_its_top_k_entries_only_and_reads_them_by_column(neox_ckpt, make_spec, monkeypatch):
     """A unit snapshot's top-k is its entries in use (``entry_*``, by column then rank), not a (k, columns)
     array mostly padding; it unpacks to the dense top-k, and reading some columns (``harvest query dim``)
     gives those columns' entries."""
     import harvest.statistics as statistics_module
     from harvest.statistics import unpack
-    from harvest.store import read_blob, read_snapshot, statistics_cover
+    from harvest.store import ENTRIES, PER_DIMENSION, read_blob, read_snapshot, statistics_cover
 
     monkeypatch.setattr(statistics_module, "compact_statistics", lambda group, at_least=1, kept=None: 0)
     path = run(units_spec(make_spec, neox_ckpt, "sparse.zarr"), progress=False).path
@@ -824,7 +846,7 @@ def test_a_unit_snapshot_keeps_its_top_k_entries_only_and_reads_them_by_column(n
         width = int(sum(attrs["widths"]))
         assert cols.size == sum(int((s["topk"]["rows"] >= 0).sum()) for s in whole.values())
         picked = np.array([0, 5, width // 2, width - 1])
-        some, some_attrs = read_snapshot(group, name, columns=picked)
+        some, some_attrs = read_snapshot(group, name, columns=picked, keys=PER_DIMENSION + ENTRIES)
         dense = unpack(some, {**some_attrs, "hooks": ["all"], "widths": [picked.size],
                               "nonfinite_rows": {"all": [0, -1, 0]}})["all"]["topk"]
         full_rows = np.concatenate([s["topk"]["rows"] for s in whole.values()], axis=1)
