@@ -129,7 +129,7 @@ def _fused_moments(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...
     xd = x.double().view(-1, GROUP, d)
     a = x.abs().view(-1, GROUP, d)
     # the count per group in int32 (at most GROUP), summed in int64: the vector pass's dearest op was the
-    # int64 count (~12% of its time)
+    # int64 count (~10% of its time on 2048 x 768 rows, measured apart)
     return xd.sum(1).sum(0), (xd * xd).sum(1).sum(0), a.amax(1), (a >= threshold).sum(1, dtype=torch.int32).sum(0)
 
 
