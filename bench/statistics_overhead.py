@@ -40,7 +40,9 @@ the writer thread may hide the statistics on the second core.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
+import shutil
 import sys
 import tempfile
 import time
@@ -80,6 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     corpus, ckpt = common.stdlib_corpus(), common.pythia160m_checkpoint()
     tmp = Path(tempfile.mkdtemp(dir=common.BUILD))
+    atexit.register(shutil.rmtree, tmp, True)  # the stores it writes: ~3 GB for the end-to-end harvests
     raw = {"name": "stats", "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
            "prompts": {"source": "text", "paths": [str(corpus)], "seq_len": SEQ, "mode": "packed",
                        "max_sequences": BATCH * (warm + n)},

@@ -337,15 +337,15 @@ def test_a_failure_marking_a_unit_stops_the_job_with_its_message(neox_ckpt, make
     """The driver's own work after a unit (the manifest, the statistics prefix) failing stops the job
     with that error; the other replica, waiting for the unit in flight, does not wait forever."""
     from harvest.errors import StoreError
-    from sharding import replicas
+    from harvest.statistics import Compactor
 
     calls = []
 
-    def full_disk(group, at_least=1):
-        calls.append(at_least)
+    def full_disk(compactor):  # the driver's compaction, after every unit it marks
+        calls.append(compactor)
         raise StoreError("analysis/statistics: no space left on device")
 
-    monkeypatch.setattr(replicas, "compact_statistics", full_disk)
+    monkeypatch.setattr(Compactor, "unit_done", full_disk)
     with pytest.raises(StoreError, match="no space left on device"):
         run(replica_spec(make_spec, neox_ckpt, 2, 1, "nospace.zarr"), progress=False)
     assert calls
