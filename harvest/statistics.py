@@ -1259,16 +1259,16 @@ class Compactor:
     def __init__(self, group):
         self.group = group
         self.kept = KeptPrefix()
-        self.waiting = 0  #: units marked since the last compaction that moved the prefix
-        self.through = -1  #: batches in the prefix as of that compaction
+        self.waiting = 0  #: units marked since the last compaction that wrote a prefix
 
     def unit_done(self) -> None:
         """A unit was marked (every stage's snapshot of it written)."""
         self.waiting += 1
         if self.waiting >= COMPACT_UNITS:
-            through = compact_statistics(self.group, at_least=None, kept=self.kept)
-            if through != self.through:  # else a unit before them is not done yet: try again after the next
-                self.through, self.waiting = through, 0
+            before = self.kept.name
+            compact_statistics(self.group, at_least=None, kept=self.kept)
+            if self.kept.name != before:  # else a unit before them is not done yet: try again after the next
+                self.waiting = 0
 
 
 def load_statistics(group, dim: int | None = None) -> HarvestStatistics | None:
