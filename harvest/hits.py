@@ -117,7 +117,9 @@ class Hits:
                 a = torch.where(real.reshape(-1, 1), a, torch.zeros((), dtype=a.dtype, device=a.device))
             gmax = group_max(a).float()
         ge = gmax >= self.plan.magnitude
-        sizes = torch.stack([torch.isfinite(gmax).all().long(), ge.sum()])  # a NaN/inf gives a NaN/inf max
+        # a NaN/inf gives a NaN/inf max, and their max (amax propagates NaN): ~15x cheaper than isfinite().all()
+        sizes = torch.stack([torch.isfinite(gmax.amax()).long() if gmax.numel() else ge.new_ones((), dtype=torch.long),
+                             ge.sum()])
         return x, gmax, ge, sizes
 
     def _finish(self, stash: dict[str, tuple], real: torch.Tensor | None, mask: torch.Tensor,

@@ -622,9 +622,10 @@ def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False)
 
     A merge, not a sort of every touched column: each candidate's place is the number of the column's
     entries that outrank it (a (k, candidates) comparison) plus that of the candidates that do (one sort
-    of the candidates; none when ``ranked``: they come by column, then rank); the state's entries keep
-    their order in the slots left. The cost follows the candidates, not the widest column's count times
-    the columns touched (an outlier dimension takes many)."""
+    of the candidates; none when ``ranked``: they come by column, then rank); each of the state's entries
+    moves down by the number of its column's candidates that outrank it (the same comparison, summed per
+    column). The cost follows the candidates, not the widest column's count times the columns touched (an
+    outlier dimension takes many)."""
     if candidates["rows"].max() >= 1 << 33:
         raise ValueError("harvest-time statistics number at most 2**33 tokens")
     key = _rank_key(candidates["values"], candidates["rows"])
@@ -635,19 +636,18 @@ def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False)
     touched = cols[starts]
     at = np.repeat(np.arange(touched.size), counts)  # each candidate's column among the touched
     old_rows, old_values = state["rows"][:, touched], state["values"][:, touched]
-    place = (_rank_key(old_values, old_rows)[:, at] < key[None, :]).sum(0) + np.arange(cols.size) - np.repeat(starts, counts)
-    keep = place < k
-    taken = np.zeros((k, touched.size), bool)
-    taken[place[keep], at[keep]] = True
-    rows, values = np.empty_like(old_rows), np.empty_like(old_values)
-    rows[place[keep], at[keep]] = candidates["rows"][order][keep]
-    values[place[keep], at[keep]] = candidates["values"][order][keep]
-    slot, col = np.nonzero(~taken)
-    source = (np.cumsum(~taken, axis=0) - 1)[slot, col]  # the i-th free slot takes the i-th old entry
-    rows[slot, col] = old_rows[source, col]
-    values[slot, col] = old_values[source, col]
+    beats = _rank_key(old_values, old_rows)[:, at] < key[None, :]  # (k, candidates): the old entry ranks first
+    place = beats.sum(0) + np.arange(cols.size) - np.repeat(starts, counts)
+    slot = np.arange(k)[:, None] + counts[None, :] - np.add.reduceat(beats, starts, axis=1, dtype=np.int64)
+    # one more slot, k, takes whatever falls out of the top-k (old or new)
+    rows, values = np.empty((k + 1, touched.size), old_rows.dtype), np.empty((k + 1, touched.size), old_values.dtype)
+    np.put_along_axis(rows, np.minimum(slot, k), old_rows, axis=0)
+    np.put_along_axis(values, np.minimum(slot, k), old_values, axis=0)
+    place = np.minimum(place, k)
+    rows[place, at] = candidates["rows"][order]
+    values[place, at] = candidates["values"][order]
     out_rows, out_values = state["rows"].copy(), state["values"].copy()
-    out_rows[:, touched], out_values[:, touched] = rows, values
+    out_rows[:, touched], out_values[:, touched] = rows[:k], values[:k]
     return {"rows": out_rows, "values": out_values}
 
 

@@ -16,6 +16,16 @@ from harvest.store import open_group
 
 HOOKS = ("blocks.*.ln1.hook_normalized", "blocks.*.ln2.hook_normalized", "blocks.*.hook_resid_post")
 
+#: the statistics' kernels a test runs with: the CPU row pass (the default here), torch.compile's (as on an
+#: accelerator), the eager torch ops (neither could be built)
+KERNELS = ["row pass", "compiled", "eager"]
+
+
+def use_kernel(kernel: str, request) -> None:
+    """Take ``kernel`` (one of :data:`KERNELS`) for the rest of the test."""
+    if kernel != "row pass":
+        request.getfixturevalue({"compiled": "torch_kernels", "eager": "eager_kernel"}[kernel])
+
 
 def scan_index(path) -> dict:
     params = ScanParams(top_k=TOP_K, index_threshold=THRESHOLD)
@@ -42,10 +52,9 @@ def harvest(make_spec, ckpt, name, hooks=HOOKS, **capture):
     return run(spec, progress=False).path
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_positions_all_equals_the_offline_scan(neox_ckpt, make_spec, kernel, request):
-    if kernel == "eager":
-        request.getfixturevalue("eager_kernel")
+    use_kernel(kernel, request)
     path = harvest(make_spec, neox_ckpt, f"all-{kernel}")
     stats = load_statistics(open_group(path))
     assert stats is not None
@@ -370,15 +379,14 @@ def test_dettmers_statistics_of_two_stages_equal_the_scan_and_one_stage(planted_
     assert_same_criterion(*criterion_both_ways(paths[2]))
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("lengths", [(3, 9), (10, 40)])  # batches shorter than a group; several groups and a tail
 def test_device_kernels_equal_the_host_kernels(lengths, kernel, request):
     """harvest.running (torch, per batch) + the accumulator give the host kernels' counts, max, NaN/inf
     and top-k exactly and their moments to float64 rounding, through the dense and the candidate phases."""
     import torch
 
-    if kernel == "eager":
-        request.getfixturevalue("eager_kernel")
+    use_kernel(kernel, request)
 
     from harvest.running import DeviceStatistics
 
@@ -445,15 +453,14 @@ def test_a_units_first_batch_leaves_the_device_sparse_and_ranks_exactly():
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_device_sums_are_float64_sums_of_the_float32_rows(kernel, request):
     """The device's exact scheme (float32 rows in float64, summed in one pass by the compiled kernel, or
     copied and summed by a product with ones): the sum within float64 rounding of the exact sum
     (``math.fsum``), the sum of squares too (a float32 square is exact in float64)."""
     import math
 
-    if kernel == "eager":
-        request.getfixturevalue("eager_kernel")
+    use_kernel(kernel, request)
     import torch
 
     from harvest.running import DeviceStatistics
@@ -473,7 +480,7 @@ SYNCS = {"item", "tolist", "nonzero", "__bool__", "unique", "numpy", "masked_sel
          "__index__", "any", "all"}
 
 
-def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks():
+def test_device_kernels_sync_twice_per_batch_whatever_the_number_of_hooks(torch_kernels):
     """On a GPU a ``nonzero``, ``.item()``, ``.tolist()`` or ``bool(tensor)`` waits for the stream: a batch's
     statistics read sizes from the device twice, not once per hook (counted here through torch's
     function mode, which sees every such call on any device; ``any``/``all`` count when their result is read)."""
@@ -523,7 +530,7 @@ class _Syncs:
         return Mode()
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])  # the hits never take the CPU row pass
 @pytest.mark.parametrize("padded,nan", [(False, False), (True, False), (True, True)])
 def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padded, nan, kernel, request):
     """``harvest.hits`` through the group maxima (two syncs per batch; compiled, or the eager ops) gives
@@ -531,8 +538,7 @@ def test_device_hits_equal_the_value_by_value_path_with_two_syncs_per_batch(padd
     and the same bitmask."""
     import torch
 
-    if kernel == "eager":
-        request.getfixturevalue("eager_kernel")
+    use_kernel(kernel, request)
     from torch import nn
 
     from harvest.hits import Hits
@@ -1205,13 +1211,23 @@ def test_a_unit_snapshot_is_one_safetensors_blob_read_whole_or_not_at_all(tmp_pa
 
 
 @pytest.fixture
-def eager_kernel(monkeypatch):
-    """Run the statistics' kernels as eager torch ops (as where torch.compile is unavailable)."""
+def torch_kernels(monkeypatch):
+    """Run the statistics as on an accelerator: the torch kernels, not the CPU row pass (``harvest.rowpass``)."""
+    from harvest.rowpass import LIBRARY
+
+    monkeypatch.setattr(LIBRARY, "_fn", None)
+    monkeypatch.setattr(LIBRARY, "failed", "the torch kernels for this test")
+
+
+@pytest.fixture
+def eager_kernel(monkeypatch, torch_kernels):
+    """Run the statistics' kernels as eager torch ops (as where neither a C compiler nor torch.compile is)."""
     from harvest.running import FUSED_MOMENTS, MASKED_GROUP_MAX
 
     for kernel in (FUSED_MOMENTS, MASKED_GROUP_MAX):
         monkeypatch.setattr(kernel, "kernel", None)
         monkeypatch.setattr(kernel, "failed", "eager for this test")
+
 
 
 @pytest.mark.parametrize("tokens", [2048, 37, 16, 9])
@@ -1236,6 +1252,87 @@ def test_the_compiled_kernel_equals_the_eager_ops(tokens):
         assert torch.equal(count, (x.abs() >= 6.0).sum(0))
     else:  # no whole group: the eager ops, and the count from the groups (``DeviceStatistics._compare``)
         assert count is None
+
+
+@pytest.mark.parametrize("tokens", [2048, 37, 16, 9, 0])
+def test_the_cpu_row_pass_equals_the_torch_ops(tokens):
+    """``harvest.rowpass`` (the default on a CPU): sums to float64 rounding, every max and count exactly,
+    and exactly the entries above the floor, with their rows, columns and values, however little room
+    it is given for them at first; a NaN or inf in the rows is reported, not summed."""
+    import torch
+
+    from harvest.rowpass import LIBRARY, row_pass
+
+    if LIBRARY.get() is None:
+        pytest.skip(f"the row pass is unavailable here ({LIBRARY.failed})")
+    x = torch.randn(tokens, 40, generator=torch.Generator().manual_seed(tokens)) * 4
+    if tokens:
+        x[tokens // 2, 5] = 6.0  # exactly at the threshold: counted
+    floor = np.full(40, 7.0, np.float32)
+    floor[3] = 0.0  # every nonzero value of column 3 enters
+    for room in (4096, 1):
+        got = row_pass(x, 16, 6.0, floor, room)
+        want = x.double()
+        torch.testing.assert_close(got.sum, want.sum(0), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(got.sumsq, (want * want).sum(0), rtol=1e-12, atol=1e-9)
+        groups = [x[i:i + 16].abs().amax(0) for i in range(0, tokens, 16)]
+        assert torch.equal(got.group_max, torch.stack(groups) if groups else torch.zeros(0, 40))
+        assert torch.equal(got.max, x.abs().amax(0) if tokens else torch.zeros(40))
+        assert torch.equal(got.count_ge.long(), (x.abs() >= 6.0).sum(0))
+        r, c = (x.abs() > torch.from_numpy(floor)).nonzero().unbind(1)
+        order = np.lexsort((got.cols.numpy(), got.rows.numpy()))
+        assert torch.equal(got.rows[order], r) and torch.equal(got.cols[order], c)
+        assert torch.equal(got.values[order], x[r, c])
+    assert row_pass(x, 16, 6.0, None).rows.numel() == 0  # no floor: no entries
+    if tokens:
+        x[tokens - 1, 2] = float("nan")
+        assert not row_pass(x, 16, 6.0, floor).finite
+
+
+def test_the_cpu_row_pass_builds_once_and_falls_back_to_torch_with_a_warning(monkeypatch, caplog, tmp_path):
+    """The library is built into the cache once (a second process loads it without a compiler); where it
+    cannot be built the torch kernels give the same statistics, after one warning; HARVEST_COMPILE=0
+    skips the attempt."""
+    import torch
+
+    from harvest import rowpass
+    from harvest.running import DeviceStatistics
+
+    monkeypatch.setenv(rowpass.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(rowpass.COMPILE_ENV, raising=False)
+    built = rowpass._Library()
+    if built.get() is None:
+        pytest.skip(f"no C compiler here ({built.failed})")
+    assert len(list((tmp_path / "cache").glob("rowpass-*.so"))) == 1
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # nor cc, gcc or clang: the cached library still loads
+    assert rowpass._Library().get() is not None
+
+    x = torch.from_numpy((np.random.default_rng(5).standard_normal((70, 12)) * 3).astype(np.float32))
+    floor = np.full(12, 4.0, np.float32)
+    kernels = DeviceStatistics(("h",), 4, 6.0)
+    kernels.floors = lambda: {"h": floor}
+    monkeypatch.setattr(rowpass, "LIBRARY", built)
+    with_pass = kernels.batch({"h": x})
+
+    monkeypatch.setenv(rowpass.CACHE_ENV, str(tmp_path / "empty"))
+    broken = rowpass._Library()
+    monkeypatch.setattr(rowpass, "LIBRARY", broken)
+    with caplog.at_level("WARNING", logger="harvest.rowpass"):
+        without = kernels.batch({"h": x})
+    assert "the CPU row pass (rowpass.c) is unavailable (RuntimeError: no C compiler found (set CC))" in caplog.text
+    assert broken.get() is None  # not tried again in this process
+    order = lambda out: np.lexsort((out["stats:h:cols"].numpy(), out["stats:h:rows"].numpy()))  # noqa: E731
+    for key in ("max", "count_ge", "tokens"):
+        assert torch.equal(with_pass[f"stats:h:{key}"].long() if key == "count_ge" else with_pass[f"stats:h:{key}"],
+                           without[f"stats:h:{key}"].long() if key == "count_ge" else without[f"stats:h:{key}"]), key
+    for key in ("rows", "cols", "values"):
+        assert torch.equal(with_pass[f"stats:h:{key}"][order(with_pass)], without[f"stats:h:{key}"][order(without)]), key
+    torch.testing.assert_close(with_pass["stats:h:sum"], without["stats:h:sum"], rtol=1e-12, atol=1e-12)
+
+    monkeypatch.setenv(rowpass.COMPILE_ENV, "0")
+    off = rowpass._Library()
+    assert off.get() is None and off.failed == "RuntimeError: HARVEST_COMPILE=0"
 
 
 def test_a_failed_compile_falls_back_to_the_eager_ops_with_a_warning(monkeypatch, caplog):
