@@ -15,7 +15,8 @@ so that the load of a shared machine hits every variant alike:
 - ``bare``: the base model's forward (no hooks);
 - ``capture``: the harvest's stage forward with its capture hooks, statistics off (``Stage.run``);
 - ``with``: the same stage forward with the statistics' device part: the per-batch kernels
-  (``harvest.running``: float64 sums, max, counts, top-k candidates) and Dettmers' hits on the 24
+  (``harvest.running``: float64 sums, max, counts, top-k candidates; on a CPU one C pass per hook,
+  ``harvest/rowpass.c``) and Dettmers' hits on the 24
   LayerNorm outputs (``harvest.hits``), each timed where it runs (the kernels' pass in each capture
   hook, ``early``, and their steps; the hits' hooks and steps); the excess of ``with`` over ``capture`` is printed as a cross-check only: it is
   the difference of two ~4 s forwards, and the load of a shared machine moves it by 2% of one;
@@ -208,7 +209,8 @@ def main() -> None:
         f"| stage forward with capture hooks, no statistics | {med['capture']:.3f} | "
         f"{med['capture'] / med['bare']:.3f} |",
         f"| the same with the statistics' device part | {med['with']:.3f} | {med['with'] / med['bare']:.3f} |",
-        f"| of which the kernels (`harvest.running`, 36 hooks) | {med['kernels']:.4f} | "
+        f"| of which the kernels (`harvest.running`; on a CPU one C pass per hook, `harvest/rowpass.c`; 36 hooks) "
+        f"| {med['kernels']:.4f} | "
         f"{med['kernels'] / med['bare']:.4f} |",
         f"| Dettmers' hits (`harvest.hits`: its LayerNorm hooks and steps, 24 LayerNorms) | {med['hits']:.4f} | "
         f"{med['hits'] / med['bare']:.4f} |",

@@ -150,7 +150,8 @@ def row_pass(x: torch.Tensor, group: int, threshold: float, floor: np.ndarray | 
                   torch.empty(d, dtype=torch.int32), *_candidates(capacity))
     if floor is not None:
         floor = np.ascontiguousarray(floor, dtype=np.float32)
-        assert floor.shape == (d,), (floor.shape, d)
+        if floor.shape != (d,):
+            raise ValueError(f"a floor of shape {floor.shape} for rows of {d} columns")
 
     def call(room: int) -> int:
         return fn(x.data_ptr(), tokens, d, group, threshold, None if floor is None else floor.ctypes.data,
