@@ -85,12 +85,16 @@ class Hits:
         statistics' kernel took them this batch (``DeviceStatistics.group_max``): with no padding those
         are the hidden state's every row, so its one pass over them serves both."""
         real = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]) if padded else None
-        batch = HitBatch(self, lengths, width, carried, real, out)
+        batch = HitBatch(self, lengths, width, carried, real, out, known)
         handles = []
 
         def hook_for(name: str):
             def hook(_module, _args, y):
                 gmax = known(name, y.shape[0] * y.shape[1]) if known is not None and real is None else None
+                if gmax is None and known is not None and real is None and y.device.type == "cpu":
+                    # the statistics may read these rows after the forward (a CPU's row pass): wait for them
+                    batch.stash[name], batch.deferred[name] = None, y
+                    return
                 batch.stash[name] = self._reduce(y, real, gmax)
             return hook
 
@@ -197,9 +201,14 @@ class HitBatch:
     """One batch's hits between the forward and its end (:meth:`steps`)."""
 
     def __init__(self, hits: Hits, lengths: torch.Tensor, width: int, carried: torch.Tensor | None,
-                 real: torch.Tensor | None, out: dict[str, torch.Tensor]):
+                 real: torch.Tensor | None, out: dict[str, torch.Tensor],
+                 known: Callable[[str, int], torch.Tensor | None] | None = None):
         self.hits, self.lengths, self.width, self.carried, self.real, self.out = hits, lengths, width, carried, real, out
+        self.known = known
         self.stash: dict[str, tuple] = {}  #: source -> what its hook took (``Hits._reduce``)
+        #: source -> its hidden state, reduced in :meth:`steps` with the group maxima the statistics take after
+        #: the forward (on a CPU: ``harvest.running.DeviceStatistics.early``)
+        self.deferred: dict[str, torch.Tensor] = {}
         self.handed: list[torch.Tensor] = []  #: the packed bitmask for the next stage, once the steps ran
 
     def steps(self) -> Steps:
@@ -212,6 +221,9 @@ class HitBatch:
         shape = (batch, self.width, plan.d_model)
         mask = (unpack_bits(self.carried.to(device), shape) if self.carried is not None
                 else torch.zeros(shape, dtype=torch.bool, device=device))
+        for name, y in self.deferred.items():
+            self.stash[name] = self.hits._reduce(y, self.real, self.known(name, y.shape[0] * y.shape[1]))
+        self.deferred.clear()
         if self.stash:
             yield from self.hits._finish(self.stash, self.real, mask, self.out)
         if plan.last:

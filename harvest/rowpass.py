@@ -135,6 +135,11 @@ def _built() -> Path:
 LIBRARY = _Library()
 
 
+def row_pass_built() -> bool:
+    """:func:`row_pass` runs here (the library is built and loaded, now if not before)."""
+    return LIBRARY.get() is not None
+
+
 def row_pass(x: torch.Tensor, group: int, threshold: float, floor: np.ndarray | None,
              capacity: int = 4096) -> RowPass | None:
     """``x`` (tokens, d) float32, contiguous, on the CPU: its statistics (see ``rowpass.c``) and, where a

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .rowpass import COMPILE_ENV, row_pass
+from .rowpass import COMPILE_ENV, row_pass, row_pass_built
 from .statistics import DEVICE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class DeviceStatistics:
         self.sparse_first_batch: bool | None = None
         self._floors: dict | None = None  #: this batch's floors, from :meth:`begin` to :meth:`steps`
         self._early: dict[str, _Pending] = {}  #: hooks reduced in their capture hook (:meth:`early`)
+        self._taken: dict[str, _Pending] = {}  #: every hook reduced this batch, for :meth:`group_max`
         self._room: dict[str, int] = {}  #: hook -> room for candidates in the CPU row pass (twice its last)
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -266,23 +267,26 @@ class DeviceStatistics:
         return out
 
     def group_max(self, hook: str, tokens: int) -> torch.Tensor | None:
-        """(groups, d) max |x| per group of ``GROUP`` rows that :meth:`early` took of ``hook`` this batch, when
-        it read ``tokens`` rows (else None): Dettmers' hits on the same rows need not read them again."""
-        p = self._early.get(hook)
+        """(groups, d) max |x| per group of ``GROUP`` rows the statistics took of ``hook`` this batch (in its
+        capture hook, :meth:`early`, or after the forward, :meth:`steps`), when they read ``tokens`` rows
+        (else None): Dettmers' hits on the same rows need not read them again."""
+        p = self._taken.get(hook)
         return p.gmax if p is not None and p.raw.shape[0] == tokens else None
 
     def begin(self) -> None:
         """Before a batch's forward: the host's floors are read once, and capture hooks may hand their rows
         to :meth:`early`."""
         self._floors = self.floors() if self.floors is not None else {}
-        self._early = {}
+        self._early, self._taken = {}, {}
 
     def early(self, hook: str, raw: torch.Tensor) -> None:
         """Phase 1 of one hook (no sync), from its capture hook: its one pass over the rows reads them
-        while the forward has just written them, from the cache (~4x cheaper on a CPU than after the
-        forward, ``bench/statistics_overhead.py``)."""
-        if self._floors is not None and hook in self.hooks:
-            p = self._early[hook] = self._reduce(hook, raw, self._floors.get(hook))
+        while the forward has just written them, from the cache (the torch kernels' pass cost ~4x more on
+        a CPU after the forward). Not the CPU row pass (``harvest.rowpass``): it streams rows from memory
+        as fast, and run here it slowed the forward's own next ops by more than it cost (~25 ms a batch of
+        36 hooks, paired with − without forwards), so it runs after the forward, in :meth:`steps`."""
+        if self._floors is not None and hook in self.hooks and not (raw.device.type == "cpu" and row_pass_built()):
+            p = self._early[hook] = self._taken[hook] = self._reduce(hook, raw, self._floors.get(hook))
             if raw.device.type == "cpu" and not p.done:  # reading sizes costs no sync here: compare too
                 finite, n_ge, n_cand = p.sizes.tolist()
                 if finite:
@@ -291,11 +295,14 @@ class DeviceStatistics:
     def steps(self, rows: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> Steps:
         """:meth:`batch` as steps for :func:`lockstep`: yields the sizes it needs read (twice), fills ``out``."""
         floors, early = self._floors, self._early
-        self._floors, self._early = None, {}
+        self._floors, self._early, self._taken = None, {}, dict(early)
         if floors is None:  # no :meth:`begin`
             floors = self.floors() if self.floors is not None else {}
-        pending = [early[hook] if hook in early else self._reduce(hook, rows[hook], floors.get(hook))
-                   for hook in self.hooks]
+        pending = []
+        for hook in self.hooks:
+            if hook not in early:
+                self._taken[hook] = self._reduce(hook, rows[hook], floors.get(hook))
+            pending.append(self._taken[hook])
         for p in pending:
             if p.done:
                 out.update(p.out)

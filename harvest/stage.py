@@ -220,11 +220,11 @@ class Stage:
         with self.capture.attached(index, on_rows) as captured, hits as hit_batch:
             out = self.model(input_ids, hidden, index.flat_rows)
         steps, results = [], {}
-        if hit_batch is not None:
-            steps.append(hit_batch.steps())
         if self.statistics is not None:  # reduced here, on the device; every-position rows never leave it
             rows = {h: statistics_rows(captured, h, pop=True) for h in self.statistics.hooks}
             steps.append(self.statistics.steps(rows, results))
+        if hit_batch is not None:  # after the statistics' first step: the hits may take their group maxima
+            steps.append(hit_batch.steps())
         lockstep(steps)  # the hits' and the statistics' sizes read together: two host syncs per batch
         captured.update(hit_results)
         captured.update(results)

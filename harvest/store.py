@@ -301,12 +301,23 @@ def write_blob_snapshot(group: zarr.Group, name: str, arrays: dict[str, np.ndarr
 
     blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
     parent, _, leaf = name.rpartition("/")
-    arr = group.require_group(parent).create_array(
+    arr = _require_group(group, parent).create_array(
         leaf, shape=(len(blob),), dtype="uint8", chunks=(len(blob),), compressors=[Crc32cCodec()], fill_value=0,
         dimension_names=("byte",), attributes={"format": BLOB_FORMAT})
     encoded = blob + crc32c.crc32c(blob).to_bytes(4, "little")
     sync(arr.store.set(_chunk_key(arr), default_buffer_prototype().buffer.from_bytes(encoded)))
     arr.attrs["statistics"] = attrs
+
+
+def _require_group(group: zarr.Group, path: str) -> zarr.Group:
+    """``group.require_group(path)`` where another process may create it at the same moment: the replicas'
+    writers of one stage make ``analysis/statistics/stage_{i}`` as their first units end, and zarr's
+    check-then-create lets the later one fail with ``ContainsGroupError`` (seen once in ~10 runs of a
+    two-replica test)."""
+    try:
+        return group.require_group(path)
+    except zarr.errors.ContainsGroupError:  # made meanwhile: there now
+        return group.require_group(path)
 
 
 def _chunk_key(arr: zarr.Array) -> str:
