@@ -207,7 +207,7 @@ class HitBatch:
         self.known = known
         self.stash: dict[str, tuple] = {}  #: source -> what its hook took (``Hits._reduce``)
         #: source -> its hidden state, reduced in :meth:`steps` with the group maxima the statistics take after
-        #: the forward (on a CPU: ``harvest.running.DeviceStatistics.early``)
+        #: the forward (on a CPU: ``harvest.running.DeviceStatistics.steps``)
         self.deferred: dict[str, torch.Tensor] = {}
         self.handed: list[torch.Tensor] = []  #: the packed bitmask for the next stage, once the steps ran
 

@@ -20,9 +20,10 @@ rows once, in memory order, and picks the candidates out of each group while it 
 ~3x faster than the compiled pass on rows that have left the cache, and none of the phases' small ops.
 Its sums run row by row, another float64 order again; everything else is the same, exactly.
 
-Where it runs: in each hook's capture hook (:meth:`DeviceStatistics.early`), while the forward has
-just written the rows. On a CPU the torch ops' pass over them cost ~3x more once the forward had
-moved on; phase 2 below runs there too (its sizes cost no sync).
+Where it runs: the compiled pass in each hook's capture hook (:meth:`DeviceStatistics.early`), while
+the forward has just written the rows (on a CPU it cost ~3x more once the forward had moved on; phase 2
+below runs there too, its sizes costing no sync there). The CPU row pass after the forward
+(:meth:`DeviceStatistics.steps`): it streams cold rows as fast, and in the hook it slowed the forward.
 
 The top-k needs a *floor* per column: only values strictly above it can still enter. The host's
 accumulator publishes one as it merges (``floors``): the running k-th largest |x|, or at a unit's
@@ -148,7 +149,6 @@ def _masked_group_max(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return a.view(-1, GROUP, x.shape[1]).amax(1).float()
 
 
-
 class CompiledKernel:
     """A function compiled by ``torch.compile`` (shapes dynamic) at its first use, once per process.
 
@@ -258,7 +258,7 @@ class DeviceStatistics:
         self._floors: dict | None = None  #: this batch's floors, from :meth:`begin` to :meth:`steps`
         self._early: dict[str, _Pending] = {}  #: hooks reduced in their capture hook (:meth:`early`)
         self._taken: dict[str, _Pending] = {}  #: every hook reduced this batch, for :meth:`group_max`
-        self._room: dict[str, int] = {}  #: hook -> room for candidates in the CPU row pass (twice its last)
+        self._room: dict[str, int] = {}  #: hook's key -> room for candidates in the CPU row pass (twice its last)
 
     def batch(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``rows[hook]``: (tokens, d) at every real position. Returns the results (``DEVICE_PREFIX`` keys)."""
@@ -283,8 +283,9 @@ class DeviceStatistics:
         """Phase 1 of one hook (no sync), from its capture hook: its one pass over the rows reads them
         while the forward has just written them, from the cache (the torch kernels' pass cost ~4x more on
         a CPU after the forward). Not the CPU row pass (``harvest.rowpass``): it streams rows from memory
-        as fast, and run here it slowed the forward's own next ops by more than it cost (~25 ms a batch of
-        36 hooks, paired with − without forwards), so it runs after the forward, in :meth:`steps`."""
+        as fast, and run here it slowed the forward's own next ops (paired forwards, 36 hooks: +44 ms a
+        batch in the hooks, 20 of them in the pass itself; +9 ms after the forward: one measurement on a
+        shared 2-core machine), so it runs after the forward, in :meth:`steps`."""
         if self._floors is not None and hook in self.hooks and not (raw.device.type == "cpu" and row_pass_built()):
             p = self._early[hook] = self._taken[hook] = self._reduce(hook, raw, self._floors.get(hook))
             if raw.device.type == "cpu" and not p.done:  # reading sizes costs no sync here: compare too
