@@ -90,12 +90,10 @@ class Hits:
 
         def hook_for(name: str):
             def hook(_module, _args, y):
-                gmax = known(name, y.shape[0] * y.shape[1]) if known is not None and real is None else None
-                if gmax is None and known is not None and real is None and y.device.type == "cpu":
-                    # the statistics may read these rows after the forward (a CPU's row pass): wait for them
+                if known is not None and real is None:  # the statistics may take its maxima, in their time
                     batch.stash[name], batch.deferred[name] = None, y
-                    return
-                batch.stash[name] = self._reduce(y, real, gmax)
+                else:
+                    batch.stash[name] = self._reduce(y, real)
             return hook
 
         try:
@@ -206,8 +204,8 @@ class HitBatch:
         self.hits, self.lengths, self.width, self.carried, self.real, self.out = hits, lengths, width, carried, real, out
         self.known = known
         self.stash: dict[str, tuple] = {}  #: source -> what its hook took (``Hits._reduce``)
-        #: source -> its hidden state, reduced in :meth:`steps` with the group maxima the statistics take after
-        #: the forward (on a CPU: ``harvest.running.DeviceStatistics.steps``)
+        #: source -> its hidden state, reduced in :meth:`steps` with the group maxima the statistics took of it
+        #: (in its capture hook on an accelerator, after the forward on a CPU: ``DeviceStatistics.group_max``)
         self.deferred: dict[str, torch.Tensor] = {}
         self.handed: list[torch.Tensor] = []  #: the packed bitmask for the next stage, once the steps ran
 

@@ -638,11 +638,11 @@ def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False)
     old_rows, old_values = state["rows"][:, touched], state["values"][:, touched]
     beats = _rank_key(old_values, old_rows)[:, at] < key[None, :]  # (k, candidates): the old entry ranks first
     place = beats.sum(0) + np.arange(cols.size) - np.repeat(starts, counts)
-    slot = np.arange(k)[:, None] + counts[None, :] - np.add.reduceat(beats, starts, axis=1, dtype=np.int64)
     # one more slot, k, takes whatever falls out of the top-k (old or new)
+    slot = np.minimum(np.arange(k)[:, None] + counts[None, :] - np.add.reduceat(beats, starts, axis=1, dtype=np.int64), k)
     rows, values = np.empty((k + 1, touched.size), old_rows.dtype), np.empty((k + 1, touched.size), old_values.dtype)
-    np.put_along_axis(rows, np.minimum(slot, k), old_rows, axis=0)
-    np.put_along_axis(values, np.minimum(slot, k), old_values, axis=0)
+    np.put_along_axis(rows, slot, old_rows, axis=0)
+    np.put_along_axis(values, slot, old_values, axis=0)
     place = np.minimum(place, k)
     rows[place, at] = candidates["rows"][order]
     values[place, at] = candidates["values"][order]

@@ -49,7 +49,7 @@ from harvest.errors import CheckpointNotFoundError, ModelError, PlanDoesNotFitEr
 from harvest.hookpoints import HookPoint
 from harvest.layout import Layout
 from harvest.prompts import build_source
-from harvest.running import COMPILE_ENV
+from harvest.rowpass import COMPILE_ENV
 from harvest.shape import (ArrayPlan, ModelDims, StagePlan, Workload, array_plans, estimate_workload, job_hooks,
                            layers_needed, needs_final_norm, needs_unembed, single_stage, workload_of)
 from harvest.shape import Resources, batch_rows, local_ray_cpus, missing_resources, stage_resources, unit_bounds
