@@ -241,9 +241,11 @@ def _top_sorted(absv: np.ndarray, rows: np.ndarray | int, values: np.ndarray, k:
     cols = idx % d
     a = absv.ravel()[idx]
     if isinstance(rows, (int, np.integer)):
-        # candidates come in row-major order: a stable sort on (column, -|x|) keeps ties in row order
+        # candidates come in row-major order: a stable sort on (column, -|x|) keeps ties in row order; an
+        # |x| of -1 (a non-finite value, ``topk_chunk``) ranks after every |x| >= 0 of its column
         r = idx // d + rows
-        key = (cols.astype(np.int64) << 32) | (0x7FFFFFFF - a.astype(np.float32).view(np.int32)).astype(np.int64)
+        rank = np.where(a >= 0, 0x7FFFFFFF - a.astype(np.float32).view(np.int32).astype(np.int64), 1 << 31)
+        key = (cols.astype(np.int64) << 32) | rank
         order = np.argsort(key, kind="stable")
     else:
         r = rows.ravel()[idx]
@@ -280,12 +282,15 @@ def select_top(absv: np.ndarray, rows: np.ndarray | int, values: np.ndarray, k: 
 
 
 def topk_chunk(block: Block, k: int) -> State:
-    rows = block.start
-    if block.nonfinite is not None:  # a non-finite value is never a top row
-        absv = np.where(block.nonfinite, np.float32(-1), block.abs)
-    else:
-        absv = block.abs
-    return select_top(absv, rows, block.x, k)
+    """The block's top-k per column. A non-finite value is never a top row: ranked below every |x| (-1),
+    it is taken only where its column has fewer than k finite values, and then left as padding (row -1,
+    value 0, after the column's entries), as every merge expects."""
+    if block.nonfinite is None:
+        return select_top(block.abs, block.start, block.x, k)
+    top = select_top(np.where(block.nonfinite, np.float32(-1), block.abs), block.start, block.x, k)
+    bad = block.nonfinite[top["rows"] - block.start, np.arange(block.dims)[None, :]]
+    top["rows"][bad], top["values"][bad] = -1, 0
+    return top
 
 
 def topk_combine(states: Sequence[State], k: int) -> State:
@@ -640,12 +645,16 @@ def _merge_sparse(state: State, candidates: State, k: int, ranked: bool = False)
     place = beats.sum(0) + np.arange(cols.size) - np.repeat(starts, counts)
     # one more slot, k, takes whatever falls out of the top-k (old or new)
     slot = np.minimum(np.arange(k)[:, None] + counts[None, :] - np.add.reduceat(beats, starts, axis=1, dtype=np.int64), k)
-    rows, values = np.empty((k + 1, touched.size), old_rows.dtype), np.empty((k + 1, touched.size), old_values.dtype)
+    unset = np.iinfo(np.int64).min  # every slot is written once when ``state`` ranks as ``_rank_key`` does
+    rows, values = np.full((k + 1, touched.size), unset, np.int64), np.empty((k + 1, touched.size), old_values.dtype)
     np.put_along_axis(rows, slot, old_rows, axis=0)
     np.put_along_axis(values, slot, old_values, axis=0)
     place = np.minimum(place, k)
     rows[place, at] = candidates["rows"][order]
     values[place, at] = candidates["values"][order]
+    if (rows[:k] == unset).any():
+        raise RuntimeError("a top-k merge left a slot empty: its state was not ranked by |x|, then row "
+                           "(a bug: please report it with the store)")
     out_rows, out_values = state["rows"].copy(), state["values"].copy()
     out_rows[:, touched], out_values[:, touched] = rows[:k], values[:k]
     return {"rows": out_rows, "values": out_values}

@@ -221,6 +221,46 @@ def test_topk_through_candidates_equals_topk_combine():
         np.testing.assert_array_equal(state["values"], want["values"])
 
 
+@pytest.mark.parametrize("rows", [3, 6, 40])
+def test_a_non_finite_value_is_padding_in_a_top_k_never_a_row(rows):
+    """A block with NaN/inf (``on_nonfinite: flag``), some columns with fewer finite values than k: its
+    top-k is each column's finite values by |x| descending, ties to the lower row, then padding (row -1,
+    value 0): the order every merge relies on. Merging later candidates into it (``_merge_sparse``, placing
+    each entry by what outranks it) must then agree with ranking everything; a non-finite row ranked among
+    the zeros once left a slot unwritten there."""
+    from harvest.statistics import Block, _merge_sparse, topk_chunk, topk_combine, topk_fold, topk_merge
+
+    rng = np.random.default_rng(rows)
+    k, d = 5, 7
+    x = np.round(rng.standard_normal((rows, d))).astype(np.float32)  # many zeros and ties
+    x[rng.random((rows, d)) < 0.3] = np.inf
+    x[0, 1], x[:, 4] = np.nan, np.inf  # column 4: nothing finite
+    x[:, 5] = 0  # column 5: ties at 0 only
+    top = topk_chunk(Block(x, 10), k)
+    assert top["rows"].shape == (min(k, rows), d)
+    for c in range(d):
+        finite = np.flatnonzero(np.isfinite(x[:, c]))
+        want = finite[np.lexsort((finite, -np.abs(x[finite, c])))][:k]
+        got = top["rows"][:, c]
+        np.testing.assert_array_equal(got[:want.size], want + 10)
+        np.testing.assert_array_equal(top["values"][:want.size, c], x[want, c])
+        assert (got[want.size:] == -1).all() and (top["values"][want.size:, c] == 0).all()
+    later = np.round(rng.standard_normal((30, d))).astype(np.float32)
+    r, c = np.nonzero(np.abs(later) >= 0)  # every entry a candidate: zeros tie with the kept ones
+    merged = topk_merge(top, {"rows": r + 100, "cols": c, "values": later[r, c], "dims": d}, k)
+    want = topk_combine([top, topk_chunk(Block(later, 100), k)], k)
+    np.testing.assert_array_equal(merged["rows"], want["rows"])
+    np.testing.assert_array_equal(merged["values"], want["values"])
+    before, unit = topk_chunk(Block(later, 0), k), topk_chunk(Block(x, 30), k)  # a unit with non-finite rows
+    folded, want = topk_fold(before, unit, k), topk_combine([before, unit], k)
+    np.testing.assert_array_equal(folded["rows"], want["rows"])
+    np.testing.assert_array_equal(folded["values"], want["values"])
+    assert (merged["rows"] < 200).all() and (folded["rows"] < 200).all()
+    unranked = {"rows": np.array([[5], [6]]), "values": np.array([[0], [0.5]], np.float32)}
+    with pytest.raises(RuntimeError, match="left a slot empty"):  # a merge never writes garbage rows
+        _merge_sparse(unranked, {"rows": np.array([9]), "cols": np.array([0]), "values": np.array([0.3], np.float32)}, 2)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_merging_sparse_candidates_equals_ranking_everything(seed):
     """The merge places each candidate by counting what outranks it; ranking the state and the candidates
